@@ -1,0 +1,133 @@
+"""One training config with the seed notebooks' defaults, plus validation.
+
+Every field has a default a beginner can keep; comments say where it comes from.
+The config is stored as config.json with each run, so a run can always be re-created.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet18-custom")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "step", "onecycle")
+NORMALIZATIONS = ("imagenet", "dataset")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+EARLY_STOP_METRICS = ("val_acc", "val_loss")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A config field has a value training cannot use; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data: str = ""                   # folder, CSV file, or a built-in name: "elpv" / "elpv4"
+    image_size: int = 224            # square side in pixels (seeds: 224)
+    image_height: int = 0            # set both height and width for a non-square input (0: use image_size)
+    image_width: int = 0
+    val_fraction: float = 0.15       # carved out of the data when the source has no val split
+    test_fraction: float = 0.15      # carved out when the source has no test split
+    split_seed: int = 42             # the split is saved with the run, so this only matters for new runs
+    normalization: str = "imagenet"  # "imagenet" mean/std, or "dataset": computed on the training split
+    # --- augmentation (applied on batched tensors, train split only) ---
+    hflip: bool = True               # seeds: RandomHorizontalFlip
+    vflip: bool = False
+    rotation: float = 0.0            # max degrees of random rotation (seeds: 10-15)
+    rot90: bool = False              # random multiples of 90 degrees (for square, orientation-free parts)
+    crop_scale_min: float = 1.0      # random resized crop keeps this fraction of the area at least (1.0: off)
+    color_jitter: float = 0.0        # brightness/contrast/saturation strength (0: off)
+    # --- model ---
+    arch: str = "resnet18"           # resnet18 | resnet34 | resnet50 | resnet18-custom (hand-built, [2,2,2,2])
+    weights: str = "imagenet"        # "imagenet", "none" (from scratch), or a path to a state_dict file
+    dropout: float = 0.0             # dropout before the final layer
+    freeze_backbone: bool = False    # True: train only the new head (feature extraction)
+    # --- optimisation (seeds: Adam, lr 1e-3, 10 epochs, batch 32, cross-entropy) ---
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"          # adam | adamw | sgd (momentum 0.9)
+    momentum: float = 0.9            # SGD only
+    weight_decay: float = 0.0
+    schedule: str = "none"           # none | cosine | step | onecycle
+    step_size: int = 5               # epochs between lr drops for "step"
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    class_weights: bool = False      # weight the loss by inverse class frequency (imbalanced sets)
+    early_stop_patience: int = 0     # epochs without improvement before stopping (0: off)
+    early_stop_metric: str = "val_acc"
+    seed: int = 0
+    # --- runtime ---
+    device: str = "auto"             # auto: CUDA, else MPS, else CPU
+    amp: str = "auto"                # auto: bf16/fp16 on CUDA, bf16 on CPUs that support it; "off" for fp32
+    channels_last: bool = True
+    num_threads: int = 0             # CPU threads for torch (0: all cores)
+    tta: bool = False                # test-time augmentation (flips) at evaluation
+    notes: str = ""
+    extra: dict = field(default_factory=dict)  # free-form metadata (preset name, ...)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        if self.image_height > 0 and self.image_width > 0:
+            return (self.image_height, self.image_width)
+        return (self.image_size, self.image_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad field; return self when all is well."""
+        def need(cond: bool, name: str, msg: str):
+            if not cond:
+                raise ConfigError(name, msg)
+
+        need(bool(str(self.data).strip()), "data", "choose a dataset (folder, CSV, or elpv/elpv4)")
+        need(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be at least 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be at least 1")
+        need(self.lr > 0, "lr", "must be greater than 0")
+        need(self.image_size >= 16 or (self.image_height >= 16 and self.image_width >= 16),
+             "image_size", "must be at least 16 pixels")
+        need(self.image_size <= 1024 and self.image_height <= 1024 and self.image_width <= 1024,
+             "image_size", "must be at most 1024 pixels")
+        need((self.image_height > 0) == (self.image_width > 0), "image_height",
+             "set both image_height and image_width, or neither")
+        need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        need(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)")
+        need(self.val_fraction + self.test_fraction < 0.9, "test_fraction",
+             "val and test together must leave at least 10% for training")
+        need(self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
+        need(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(0 <= self.rotation <= 180, "rotation", "must be between 0 and 180 degrees")
+        need(0.05 <= self.crop_scale_min <= 1, "crop_scale_min", "must be between 0.05 and 1")
+        need(0 <= self.color_jitter <= 1, "color_jitter", "must be between 0 and 1")
+        need(self.early_stop_patience >= 0, "early_stop_patience", "must be 0 (off) or more")
+        need(self.early_stop_metric in EARLY_STOP_METRICS, "early_stop_metric",
+             f"must be one of {EARLY_STOP_METRICS}")
+        need(self.step_size >= 1, "step_size", "must be at least 1")
+        need(self.amp in AMP_MODES, "amp", f"must be one of {AMP_MODES}")
+        need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        need(bool(str(self.weights).strip()), "weights", "use imagenet, none, or a file path")
+        return self
+
+
+# Named recipes the studio offers; each is a set of overrides on TrainConfig.
+PRESETS: dict[str, dict] = {
+    "seed defaults": {},
+    "quick look (CPU)": {"image_size": 128, "epochs": 5, "batch_size": 64},
+}

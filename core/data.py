@@ -1,0 +1,457 @@
+"""Datasets: where the images are, their labels, the split, and the decoded-image cache.
+
+Sources (load_dataset):
+- a folder with one sub-folder per class (images may sit in nested folders inside a class folder);
+- a folder with train/ and val|valid|validation/ and/or test/, each holding class sub-folders;
+- a CSV file of `path,label[,split]` (paths relative to the CSV);
+- the built-in ELPV example: "elpv" (functional/defective) or "elpv4" (the 4 defect probabilities).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import threading
+from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .images import ALLOWED_FORMATS, MAX_PIXELS, ImageLoadError, is_image_name, load_array
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+BUILTIN = ("elpv", "elpv4")
+
+
+class DatasetError(Exception):
+    """The dataset cannot be used as given; the message says what to change."""
+
+
+@dataclass
+class Sample:
+    path: str
+    label: int
+    group: str = ""  # optional sub-population (ELPV: mono/poly), used for stratification and reports
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    classes: list[str]
+    samples: list[Sample]
+    given_splits: dict[str, list[int]] = field(default_factory=dict)  # from the layout, if any
+    skipped: list[tuple[str, str]] = field(default_factory=list)      # (path, reason)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = {c: 0 for c in self.classes}
+        for s in self.samples:
+            counts[self.classes[s.label]] += 1
+        return counts
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _check_header(path: str) -> str | None:
+    """Cheap check (header only, no decode): None if it looks usable, else the reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path, formats=ALLOWED_FORMATS) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                return f"image too large ({w}x{h}): refused as a possible decompression bomb"
+    except Image.DecompressionBombError:
+        return "refused as a possible decompression bomb"
+    except OSError as exc:
+        if "cannot identify image" in str(exc):
+            return "not a recognised image file (or a format that is not allowed)"
+        return f"cannot read: {exc.strerror or exc}"
+    except Exception as exc:  # any parser error is the file's fault, never the run's
+        return f"cannot read: {exc}"
+    return None
+
+
+def _images_under(folder: Path) -> list[str]:
+    """All image files under folder, recursively, skipping hidden entries; symlinked dirs not followed."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for f in sorted(files):
+            if not _hidden(f) and is_image_name(f):
+                found.append(os.path.join(root, f))
+    return found
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except PermissionError:
+        raise DatasetError(f"cannot read folder {folder}: permission denied") from None
+    return [p for p in entries if p.is_dir() and not _hidden(p.name)]
+
+
+def _scan_class_folders(folder: Path, classes: list[str] | None = None):
+    """(classes, [(path, class_name)]) for a folder of class sub-folders."""
+    items = []
+    names = []
+    for d in _class_dirs(folder):
+        files = _images_under(d)
+        if files:
+            names.append(d.name)
+            items.extend((f, d.name) for f in files)
+    return names, items
+
+
+def _build(name, source, classes, items, split_of=None, groups=None) -> Dataset:
+    classes = sorted(set(classes))
+    index = {c: i for i, c in enumerate(classes)}
+    samples, skipped = [], []
+    given: dict[str, list[int]] = defaultdict(list)
+    seen_paths = set()
+    for k, (path, label) in enumerate(items):
+        reason = _check_header(path)
+        if reason:
+            skipped.append((path, reason))
+            continue
+        if split_of is not None:
+            given[split_of[k]].append(len(samples))
+        seen_paths.add(path)
+        samples.append(Sample(path=path, label=index[label], group=groups[k] if groups else ""))
+    if not samples:
+        raise DatasetError(f"no usable images found in {source}"
+                           + (f" ({len(skipped)} files skipped)" if skipped else ""))
+    present = sorted({classes[s.label] for s in samples})
+    if len(present) < 2:
+        raise DatasetError(f"only one class found ({present[0]!r}) in {source}: a classifier needs at "
+                           "least two class sub-folders")
+    return Dataset(name=name, source=str(source), classes=classes, samples=samples,
+                   given_splits=dict(given), skipped=skipped)
+
+
+def _load_folder(folder: Path) -> Dataset:
+    subdirs = {p.name.lower(): p for p in _class_dirs(folder)}
+    split_dirs = {SPLIT_NAMES[k]: p for k, p in subdirs.items() if k in SPLIT_NAMES}
+    if "train" in split_dirs and len(split_dirs) >= 2 or set(split_dirs) == {"train"}:
+        items, split_of, classes = [], [], []
+        for split, d in split_dirs.items():
+            names, its = _scan_class_folders(d)
+            classes += names
+            items += its
+            split_of += [split] * len(its)
+        if not items:
+            raise DatasetError(f"{folder} has split folders but no class sub-folders with images in them")
+        return _build(folder.name, folder, classes, items, split_of)
+    classes, items = _scan_class_folders(folder)
+    if not items:
+        loose = [f for f in os.listdir(folder) if is_image_name(f)]
+        if loose:
+            raise DatasetError(f"{folder} has images but no class sub-folders: put each class's images in "
+                               "a sub-folder named after the class")
+        raise DatasetError(f"no images found in {folder}: expected one sub-folder per class")
+    return _build(folder.name, folder, classes, items)
+
+
+def _load_csv(path: Path) -> Dataset:
+    base = path.parent
+    items, split_of, classes = [], [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not a UTF-8 text CSV") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        header = [c.strip().lower() for c in rows[0]]
+        rows = rows[1:]
+    else:
+        header = ["path", "label"]
+    has_split = "split" in header
+    for line_no, row in enumerate(rows, start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DatasetError(f"{path}, line {line_no}: expected path,label")
+        rel, label = row[0].strip(), row[1].strip()
+        full = str((base / rel).resolve()) if not os.path.isabs(rel) else rel
+        if not is_image_name(full):
+            continue
+        items.append((full, label))
+        classes.append(label)
+        if has_split:
+            split = SPLIT_NAMES.get(row[header.index("split")].strip().lower(), "train")
+            split_of.append(split)
+    if not items:
+        raise DatasetError(f"{path} lists no image files")
+    return _build(path.stem, path, classes, items, split_of if has_split else None)
+
+
+def elpv_root() -> Path:
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise DatasetError("the ELPV example needs the elpv-dataset package: pip install elpv-dataset") from None
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def load_elpv_table() -> list[tuple[str, float, str]]:
+    """(image path, defect probability, cell type) for each of the 2,624 ELPV cells."""
+    root = elpv_root()
+    rows = []
+    with open(root / "labels.csv") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 3:
+                rows.append((str(root / parts[0]), float(parts[1]), parts[2]))
+    return rows
+
+
+def elpv_label(prob: float, four_class: bool) -> str:
+    if four_class:
+        return f"p={prob:.2f}"  # p=0.00, p=0.33, p=0.67, p=1.00
+    return "defective" if prob >= 0.5 else "functional"
+
+
+def _load_elpv(four_class: bool) -> Dataset:
+    rows = load_elpv_table()
+    items = [(p, elpv_label(prob, four_class)) for p, prob, _ in rows]
+    groups = [t for _, _, t in rows]
+    return _build("elpv4" if four_class else "elpv", "elpv4" if four_class else "elpv",
+                  [lbl for _, lbl in items], items, groups=groups)
+
+
+def load_dataset(source: str) -> Dataset:
+    """Load any supported source; raises DatasetError with a message for the user."""
+    source = str(source).strip()
+    if source in BUILTIN:
+        return _load_elpv(four_class=source == "elpv4")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{source} does not exist")
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return _load_csv(path)
+        raise DatasetError(f"{source} is a file: give a folder of class sub-folders, or a CSV of path,label")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DatasetError(f"cannot read folder {source}: permission denied")
+    return _load_folder(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Split
+
+
+def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """train/val/test sample indices. A split given by the layout is kept; missing parts are carved
+    out of train, stratified by class (and group), reproducible for a seed."""
+    given = ds.given_splits
+    pool = given.get("train", list(range(len(ds.samples)))) if given else list(range(len(ds.samples)))
+    want = {}
+    if not given or "val" not in given:
+        want["val"] = val_fraction
+    if not given or "test" not in given:
+        want["test"] = test_fraction
+    splits = {"train": [], "val": list(given.get("val", [])), "test": list(given.get("test", []))}
+    rng = random.Random(seed)
+    strata: dict[tuple, list[int]] = defaultdict(list)
+    for i in pool:
+        strata[(ds.samples[i].label, ds.samples[i].group)].append(i)
+    # A class needs one image in every split it is carved into, plus one for training.
+    need = 1 + sum(1 for f in want.values() if f > 0)
+    per_class = defaultdict(int)
+    for i in pool:
+        per_class[ds.samples[i].label] += 1
+    for label, n in per_class.items():
+        if n < need:
+            raise DatasetError(f"class {ds.classes[label]!r} has only {n} image(s): at least {need} are "
+                               "needed to split it into train/val/test. Add images or remove the class.")
+    for key in sorted(strata):
+        idx = sorted(strata[key])
+        rng.shuffle(idx)
+        n = len(idx)
+        start = 0
+        for part, frac in want.items():
+            k = int(round(n * frac))
+            k = min(k, n - start - 1)  # always leave at least one for training
+            splits[part].extend(idx[start:start + k])
+            start += k
+        splits["train"].extend(idx[start:])
+    # Tiny strata can round to zero: make sure each class appears in each carved split.
+    for part, frac in want.items():
+        if frac <= 0:
+            continue
+        have = {ds.samples[i].label for i in splits[part]}
+        for label in per_class:
+            if label not in have:
+                candidates = [i for i in splits["train"] if ds.samples[i].label == label]
+                if len(candidates) > 1:
+                    moved = candidates[rng.randrange(len(candidates))]
+                    splits["train"].remove(moved)
+                    splits[part].append(moved)
+    return {k: sorted(v) for k, v in splits.items()}
+
+
+def split_to_json(ds: Dataset, split: dict[str, list[int]]) -> dict:
+    return {
+        "dataset": ds.name, "source": ds.source, "classes": ds.classes,
+        **{part: [[ds.samples[i].path, ds.classes[ds.samples[i].label], ds.samples[i].group]
+                  for i in idx] for part, idx in split.items()},
+    }
+
+
+def samples_from_split(split_json: dict, part: str) -> list[Sample]:
+    index = {c: i for i, c in enumerate(split_json["classes"])}
+    out = []
+    for row in split_json.get(part, []):
+        path, label = row[0], row[1]
+        out.append(Sample(path=path, label=index[label], group=row[2] if len(row) > 2 else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoded-image cache
+
+
+def _default_cache_bytes() -> int:
+    env = os.environ.get("STUDIO_CACHE_MB")
+    if env:
+        return int(float(env) * 2**20)
+    return 4 * 2**30  # 4 GiB of decoded pixels in memory; larger sets go to a memory-mapped file
+
+
+def _fingerprint(paths: list[str], hw: tuple[int, int]) -> str:
+    h = hashlib.sha1(f"v1|{hw[0]}x{hw[1]}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+        except OSError:
+            h.update(f"|{p}|missing".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class DecodedImages:
+    """N decoded, resized images as an NxHxWx3 uint8 array (in memory or memory-mapped)."""
+    array: np.ndarray
+    failed: dict[int, str]  # index -> reason; those slots are zeros and must not be used
+    key: str
+    on_disk: bool = False
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([i for i in range(len(self.array)) if i not in self.failed], dtype=np.int64)
+
+
+class ImageCache:
+    """Process-wide cache of decoded images, keyed by file paths, sizes, mtimes and target size,
+    so a changed file is decoded again. In memory up to max_bytes (LRU); a set larger than that is
+    written once to a memory-mapped file under cache_dir and read from there."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = _default_cache_bytes() if max_bytes is None else max_bytes
+        self._mem: OrderedDict[str, DecodedImages] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def memory_bytes(self) -> int:
+        return sum(d.array.nbytes for d in self._mem.values() if not d.on_disk)
+
+    def get(self, paths: list[str], hw: tuple[int, int], cache_dir: str | Path | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> DecodedImages:
+        key = _fingerprint(paths, hw)
+        with self._lock:
+            if key in self._mem:
+                self._mem.move_to_end(key)
+                return self._mem[key]
+        n, (h, w) = len(paths), hw
+        nbytes = n * h * w * 3
+        disk = cache_dir is not None and nbytes > self.max_bytes
+        if disk:
+            decoded = self._from_disk(paths, hw, Path(cache_dir), key, progress, should_stop)
+        else:
+            arr = np.zeros((n, h, w, 3), dtype=np.uint8)
+            failed = _decode_into(arr, paths, hw, progress, should_stop)
+            decoded = DecodedImages(arr, failed, key)
+        with self._lock:
+            self._mem[key] = decoded
+            while self.memory_bytes() > self.max_bytes and len(self._mem) > 1:
+                self._mem.popitem(last=False)
+        return decoded
+
+    def _from_disk(self, paths, hw, cache_dir: Path, key, progress, should_stop) -> DecodedImages:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        data_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
+        shape = (len(paths), hw[0], hw[1], 3)
+        if data_path.exists() and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=shape)
+            return DecodedImages(arr, {int(k): v for k, v in meta["failed"].items()}, key, on_disk=True)
+        tmp = data_path.with_suffix(".u8.tmp")
+        arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+        failed = _decode_into(arr, paths, hw, progress, should_stop)
+        arr.flush()
+        del arr
+        os.replace(tmp, data_path)
+        meta_path.write_text(json.dumps({"failed": failed, "n": len(paths), "hw": list(hw)}))
+        arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=shape)
+        return DecodedImages(arr, failed, key, on_disk=True)
+
+
+class Stopped(Exception):
+    """Raised inside long loops when the user asked to stop."""
+
+
+def _decode_into(arr, paths, hw, progress, should_stop) -> dict[int, str]:
+    failed: dict[int, str] = {}
+    done = 0
+    chunk = 256
+
+    def one(i):
+        try:
+            arr[i] = load_array(paths[i], hw)
+            return i, None
+        except ImageLoadError as exc:
+            return i, str(exc)
+        except Exception as exc:  # a decoder bug must not take the run down
+            return i, f"cannot decode image: {exc}"
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(paths), chunk):
+            if should_stop and should_stop():
+                raise Stopped()
+            for i, reason in pool.map(one, range(start, min(len(paths), start + chunk))):
+                if reason:
+                    failed[i] = reason
+            done = min(len(paths), start + chunk)
+            if progress:
+                progress(done, len(paths))
+    return failed
+
+
+IMAGE_CACHE = ImageCache()
+
+
+def channel_stats(array: np.ndarray, indices: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (on the 0-1 scale) of the given images, computed in chunks."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for start in range(0, len(indices), 256):
+        block = np.asarray(array[indices[start:start + 256]], dtype=np.float64) / 255.0
+        total += block.sum(axis=(0, 1, 2))
+        total_sq += (block ** 2).sum(axis=(0, 1, 2))
+        count += block.shape[0] * block.shape[1] * block.shape[2]
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean ** 2, 1e-12))
+    std = np.maximum(std, 1e-3)
+    return mean.round(6).tolist(), std.round(6).tolist()

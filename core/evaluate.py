@@ -1,0 +1,115 @@
+"""Evaluation on the held-out test split: metrics as data, and a per-image table saved with the run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+
+from .checkpoint import model_from_checkpoint
+from .config import TrainConfig
+from .storage import Run, Workspace
+from .transforms import Normalizer
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Loss, accuracy, per-class precision/recall/F1/support, macro and weighted averages,
+    and the confusion matrix (rows: true class, columns: predicted class)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    n = len(y_true)
+    y_pred = probs.argmax(1) if n else np.zeros(0, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1).astype(np.float64)
+    predicted = cm.sum(0).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    p_true = np.clip(probs[np.arange(n), y_true], 1e-12, 1.0) if n else np.ones(0)
+    weights = support / support.sum() if support.sum() else np.zeros(k)
+    present = support > 0  # macro averages over classes that occur in this split
+    return {
+        "n": int(n),
+        "loss": float(-np.log(p_true).mean()) if n else float("nan"),
+        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "classes": list(classes),
+        "per_class": [{"class": c, "precision": float(precision[i]), "recall": float(recall[i]),
+                       "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "weighted_precision": float((precision * weights).sum()),
+        "weighted_recall": float((recall * weights).sum()),
+        "weighted_f1": float((f1 * weights).sum()),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def evaluate_run(ws: Workspace, run: Run, data=None, device=None, tta: bool | None = None) -> dict:
+    """Evaluate the run's best checkpoint on its saved test split (val if it has no test split).
+    Writes eval.json and predictions.csv, records test accuracy in the index, returns the metrics."""
+    from .train import autocast_dtype, load_run_data, predict_probs, select_device
+    model, meta = model_from_checkpoint(run.best_path)
+    cfg = TrainConfig.from_dict(meta["config"])
+    device = device or select_device(cfg.device)
+    model.to(device).to(memory_format=torch.channels_last)
+    if data is None:
+        data = load_run_data(ws, run, cfg, device, parts=("val", "test"))
+    part = "test" if len(data.parts.get("test", [])) else "val"
+    idx = data.parts[part]
+    normalizer = Normalizer(meta["normalization"]["mean"], meta["normalization"]["std"])
+    amp = autocast_dtype(device, cfg.amp)
+    probs = predict_probs(model, data, idx, device, amp, normalizer, 64, tta=cfg.tta if tta is None else tta)
+    y = data.labels[idx]
+    metrics = compute_metrics(y, probs, data.classes)
+    metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": meta["epoch"],
+                    "best_val_acc": meta["best"]["val_acc"] if "best" in meta else None})
+    _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes)
+    tmp = run.eval_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, run.eval_path)
+    ws.update_run(run.id, test_acc=metrics["accuracy"])
+    return metrics
+
+
+def _write_predictions(run: Run, paths, y, probs, classes) -> None:
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0) if len(y) else np.zeros(0)
+    tmp = run.predictions_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "true", "predicted", "confidence", "loss", "correct"] + [f"p_{c}" for c in classes])
+        for i, path in enumerate(paths):
+            w.writerow([path, classes[y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}",
+                        f"{-np.log(p_true[i]):.6f}", int(pred[i] == y[i])]
+                       + [f"{p:.6f}" for p in probs[i]])
+    os.replace(tmp, run.predictions_path)
+
+
+def read_predictions(run: Run) -> list[dict]:
+    """The per-image table of a run's evaluation (empty if not evaluated)."""
+    if not run.predictions_path.exists():
+        return []
+    with open(run.predictions_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["confidence"] = float(r["confidence"])
+        r["loss"] = float(r["loss"])
+        r["correct"] = r["correct"] == "1"
+    return rows
+
+
+def misclassified(run: Run, true: str | None = None, predicted: str | None = None) -> list[dict]:
+    """Wrong predictions sorted by loss (worst first), optionally one confusion-matrix cell."""
+    rows = [r for r in read_predictions(run) if not r["correct"]]
+    if true is not None:
+        rows = [r for r in rows if r["true"] == true]
+    if predicted is not None:
+        rows = [r for r in rows if r["predicted"] == predicted]
+    return sorted(rows, key=lambda r: -r["loss"])

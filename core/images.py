@@ -1,0 +1,136 @@
+"""Opening any image a user has as upright 3-channel RGB, or a clear reason why not.
+
+Policy (also in the README):
+- Only common image formats are opened (see ALLOWED_FORMATS); a PDF or text file named .png is refused.
+- EXIF orientation is applied, so phone photos are upright everywhere (training, prediction, overlays).
+- Animated GIFs and multi-page TIFFs: the first frame is used.
+- Transparency (RGBA, LA, P with a transparent colour) is composited on white.
+- 16-bit and 32-bit grayscale are scaled from their full range to 8 bit (never clipped to white).
+- Images with more than MAX_PIXELS pixels are refused before decoding (decompression bombs).
+- Truncated files fail at load; Pillow's global LOAD_TRUNCATED_IMAGES flag is left alone.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA")
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+}
+MAX_PIXELS = 64_000_000  # ~8000x8000; anything larger is refused as a possible decompression bomb
+
+
+class ImageLoadError(Exception):
+    """The file is not an image we can use; str(error) is a short reason for the user."""
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 65535.0  # full 16-bit range: dark stays dark, bright stays bright
+        elif mode == "I":
+            hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+            arr = arr / hi
+        else:  # float images have no fixed range: stretch what is there
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def open_image(source) -> Image.Image:
+    """Open a path, bytes, or file object (or pass a PIL image through) as upright RGB.
+
+    Raises ImageLoadError with a readable reason for anything unusable.
+    """
+    if isinstance(source, Image.Image):
+        try:
+            return _to_rgb(ImageOps.exif_transpose(source) or source)
+        except Exception as exc:  # pragma: no cover - exotic in-memory images
+            raise ImageLoadError(f"cannot convert image: {exc}") from exc
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise ImageLoadError("empty file (0 bytes)")
+        fp = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise ImageLoadError("empty file (0 bytes)")
+        except FileNotFoundError:
+            raise ImageLoadError("file not found") from None
+        except PermissionError:
+            raise ImageLoadError("permission denied") from None
+        except OSError as exc:
+            raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from None
+        fp = path
+    else:
+        fp = source
+    try:
+        with Image.open(fp, formats=ALLOWED_FORMATS) as img:
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise ImageLoadError("image has no pixels")
+            if w * h > MAX_PIXELS:
+                raise ImageLoadError(
+                    f"image too large ({w}x{h} pixels, limit {MAX_PIXELS:,}): refused as a possible "
+                    "decompression bomb")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # policy: first frame of animations and multi-page files
+            img.load()
+            upright = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(upright)
+            if rgb is img:
+                rgb = img.copy()
+            return rgb
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError("not a recognised image file (or a format that is not allowed)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"refused as a possible decompression bomb: {exc}") from None
+    except FileNotFoundError:
+        raise ImageLoadError("file not found") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            msg = "image file is truncated"
+        raise ImageLoadError(f"cannot decode image: {msg}") from None
+    except MemoryError:
+        raise ImageLoadError("image too large to decode in memory") from None
+
+
+def resize_to_array(img: Image.Image, hw: tuple[int, int]) -> np.ndarray:
+    """The one resize used everywhere (cache, evaluation, prediction, Grad-CAM): HxWx3 uint8."""
+    h, w = hw
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_array(source, hw: tuple[int, int]) -> np.ndarray:
+    return resize_to_array(open_image(source), hw)

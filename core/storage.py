@@ -1,0 +1,252 @@
+"""The workspace: one folder per run, and a SQLite index of runs and registered datasets.
+
+    workspace/
+      studio.db            runs and datasets (SQLite, WAL)
+      runs/<run id>/       config.json, split.json, metrics.csv, log.txt, best.pt/.json,
+                           last.pt/.json, eval.json, predictions.csv
+      cache/               memory-mapped decoded images for sets larger than the memory cache
+      datasets/            imported zips, extracted
+
+Default location ./workspace; override with --workspace DIR or STUDIO_WORKSPACE.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ACTIVE = ("queued", "running", "stopping")
+FINAL = ("stopped", "done", "failed", "interrupted")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    weights TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    epochs INTEGER NOT NULL,
+    epochs_done INTEGER NOT NULL DEFAULT 0,
+    best_val_acc REAL,
+    test_acc REAL,
+    pid INTEGER,
+    error TEXT,
+    label_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    added REAL NOT NULL
+);
+"""
+
+RUN_COLUMNS = ("id", "dataset", "arch", "weights", "status", "created", "started", "finished", "epochs",
+               "epochs_done", "best_val_acc", "test_acc", "pid", "error", "label_version")
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+
+
+def default_workspace() -> Path:
+    return Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser()
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Run:
+    id: str
+    dir: Path
+
+    @property
+    def config_path(self) -> Path: return self.dir / "config.json"
+    @property
+    def split_path(self) -> Path: return self.dir / "split.json"
+    @property
+    def metrics_path(self) -> Path: return self.dir / "metrics.csv"
+    @property
+    def log_path(self) -> Path: return self.dir / "log.txt"
+    @property
+    def best_path(self) -> Path: return self.dir / "best.pt"
+    @property
+    def last_path(self) -> Path: return self.dir / "last.pt"
+    @property
+    def eval_path(self) -> Path: return self.dir / "eval.json"
+    @property
+    def predictions_path(self) -> Path: return self.dir / "predictions.csv"
+
+    def config(self):
+        from .config import TrainConfig
+        return TrainConfig.from_dict(json.loads(self.config_path.read_text()))
+
+    def split(self) -> dict:
+        return json.loads(self.split_path.read_text())
+
+    def history(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        with open(self.metrics_path, newline="") as fh:
+            return [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items() if v != ""}
+                    for row in csv.DictReader(fh)]
+
+    def write_history(self, rows: list[dict]) -> None:
+        tmp = self.metrics_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.metrics_path)
+
+    def evaluation(self) -> dict | None:
+        if not self.eval_path.exists():
+            return None
+        return json.loads(self.eval_path.read_text())
+
+    def log(self, line: str) -> None:
+        stamp = datetime.now().strftime("%H:%M:%S")
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} {line}\n")
+
+
+class Workspace:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_workspace()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.runs_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot use workspace {self.root}: {exc.strerror or exc}") from None
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    @property
+    def runs_dir(self) -> Path: return self.root / "runs"
+    @property
+    def cache_dir(self) -> Path: return self.root / "cache"
+    @property
+    def datasets_dir(self) -> Path: return self.root / "datasets"
+    @property
+    def db_path(self) -> Path: return self.root / "studio.db"
+
+    @contextmanager
+    def _db(self):
+        # Short transactions with a busy timeout: several sessions and processes share this file.
+        for attempt in range(5):
+            try:
+                con = sqlite3.connect(self.db_path, timeout=30)
+                break
+            except sqlite3.OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            with con:
+                yield con
+        finally:
+            con.close()
+
+    # --- runs ---------------------------------------------------------------------------------------
+    def new_run_id(self) -> str:
+        return datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+    def create_run(self, cfg, dataset_name: str, run_id: str | None = None) -> Run:
+        run_id = run_id or self.new_run_id()
+        run = Run(run_id, self.runs_dir / run_id)
+        run.dir.mkdir(parents=True, exist_ok=False)
+        run.config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO runs (id, dataset, arch, weights, status, created, epochs) VALUES (?,?,?,?,?,?,?)",
+                (run_id, dataset_name, cfg.arch, str(cfg.weights), "queued", time.time(), cfg.epochs))
+        return run
+
+    def run(self, run_id: str) -> Run:
+        if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+            raise KeyError(f"no run {run_id!r}")
+        run = Run(run_id, self.runs_dir / run_id)
+        if not run.dir.is_dir():
+            raise KeyError(f"no run {run_id!r} in {self.root}")
+        return run
+
+    def update_run(self, run_id: str, **fields) -> None:
+        bad = set(fields) - set(RUN_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown run fields {bad}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._db() as db:
+            db.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*fields.values(), run_id))
+
+    def run_row(self, run_id: str) -> dict | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return dict(row) if row else None
+
+    def list_runs(self) -> list[dict]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+        return [dict(r) for r in rows]
+
+    def latest_run(self, with_eval: bool = False) -> str | None:
+        for r in self.list_runs():
+            if not with_eval or (self.runs_dir / r["id"] / "eval.json").exists():
+                return r["id"]
+        return None
+
+    def mark_interrupted(self, own_pid: int | None = None) -> list[str]:
+        """Runs left active by a process that is gone become `interrupted`. Returns their ids."""
+        own_pid = own_pid or os.getpid()
+        changed = []
+        with self._db() as db:
+            rows = db.execute(
+                f"SELECT id, pid FROM runs WHERE status IN ({','.join('?' * len(ACTIVE))})", ACTIVE).fetchall()
+            for r in rows:
+                if r["pid"] != own_pid and not _pid_alive(r["pid"]):
+                    db.execute("UPDATE runs SET status = 'interrupted', finished = ? WHERE id = ?",
+                               (time.time(), r["id"]))
+                    changed.append(r["id"])
+        return changed
+
+    def delete_run(self, run_id: str) -> None:
+        run = self.run(run_id)
+        row = self.run_row(run_id)
+        if row and row["status"] in ACTIVE and _pid_alive(row["pid"]):
+            raise RuntimeError(f"run {run_id} is {row['status']}: stop it before deleting it")
+        shutil.rmtree(run.dir)
+        with self._db() as db:
+            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    # --- datasets -----------------------------------------------------------------------------------
+    def register_dataset(self, name: str, source: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO datasets (name, source, added) VALUES (?,?,?)",
+                       (name, str(source), time.time()))
+
+    def list_datasets(self) -> list[dict]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM datasets ORDER BY added DESC").fetchall()]
+
+    def remove_dataset(self, name: str) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM datasets WHERE name = ?", (name,))

@@ -1,0 +1,165 @@
+"""Preprocessing and augmentation on batched tensors.
+
+The decoded cache holds NxHxWx3 uint8 images. A batch is turned into normalized float NCHW
+(channels_last memory, which is free because the cache is already HWC), augmented as a whole batch
+with one affine resampling, so nothing is decoded or transformed image by image during an epoch.
+
+`build_eval_transform` is the single evaluation preprocessing: evaluation, prediction and Grad-CAM all
+go through the same resize (images.resize_to_array) and the same normalization.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import open_image, resize_to_array
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class Normalizer:
+    mean: list[float]
+    std: list[float]
+
+    def __call__(self, batch_u8: torch.Tensor, device=None) -> torch.Tensor:
+        """NxHxWx3 uint8 (any device) -> normalized float32 Nx3xHxW in channels_last memory."""
+        x = batch_u8.to(device, non_blocking=True) if device is not None else batch_u8
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo normalization (for showing a model input)."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x * std + mean
+
+
+def build_eval_transform(hw: tuple[int, int], normalizer: Normalizer):
+    """PIL image / path / bytes -> (1x3xHxW normalized tensor, HxWx3 uint8 resized RGB)."""
+    def transform(source):
+        rgb = resize_to_array(open_image(source), hw)
+        x = normalizer(torch.from_numpy(rgb.copy()).unsqueeze(0))
+        return x, rgb
+    return transform
+
+
+@dataclass
+class AugmentSpec:
+    hflip: bool = False
+    vflip: bool = False
+    rotation: float = 0.0
+    rot90: bool = False
+    crop_scale_min: float = 1.0
+    color_jitter: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "AugmentSpec":
+        return cls(cfg.hflip, cfg.vflip, cfg.rotation, cfg.rot90, cfg.crop_scale_min, cfg.color_jitter)
+
+    @property
+    def geometric(self) -> bool:
+        return self.rotation > 0 or self.crop_scale_min < 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.hflip or self.vflip or self.rot90 or self.geometric or self.color_jitter > 0
+
+
+def build_train_augment(spec: AugmentSpec):
+    """A function (x in [0,1], float Nx3xHxW, generator) -> augmented x of the same shape."""
+    def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if not spec.active:
+            return x
+        n, dev = x.shape[0], x.device
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=gen).to(dev)
+
+        if spec.geometric:
+            x = _affine(x, spec, rand)
+        else:
+            # Exact pixel moves, no resampling: flips and quarter turns.
+            if spec.hflip:
+                m = rand(n) < 0.5
+                x = torch.where(m.view(-1, 1, 1, 1), x.flip(3), x)
+            if spec.vflip:
+                m = rand(n) < 0.5
+                x = torch.where(m.view(-1, 1, 1, 1), x.flip(2), x)
+            if spec.rot90 and x.shape[2] == x.shape[3]:
+                k = (rand(n) * 4).long().clamp_(0, 3)
+                out = x.clone()
+                for q in (1, 2, 3):
+                    sel = (k == q).nonzero().flatten()
+                    if len(sel):
+                        out[sel] = torch.rot90(x[sel], q, dims=(2, 3))
+                x = out
+        if spec.color_jitter > 0:
+            x = _color_jitter(x, spec.color_jitter, rand)
+        return x.contiguous(memory_format=torch.channels_last)
+    return augment
+
+
+def _affine(x, spec: AugmentSpec, rand):
+    """Flip, rotation and random-resized-crop composed into one sampling grid per image."""
+    n, dev = x.shape[0], x.device
+    angle = (rand(n) * 2 - 1) * spec.rotation
+    if spec.rot90:
+        angle = angle + (rand(n) * 4).floor().clamp(0, 3) * 90.0
+    theta_rad = angle * math.pi / 180.0
+    if spec.crop_scale_min < 1.0:
+        area = spec.crop_scale_min + rand(n) * (1.0 - spec.crop_scale_min)
+        log_ratio = (rand(n) * 2 - 1) * math.log(4 / 3)
+        ratio = torch.exp(log_ratio)
+        cw = torch.sqrt(area * ratio).clamp(max=1.0)
+        ch = torch.sqrt(area / ratio).clamp(max=1.0)
+        tx = (rand(n) * 2 - 1) * (1 - cw)
+        ty = (rand(n) * 2 - 1) * (1 - ch)
+    else:
+        cw = ch = torch.ones(n, device=dev)
+        tx = ty = torch.zeros(n, device=dev)
+    sx = torch.where(rand(n) < 0.5, -1.0, 1.0) if spec.hflip else torch.ones(n, device=dev)
+    sy = torch.where(rand(n) < 0.5, -1.0, 1.0) if spec.vflip else torch.ones(n, device=dev)
+    cos, sin = torch.cos(theta_rad), torch.sin(theta_rad)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = cos * cw * sx
+    theta[:, 0, 1] = -sin * ch * sy
+    theta[:, 1, 0] = sin * cw * sx
+    theta[:, 1, 1] = cos * ch * sy
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _color_jitter(x, strength: float, rand):
+    n = x.shape[0]
+    b = 1 + (rand(n) * 2 - 1).view(-1, 1, 1, 1) * strength
+    c = 1 + (rand(n) * 2 - 1).view(-1, 1, 1, 1) * strength
+    s = 1 + (rand(n) * 2 - 1).view(-1, 1, 1, 1) * strength
+    x = x * b
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - gray.mean(dim=(2, 3), keepdim=True)) * c + gray.mean(dim=(2, 3), keepdim=True)
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = gray + (x - gray) * s
+    return x.clamp_(0, 1)
+
+
+def to_unit_batch(batch_u8: torch.Tensor, device=None) -> torch.Tensor:
+    """NxHxWx3 uint8 -> float Nx3xHxW in [0,1] (channels_last)."""
+    x = batch_u8.to(device, non_blocking=True) if device is not None else batch_u8
+    return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def normalize_unit(x: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
+    mean = torch.tensor(normalizer.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalizer.std, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
