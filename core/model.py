@@ -144,11 +144,12 @@ def _load_backbone(model: nn.Module, state: dict, arch: str, source: str):
     backbone_keys = [k for k in own if not k.startswith(head_prefix)]
     missing = [k for k in backbone_keys if k not in remapped]
     wrong = [k for k in backbone_keys if k in remapped and remapped[k].shape != own[k].shape]
-    if missing or wrong:
-        example = (missing or wrong)[0]
+    unexpected = [k for k in remapped if k not in own and not k.startswith(head_prefix)]
+    if missing or wrong or unexpected:
+        example = (missing or wrong or unexpected)[0]
         raise WeightsError(
-            f"{source} does not match {arch}: {len(missing)} tensors missing, {len(wrong)} of another shape "
-            f"(first: {example}). Use weights made for {arch}.")
+            f"{source} does not match {arch}: {len(missing)} tensors missing, {len(wrong)} of another shape, "
+            f"{len(unexpected)} unknown (first: {example}). Use weights made for {arch}.")
     to_load = {k: v for k, v in remapped.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(to_load, strict=False)
 

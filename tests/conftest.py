@@ -1,0 +1,82 @@
+"""Shared fixtures: small generated image sets (no network, no real data) and trained runs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("STUDIO_WORKSPACE", str(ROOT / "test-artifacts" / "default-workspace"))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_dot_image(rng: np.random.Generator, size: int, dot: bool, dot_size: int | None = None) -> tuple[np.ndarray, tuple]:
+    """Gray noise; class "dot" adds a bright square somewhere. Returns (HxWx3 uint8, patch box or None)."""
+    a = (rng.random((size, size, 3)) * 90 + 20).astype(np.uint8)
+    box = None
+    if dot:
+        s = dot_size or size // 3
+        y, x = rng.integers(0, size - s, 2)
+        a[y:y + s, x:x + s] = 240
+        box = (int(y), int(x), int(s))
+    return a, box
+
+
+def write_class_folders(root: Path, per_class: int = 30, size: int = 48, seed: int = 0,
+                        classes=("blank", "dot")) -> Path:
+    """A separable set: `dot` images hold a bright square, `blank` ones do not."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a, _ = make_dot_image(rng, size, dot=(c != classes[0]))
+            Image.fromarray(a).save(root / c / f"{c}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def dot_folder(tmp_path) -> Path:
+    return write_class_folders(tmp_path / "dots")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from core.storage import Workspace
+    return Workspace(tmp_path / "ws")
+
+
+def tiny_config(data, **over):
+    from core.config import TrainConfig
+    base = dict(data=str(data), weights="none", image_size=32, epochs=4, batch_size=16, hflip=False,
+                seed=0, num_threads=2)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    # 128 px: layer4 is then 4x4, fine enough for Grad-CAM to localise a 42 px square
+    """One run trained to the end on a generated set; shared by evaluation, Grad-CAM, predict, CLI tests."""
+    from core.storage import Workspace
+    from core.train import fit, prepare_run
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_class_folders(tmp / "dots", per_class=40, size=SIZE, seed=1)
+    ws = Workspace(tmp / "ws")
+    cfg = tiny_config(data, image_size=SIZE, epochs=8, batch_size=16)
+    run = prepare_run(ws, cfg)
+    result = fit(ws, run)
+    ws.update_run(run.id, status=result["status"])
+    return {"ws": ws, "run": run, "result": result, "data": data, "size": SIZE}
