@@ -1,0 +1,166 @@
+"""Importing a zip of class folders into the workspace, safely.
+
+A zip from a stranger may try to write outside the target (`../`, absolute paths, drive letters), hold
+symlinks, be a zip bomb, be truncated or encrypted, or nest more zips. Each entry is checked before it
+is written; sizes are counted while streaming (the sizes a zip declares can lie); extraction goes into a
+temporary folder inside the workspace and is moved into place only when complete, so a failed import
+leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .images import is_image_name
+
+MAX_ENTRIES = 100_000
+MAX_TOTAL_BYTES = 8 * 2**30      # extracted bytes in all
+MAX_FILE_BYTES = 512 * 2**20     # one extracted file
+MAX_RATIO = 200                  # extracted / compressed, per file (images barely compress)
+CHUNK = 1 << 20
+
+
+class ImportError_(Exception):
+    """The zip cannot be imported; the message says why. Nothing was written."""
+
+
+@dataclass
+class ImportResult:
+    name: str
+    path: Path
+    files: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._ -]+", "_", text).strip(" ._")
+    return name[:80] or "dataset"
+
+
+def _entry_parts(name: str) -> list[str] | None:
+    """The entry's path parts if it is safe to write inside the target; None otherwise."""
+    if "\\" in name:
+        name = name.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return None
+    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+    if any(p == ".." for p in parts) or not parts:
+        return None
+    if any("\0" in p for p in parts):
+        return None
+    return parts
+
+
+def import_zip(source, datasets_dir: str | Path, name: str | None = None,
+               max_entries: int = MAX_ENTRIES, max_total: int = MAX_TOTAL_BYTES,
+               max_file: int = MAX_FILE_BYTES, max_ratio: float = MAX_RATIO) -> ImportResult:
+    """Extract the images of a zip (path or file object) into datasets_dir/<name>.
+
+    Entries that are unsafe or not images are skipped and listed; limits breached abort the whole import.
+    """
+    datasets_dir = Path(datasets_dir)
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    display = name or Path(getattr(source, "name", str(source))).stem
+    final_name = safe_name(display)
+    target = datasets_dir / final_name
+    n = 2
+    while target.exists():
+        target = datasets_dir / f"{final_name}-{n}"
+        n += 1
+    try:
+        zf = zipfile.ZipFile(source)
+    except zipfile.BadZipFile:
+        raise ImportError_("not a zip file, or the zip is truncated or corrupt") from None
+    except OSError as exc:
+        raise ImportError_(f"cannot read the zip: {exc.strerror or exc}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=datasets_dir))
+    skipped: list[tuple[str, str]] = []
+    written = 0
+    total = 0
+    try:
+        with zf:
+            infos = zf.infolist()
+            if len(infos) > max_entries:
+                raise ImportError_(f"the zip has {len(infos):,} entries; the limit is {max_entries:,}")
+            for info in infos:
+                if info.is_dir():
+                    continue
+                parts = _entry_parts(info.filename)
+                if parts is None:
+                    skipped.append((info.filename, "unsafe path (outside the dataset folder)"))
+                    continue
+                if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                    continue  # hidden files and macOS resource forks: silently ignored
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    skipped.append((info.filename, "symbolic link (not followed)"))
+                    continue
+                if info.flag_bits & 0x1:
+                    raise ImportError_("the zip is encrypted; export it without a password")
+                if parts[-1].lower().endswith(".zip"):
+                    skipped.append((info.filename, "nested zip (not extracted; import it separately)"))
+                    continue
+                if not is_image_name(parts[-1]):
+                    skipped.append((info.filename, "not an image file"))
+                    continue
+                if info.file_size > max_file:
+                    raise ImportError_(f"{info.filename} would be {info.file_size:,} bytes; the per-file limit "
+                                       f"is {max_file:,}")
+                dest = tmp.joinpath(*parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                size = 0
+                try:
+                    with zf.open(info) as src, open(dest, "wb") as out:
+                        while True:
+                            block = src.read(CHUNK)
+                            if not block:
+                                break
+                            size += len(block)
+                            total += len(block)
+                            if size > max_file:
+                                raise ImportError_(f"{info.filename} is larger than the per-file limit "
+                                                   f"({max_file:,} bytes)")
+                            if size > max(info.compress_size, 1) * max_ratio and size > CHUNK:
+                                raise ImportError_(f"{info.filename} expands more than {max_ratio}x: "
+                                                   "refused as a possible zip bomb")
+                            if total > max_total:
+                                raise ImportError_(f"the zip expands past the total limit ({max_total:,} bytes)")
+                            out.write(block)
+                except (zipfile.BadZipFile, EOFError, zlib_error()) as exc:
+                    raise ImportError_(f"the zip is truncated or corrupt at {info.filename} ({exc})") from None
+                except RuntimeError as exc:  # zipfile raises RuntimeError for encrypted members
+                    raise ImportError_(f"cannot extract {info.filename}: {exc}") from None
+                written += 1
+        if written == 0:
+            raise ImportError_("the zip holds no image files")
+        root = _content_root(tmp)
+        os.replace(root, target) if root == tmp else shutil.move(str(root), str(target))
+        return ImportResult(name=target.name, path=target, files=written, skipped=skipped)
+    except OSError as exc:
+        raise ImportError_(f"could not write the dataset: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def zlib_error():
+    import zlib
+    return zlib.error
+
+
+def _content_root(folder: Path) -> Path:
+    """Zips often wrap everything in one top folder: use it as the dataset root."""
+    current = folder
+    while True:
+        entries = [p for p in current.iterdir() if not p.name.startswith(".")]
+        dirs = [p for p in entries if p.is_dir()]
+        if len(dirs) == 1 and len(entries) == 1:
+            current = dirs[0]
+            continue
+        return current

@@ -1,0 +1,169 @@
+"""What every page shares: the workspace, the job manager, the sidebar, and chart builders.
+
+Only presentation lives here; all logic is in `core`. (This file is not a page: app.py lists the
+pages explicitly with st.navigation.)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.data import DatasetError, load_dataset
+from core.jobs import JobManager
+from core.storage import Workspace
+from core.train import describe_device
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ELPV_NAME = "ELPV solar cells (example)"
+STATUS_ICON = {"queued": "⏳", "running": "🏃", "stopping": "✋", "stopped": "⏹️", "done": "✅",
+               "failed": "❌", "interrupted": "⚠️"}
+
+
+def workspace_root() -> str:
+    return str(Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser().resolve())
+
+
+@st.cache_resource(show_spinner=False)
+def _manager(root: str) -> JobManager:
+    ws = Workspace(root)
+    try:  # the example dataset is ready from the first start
+        import elpv_dataset  # noqa: F401
+        if not any(d["source"] == "elpv" for d in ws.list_datasets()):
+            ws.register_dataset(ELPV_NAME, "elpv")
+    except ImportError:
+        pass
+    return JobManager(ws)
+
+
+def manager() -> JobManager:
+    """The one job manager of this process, shared by every page and browser tab."""
+    return _manager(workspace_root())
+
+
+def ws() -> Workspace:
+    return manager().ws
+
+
+@st.cache_resource(show_spinner=False)
+def device_text() -> str:
+    return describe_device()
+
+
+@st.cache_data(show_spinner="Reading the dataset…", ttl=30, max_entries=8)
+def dataset_info(source: str):
+    """The dataset (cached for 30 s so pages stay fast and still notice new files)."""
+    return load_dataset(source)
+
+
+def load_dataset_or_error(source: str):
+    try:
+        return dataset_info(source)
+    except DatasetError as exc:
+        st.error(str(exc))
+        return None
+
+
+def css() -> None:
+    style = ASSETS / "style.css"
+    if style.exists():
+        st.html(f"<style>{style.read_text()}</style>")
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        logo = ASSETS / "logo.svg"
+        if logo.exists():
+            st.logo(str(logo))
+        st.caption(f"Workspace: `{workspace_root()}`")
+        st.caption(f"Device: {device_text()}")
+        _sidebar_job()
+
+
+@st.fragment(run_every=2)
+def _sidebar_job() -> None:
+    snap = manager().active()
+    if snap is None:
+        st.caption("No training job running.")
+        return
+    st.markdown(f"**Job {snap.run_id}** {STATUS_ICON.get(snap.status, '')} {snap.status}")
+    st.progress(snap.progress, text=job_progress_text(snap))
+
+
+def job_progress_text(snap) -> str:
+    if snap.status == "queued":
+        return "queued: waits for the running job"
+    if snap.stage and snap.stage not in ("training",) and snap.stage_total:
+        return f"{snap.stage} {snap.stage_done}/{snap.stage_total}"
+    if snap.stage and snap.stage != "training":
+        return snap.stage
+    parts = [f"epoch {snap.epoch}/{snap.epochs}"]
+    if snap.batches:
+        parts.append(f"batch {snap.batch}/{snap.batches}")
+    if snap.images_per_s:
+        parts.append(f"{snap.images_per_s:.0f} img/s")
+    if snap.eta_s:
+        parts.append(f"ETA {format_seconds(snap.eta_s)}")
+    return " · ".join(parts)
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {(s % 3600) // 60:02d}m"
+
+
+def run_choices(with_eval: bool = False) -> list[dict]:
+    rows = ws().list_runs()
+    if with_eval:
+        rows = [r for r in rows if (ws().runs_dir / r["id"] / "eval.json").exists()]
+    return rows
+
+
+def run_label(row: dict) -> str:
+    acc = f", test {row['test_acc']:.1%}" if row.get("test_acc") is not None else ""
+    return f"{row['id']} · {row['dataset']} · {row['arch']} · {row['status']}{acc}"
+
+
+def pick_run(label: str, rows: list[dict], key: str) -> str | None:
+    """A run selector, defaulting to the run named in ?run= or the latest."""
+    if not rows:
+        return None
+    ids = [r["id"] for r in rows]
+    wanted = st.query_params.get("run")
+    index = ids.index(wanted) if wanted in ids else 0
+    by_id = {r["id"]: r for r in rows}
+    chosen = st.selectbox(label, ids, index=index, format_func=lambda i: run_label(by_id[i]), key=key)
+    return chosen
+
+
+def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, list[dict]] | None = None):
+    """Train vs val curves of one metric ("loss" or "acc"); or val curves of several runs."""
+    fig = go.Figure()
+    if runs:
+        for name, hist in runs.items():
+            if hist:
+                fig.add_scatter(x=[h["epoch"] for h in hist], y=[h[f"val_{metric}"] for h in hist],
+                                mode="lines+markers", name=name)
+    else:
+        if history:
+            ep = [h["epoch"] for h in history]
+            fig.add_scatter(x=ep, y=[h[f"train_{metric}"] for h in history], mode="lines+markers", name="train")
+            fig.add_scatter(x=ep, y=[h[f"val_{metric}"] for h in history], mode="lines+markers", name="validation")
+    fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis_title="epoch", legend=dict(orientation="h", y=-0.25))
+    if metric == "acc":
+        fig.update_yaxes(tickformat=".0%")
+    return fig
+
+
+def history_frame(history: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(history)

@@ -1,0 +1,116 @@
+import random
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core.data import DatasetError, load_dataset, stratified_split
+from core.images import ImageLoadError, load_array
+from core.imports import ImportError_, import_zip
+from pages import _ui
+
+st.title("Datasets")
+ws = _ui.ws()
+
+with st.expander("Add a dataset", expanded=not ws.list_datasets()):
+    tab_folder, tab_zip, tab_example = st.tabs(["Folder on this machine", "Upload a zip", "Example"])
+    with tab_folder:
+        with st.form("add_folder"):
+            path = st.text_input("Folder or CSV path", placeholder="/data/welds",
+                                 help="A folder with one sub-folder per class, or with train/ val/ test/ "
+                                      "folders each holding class sub-folders, or a CSV of path,label.")
+            name = st.text_input("Name (optional)")
+            if st.form_submit_button("Register", type="primary"):
+                try:
+                    ds = load_dataset(path)
+                    ws.register_dataset(name.strip() or ds.name, path.strip())
+                    st.session_state["dataset"] = name.strip() or ds.name
+                    st.success(f"Registered {ds.name}: {len(ds.samples)} images in {len(ds.classes)} classes.")
+                except DatasetError as exc:
+                    st.error(str(exc))
+    with tab_zip:
+        upload = st.file_uploader("Zip of class folders", type=["zip"],
+                                  help="Extracted into the workspace. Unsafe entries are skipped.")
+        if upload is not None and st.button("Import zip", type="primary"):
+            try:
+                result = import_zip(upload, ws.root / "datasets", name=upload.name.rsplit(".", 1)[0])
+                ds = load_dataset(str(result.path))
+                ws.register_dataset(result.name, str(result.path))
+                st.session_state["dataset"] = result.name
+                st.success(f"Imported {result.files} images into {result.path}.")
+                if result.skipped:
+                    st.warning(f"{len(result.skipped)} entries skipped.")
+                    st.dataframe(pd.DataFrame(result.skipped, columns=["entry", "reason"]), hide_index=True)
+            except (ImportError_, DatasetError) as exc:
+                st.error(f"Import failed: {exc}")
+    with tab_example:
+        st.write("ELPV: 2,624 electroluminescence images of solar cells (300x300, gray), labelled functional or "
+                 "defective (Deitsch et al., Solar Energy 2019).")
+        if st.button("Add the ELPV example"):
+            ws.register_dataset(_ui.ELPV_NAME, "elpv")
+            st.session_state["dataset"] = _ui.ELPV_NAME
+            st.rerun()
+
+datasets = ws.list_datasets()
+if not datasets:
+    st.info("No dataset yet: add one above.")
+    st.stop()
+
+names = [d["name"] for d in datasets]
+sources = {d["name"]: d["source"] for d in datasets}
+current = st.session_state.get("dataset")
+chosen = st.selectbox("Dataset", names, index=names.index(current) if current in names else 0)
+st.session_state["dataset"] = chosen
+source = sources[chosen]
+st.caption(f"Source: `{source}`")
+
+ds = _ui.load_dataset_or_error(source)
+if ds is None:
+    if st.button("Remove this dataset from the list"):
+        ws.remove_dataset(chosen)
+        st.rerun()
+    st.stop()
+
+counts = ds.class_counts()
+total = sum(counts.values())
+c1, c2, c3 = st.columns(3)
+c1.metric("Images", f"{total:,}")
+c2.metric("Classes", len(ds.classes))
+c3.metric("Skipped files", len(ds.skipped))
+
+frame = pd.DataFrame({"class": list(counts), "images": list(counts.values())})
+fig = px.bar(frame, x="class", y="images", text="images", title="Images per class")
+smallest, largest = min(counts.values()), max(counts.values())
+if smallest and largest / smallest >= 3:
+    st.warning(f"Imbalanced: the largest class has {largest / smallest:.1f}x the images of the smallest. "
+               "Consider class-weighted loss on the Train page.")
+fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
+st.plotly_chart(fig, key="class_counts")
+
+try:
+    split = stratified_split(ds, 0.15, 0.15, 42)
+    given = "given by the folders" if ds.given_splits else "stratified 70/15/15, seed 42 (the Train page default)"
+    st.caption(f"Split ({given}): train {len(split['train'])}, validation {len(split['val'])}, "
+               f"test {len(split['test'])}")
+except DatasetError as exc:
+    st.warning(str(exc))
+
+st.subheader("Samples")
+per_class = st.slider("Images per class", 4, 16, 8, step=4)
+rng = random.Random(0)
+for label, cls in enumerate(ds.classes):
+    paths = [s.path for s in ds.samples if s.label == label]
+    if not paths:
+        continue
+    shown = rng.sample(paths, min(per_class, len(paths)))
+    st.markdown(f"**{cls}** · {counts[cls]} images")
+    cols = st.columns(8)
+    for i, path in enumerate(shown):
+        try:
+            cols[i % 8].image(load_array(path, (128, 128)), caption=path.rsplit("/", 1)[-1][:24])
+        except ImageLoadError as exc:
+            cols[i % 8].caption(f"unreadable: {exc}")
+
+if ds.skipped:
+    st.subheader("Skipped files")
+    st.dataframe(pd.DataFrame(ds.skipped, columns=["file", "reason"]), hide_index=True)

@@ -1,0 +1,122 @@
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.evaluate import evaluate_run, misclassified, read_predictions
+from core.explain import METHODS
+from core.images import ImageLoadError
+from core.predict import get_predictor
+from pages import _ui
+
+st.title("Evaluate")
+ws = _ui.ws()
+
+rows = [r for r in _ui.run_choices() if ws.run(r["id"]).best_path.exists()]
+if not rows:
+    st.info("No trained run yet: train one first.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+run_id = _ui.pick_run("Run", rows, key="eval_run")
+run = ws.run(run_id)
+ev = run.evaluation()
+if ev is None:
+    st.warning("This run has not been evaluated on its test split yet.")
+    if st.button("Evaluate now", type="primary"):
+        with st.spinner("Evaluating…"):
+            ev = evaluate_run(ws, run)
+    else:
+        st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric(f"{ev['split'].capitalize()} accuracy", f"{ev['accuracy']:.1%}")
+c2.metric("Macro F1", f"{ev['macro_f1']:.3f}")
+c3.metric("Loss", f"{ev['loss']:.4f}")
+c4.metric("Images", ev["n"])
+st.caption(f"Best checkpoint from epoch {ev.get('checkpoint_epoch')} "
+           f"(validation accuracy {ev['best_val_acc']:.1%})" if ev.get("best_val_acc") is not None else "")
+
+per_class = pd.DataFrame(ev["per_class"])
+st.dataframe(per_class, hide_index=True, column_config={
+    "precision": st.column_config.NumberColumn(format="%.3f"),
+    "recall": st.column_config.NumberColumn(format="%.3f"),
+    "f1": st.column_config.NumberColumn(format="%.3f")})
+
+history = run.history()
+if history:
+    h1, h2 = st.columns(2)
+    h1.plotly_chart(_ui.curves_figure(history, "loss", "Loss"), key="eval_loss")
+    h2.plotly_chart(_ui.curves_figure(history, "acc", "Accuracy"), key="eval_acc")
+
+# --- confusion matrix: click a cell to filter the gallery ---------------------------------------------
+st.subheader("Confusion matrix")
+classes = ev["classes"]
+cm = np.array(ev["confusion_matrix"])
+normalized = st.toggle("Row-normalized (recall per true class)", key="cm_norm")
+row_sums = cm.sum(1, keepdims=True)
+shown = np.divide(cm, row_sums, out=np.zeros_like(cm, dtype=float), where=row_sums > 0) if normalized else cm
+text = [[(f"{shown[i, j]:.0%}" if normalized else str(cm[i, j])) for j in range(len(classes))]
+        for i in range(len(classes))]
+fig = go.Figure(go.Heatmap(z=shown, x=classes, y=classes, colorscale="Blues", text=text, texttemplate="%{text}",
+                           hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
+# Heatmap cells do not report clicks; an invisible marker on each cell does.
+xs, ys = np.meshgrid(range(len(classes)), range(len(classes)))
+fig.add_scatter(x=[classes[j] for j in xs.ravel()], y=[classes[i] for i in ys.ravel()], mode="markers",
+                marker=dict(size=40, opacity=0.01, symbol="square"), hoverinfo="skip", showlegend=False)
+fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
+                  height=260 + 40 * len(classes), margin=dict(l=10, r=10, t=10, b=10))
+event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="cm_chart")
+points = (event or {}).get("selection", {}).get("points", []) if event else []
+if points:
+    cell = (points[0]["y"], points[0]["x"])
+    if st.session_state.get("_cm_cell") != cell:  # a new click; later reruns keep the user's own choice
+        st.session_state["_cm_cell"] = cell
+        st.session_state["cell_true"], st.session_state["cell_pred"] = cell
+        st.session_state["gallery_page"] = 1
+
+f1, f2 = st.columns(2)
+options = ["(any)"] + classes
+true_f = f1.selectbox("True class", options, key="cell_true")
+pred_f = f2.selectbox("Predicted class", options, key="cell_pred")
+
+# --- error gallery ----------------------------------------------------------------------------------
+true_sel = None if true_f == "(any)" else true_f
+pred_sel = None if pred_f == "(any)" else pred_f
+if true_sel is not None and true_sel == pred_sel:
+    items = [r for r in read_predictions(run) if r["true"] == true_sel and r["predicted"] == pred_sel]
+    items.sort(key=lambda r: -r["loss"])
+    st.subheader(f"Correct: {true_sel} ({len(items)})")
+else:
+    items = misclassified(run, true_sel, pred_sel)
+    st.subheader(f"Misclassified ({len(items)})")
+
+g1, g2, g3 = st.columns(3)
+show_cam = g1.toggle("Grad-CAM overlay", value=True, key="show_cam")
+method = g2.selectbox("Method", METHODS, key="cam_method", disabled=not show_cam)
+page_size = 12
+pages = max(1, (len(items) + page_size - 1) // page_size)
+page_no = g3.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
+
+if not items:
+    st.caption("Nothing here: no misclassified images for this selection.")
+else:
+    predictor = get_predictor(ws, run_id)
+    cols = st.columns(4)
+    for k, item in enumerate(items[(page_no - 1) * page_size: page_no * page_size]):
+        with cols[k % 4], st.container(border=True):
+            caption = (f"true **{item['true']}** → predicted **{item['predicted']}** "
+                       f"({item['confidence']:.0%}), loss {item['loss']:.2f}")
+            try:
+                if show_cam:
+                    out = predictor.explain(item["path"], target=item["predicted"], method=method)
+                    st.image(out["overlay"], width="stretch")
+                else:
+                    st.image(predictor.transform(item["path"])[1], width="stretch")
+            except ImageLoadError as exc:
+                st.warning(f"cannot open: {exc}")
+            st.markdown(caption)
+            st.caption(item["path"].rsplit("/", 1)[-1])
+
+st.download_button("Download per-image predictions (CSV)", run.predictions_path.read_bytes(),
+                   file_name=f"{run_id}-predictions.csv", mime="text/csv")

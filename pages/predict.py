@@ -1,0 +1,106 @@
+import io
+import zipfile
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core.explain import METHODS
+from core.images import ImageLoadError, is_image_name
+from core.predict import get_predictor
+from pages import _ui
+
+MAX_ZIP_IMAGES = 500
+
+st.title("Predict")
+ws = _ui.ws()
+rows = [r for r in _ui.run_choices() if ws.run(r["id"]).best_path.exists()]
+if not rows:
+    st.info("No trained run yet: train one first.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+run_id = _ui.pick_run("Model (run)", rows, key="predict_run")
+predictor = get_predictor(ws, run_id)
+st.caption(f"Classes: {', '.join(predictor.classes)} · input {predictor.hw[0]}x{predictor.hw[1]}")
+
+uploads = st.file_uploader("Images (or a zip of images)", accept_multiple_files=True, key="predict_files")
+c1, c2, c3 = st.columns(3)
+top_k = c1.number_input("Top-k", 1, max(1, len(predictor.classes)), min(3, len(predictor.classes)))
+show_cam = c2.toggle("Grad-CAM", value=True)
+method = c3.selectbox("Method", METHODS, disabled=not show_cam)
+
+if not uploads:
+    st.stop()
+
+
+def _expand(files):
+    """(name, bytes) for each upload; zips are opened in memory (images only, capped)."""
+    for f in files:
+        data = f.getvalue()
+        if f.name.lower().endswith(".zip"):
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    members = [i for i in zf.infolist() if not i.is_dir() and is_image_name(i.filename)
+                               and not i.filename.rsplit("/", 1)[-1].startswith(".") and "__MACOSX" not in i.filename]
+                    for info in members[:MAX_ZIP_IMAGES]:
+                        if info.file_size > 64 * 2**20:
+                            yield info.filename, None, "file too large"
+                            continue
+                        yield f"{f.name}/{info.filename}", zf.read(info), None
+                    if len(members) > MAX_ZIP_IMAGES:
+                        st.warning(f"{f.name}: only the first {MAX_ZIP_IMAGES} images are predicted.")
+            except (zipfile.BadZipFile, RuntimeError, OSError) as exc:
+                yield f.name, None, f"unusable zip: {exc}"
+        else:
+            yield f.name, data, None
+
+
+items = list(_expand(uploads))
+results = []
+for name, data, error in items:
+    if error:
+        results.append({"path": name, "error": error})
+        continue
+    r = predictor.predict([data], top_k=top_k)[0]
+    r["path"] = name
+    r["data"] = data
+    results.append(r)
+
+table = []
+for r in results:
+    if "error" in r:
+        table.append({"image": r["path"], "prediction": None, "confidence": None, "error": r["error"]})
+    else:
+        table.append({"image": r["path"], "prediction": r["top"][0]["label"], "confidence": r["top"][0]["prob"],
+                      "error": None, **{f"p_{c}": p for c, p in r["probs"].items()}})
+frame = pd.DataFrame(table)
+ok = sum(1 for r in results if "error" not in r)
+st.subheader(f"{ok} of {len(results)} images predicted")
+st.dataframe(frame, hide_index=True, column_config={"confidence": st.column_config.ProgressColumn(
+    format="percent", min_value=0.0, max_value=1.0)})
+st.download_button("Download predictions (CSV)", frame.to_csv(index=False).encode(), file_name="predictions.csv",
+                   mime="text/csv")
+
+for n, r in enumerate(results[:50]):
+    with st.container(border=True):
+        if "error" in r:
+            st.error(f"{r['path']}: {r['error']}")
+            continue
+        a, b, c = st.columns([1, 1, 1.3])
+        best = r["top"][0]
+        try:
+            out = predictor.explain(r["data"], method=method) if show_cam else None
+            a.image(out["rgb"] if out else predictor.transform(r["data"])[1], caption=r["path"], width="stretch")
+            if out:
+                b.image(out["overlay"], caption=f"Grad-CAM for {out['label']}", width="stretch")
+        except ImageLoadError as exc:
+            a.error(str(exc))
+        c.markdown(f"**{best['label']}** · {best['prob']:.1%}")
+        top = pd.DataFrame(r["top"])
+        fig = px.bar(top, x="prob", y="label", orientation="h", range_x=[0, 1], text_auto=".1%")
+        fig.update_layout(height=60 + 35 * len(top), margin=dict(l=10, r=10, t=10, b=10), yaxis_autorange="reversed",
+                          xaxis_title=None, yaxis_title=None)
+        c.plotly_chart(fig, key=f"top_{n}")
+if len(results) > 50:
+    st.caption(f"Showing the first 50 images; the table and CSV hold all {len(results)}.")

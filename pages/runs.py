@@ -1,0 +1,78 @@
+import pandas as pd
+import streamlit as st
+
+from pages import _ui
+
+st.title("Runs")
+ws = _ui.ws()
+jm = _ui.manager()
+rows = ws.list_runs()
+if not rows:
+    st.info("No runs yet.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+
+def _duration(r):
+    if r["started"] and r["finished"]:
+        return _ui.format_seconds(r["finished"] - r["started"])
+    return "-"
+
+
+frame = pd.DataFrame([{
+    "run": r["id"], "status": f"{_ui.STATUS_ICON.get(r['status'], '')} {r['status']}", "dataset": r["dataset"],
+    "architecture": r["arch"], "weights": r["weights"], "epochs": f"{r['epochs_done']}/{r['epochs']}",
+    "best val acc": r["best_val_acc"], "test acc": r["test_acc"], "duration": _duration(r),
+    "error": r["error"] or "",
+} for r in rows])
+event = st.dataframe(frame, hide_index=True, on_select="rerun", selection_mode="multi-row", key="runs_table",
+                     column_config={"best val acc": st.column_config.NumberColumn(format="percent"),
+                                    "test acc": st.column_config.NumberColumn(format="percent")})
+selected_rows = event.selection.rows if event and event.selection else []
+ids = [r["id"] for r in rows]
+selected = st.multiselect("Runs to compare or act on", ids, default=[ids[i] for i in selected_rows] or ids[:1],
+                          key="runs_selected")
+
+if selected:
+    histories = {rid: ws.run(rid).history() for rid in selected}
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(_ui.curves_figure([], "loss", "Validation loss", runs=histories), key="cmp_loss")
+    c2.plotly_chart(_ui.curves_figure([], "acc", "Validation accuracy", runs=histories), key="cmp_acc")
+
+if len(selected) == 1:
+    rid = selected[0]
+    row = ws.run_row(rid)
+    st.subheader(f"Run {rid}")
+    cfg = ws.run(rid).config()
+    st.caption(f"{cfg.arch}, weights {cfg.weights}, {cfg.epochs} epochs, image {cfg.input_hw[0]}x{cfg.input_hw[1]}, "
+               f"batch {cfg.batch_size}, lr {cfg.lr}, {cfg.optimizer}, schedule {cfg.schedule}")
+    a, b, c = st.columns(3)
+    if row["status"] in ("stopped", "interrupted", "failed", "done") and ws.run(rid).last_path.exists():
+        more = a.number_input("Train up to epoch", 1, 1000, max(row["epochs"], row["epochs_done"] + 1)
+                              if row["status"] == "done" else row["epochs"], key=f"resume_epochs_{rid}")
+        if a.button("Resume", key=f"resume_{rid}", help="Continue from the last finished epoch."):
+            try:
+                jm.resume(rid, epochs=int(more))
+                st.success(f"Run {rid} queued to resume; follow it on the Train page.")
+                st.session_state["train_run"] = rid
+            except (RuntimeError, KeyError) as exc:
+                st.error(str(exc))
+    if row["status"] in ("queued", "running", "stopping"):
+        if b.button("Stop", key=f"stop_{rid}"):
+            jm.stop(rid)
+            st.rerun()
+    else:
+        confirm = c.checkbox("I want to delete this run", key=f"confirm_{rid}")
+        if c.button("Delete run", key=f"delete_{rid}", disabled=not confirm, type="primary"):
+            try:
+                ws.delete_run(rid)
+                st.success(f"Deleted run {rid}.")
+                st.rerun()
+            except (RuntimeError, OSError) as exc:
+                st.error(str(exc))
+    if ws.run(rid).eval_path.exists():
+        st.page_link("pages/evaluate.py", label="Open its evaluation", icon=":material/fact_check:",
+                     query_params={"run": rid})
+    log = ws.run(rid).log_path
+    with st.expander("Log"):
+        st.code(log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)", language=None)

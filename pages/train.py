@@ -1,0 +1,161 @@
+import uuid
+
+import streamlit as st
+
+from core.config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
+from core.data import DatasetError
+from core.model import imagenet_weights_file
+from pages import _ui
+
+st.title("Train")
+ws = _ui.ws()
+jm = _ui.manager()
+
+datasets = ws.list_datasets()
+if not datasets:
+    st.info("Add a dataset first.")
+    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
+    st.stop()
+
+
+def _defaults(preset: str) -> dict:
+    values = TrainConfig().to_dict()
+    values.update(PRESETS.get(preset, {}))
+    if values["weights"] == "imagenet" and not imagenet_weights_file(values["arch"]).exists():
+        values["weights"] = "none"  # offline machines cannot download them; say so below
+    return values
+
+
+def _apply_preset() -> None:
+    for key, value in _defaults(st.session_state["preset"]).items():
+        st.session_state[f"cfg_{key}"] = value
+
+
+if "cfg_epochs" not in st.session_state:
+    st.session_state.setdefault("preset", "seed defaults")
+    _apply_preset()
+
+names = [d["name"] for d in datasets]
+sources = {d["name"]: d["source"] for d in datasets}
+current = st.session_state.get("dataset")
+
+top1, top2 = st.columns([2, 1])
+dataset_name = top1.selectbox("Dataset", names, index=names.index(current) if current in names else 0)
+st.session_state["dataset"] = dataset_name
+top2.selectbox("Recipe", list(PRESETS), key="preset", on_change=_apply_preset,
+               help="A named set of defaults. 'seed defaults' are the classic recipe: Adam, lr 1e-3, 10 epochs, "
+                    "batch 32, 224 px, ImageNet normalization.")
+
+with st.form("train_form"):
+    c1, c2, c3, c4 = st.columns(4)
+    c1.selectbox("Architecture", ARCHS, key="cfg_arch",
+                 help="resnet18 is fast and strong on small sets; resnet18-custom is the hand-built ResNet18.")
+    weights_options = ["imagenet", "none"]
+    if st.session_state.get("cfg_weights") not in weights_options:
+        weights_options.append(st.session_state["cfg_weights"])
+    c2.selectbox("Start from", weights_options, key="cfg_weights",
+                 format_func=lambda w: {"imagenet": "ImageNet weights", "none": "scratch (random)"}.get(w, w),
+                 help="ImageNet weights learn much faster on small sets, but need a download once.")
+    c3.number_input("Epochs", 1, 1000, key="cfg_epochs", help="Passes over the training images.")
+    c4.number_input("Image size (px)", 16, 1024, step=16, key="cfg_image_size",
+                    help="Images are resized to this square. Smaller trains faster.")
+    c1.number_input("Batch size", 1, 1024, key="cfg_batch_size", help="Images per step (seeds: 32 to 100).")
+    c2.number_input("Learning rate", 1e-6, 1.0, format="%.5f", key="cfg_lr", help="Adam's classic 1e-3 is a good start.")
+    c3.text_input("Local weights file (optional)", key="weights_file",
+                  help="A .pth state_dict (e.g. torchvision's resnet18-f37072fd.pth) to start from instead.")
+    with st.expander("Advanced options"):
+        a1, a2, a3 = st.columns(3)
+        a1.selectbox("Optimizer", OPTIMIZERS, key="cfg_optimizer", help="adam (seeds), adamw, or sgd with momentum.")
+        a1.selectbox("LR schedule", SCHEDULES, key="cfg_schedule", help="cosine decays smoothly to 0 by the last epoch.")
+        a1.number_input("Weight decay", 0.0, 1.0, format="%.5f", key="cfg_weight_decay", help="L2 regularisation.")
+        a1.slider("Dropout before the last layer", 0.0, 0.9, key="cfg_dropout")
+        a1.slider("Label smoothing", 0.0, 0.5, key="cfg_label_smoothing",
+                  help="Softens targets; helps when some labels are doubtful.")
+        a2.checkbox("Class-weighted loss", key="cfg_class_weights", help="For imbalanced sets.")
+        a2.checkbox("Freeze backbone (train the last layer only)", key="cfg_freeze_backbone")
+        a2.number_input("Early stopping patience (0: off)", 0, 100, key="cfg_early_stop_patience",
+                        help="Stop after this many epochs without a better validation accuracy.")
+        a2.selectbox("Normalization", ["imagenet", "dataset"], key="cfg_normalization",
+                     help="ImageNet mean/std, or mean/std computed on the training split.")
+        a2.number_input("Seed", 0, 2**31 - 1, key="cfg_seed")
+        a2.checkbox("Test-time augmentation (flips)", key="cfg_tta")
+        a3.checkbox("Horizontal flip", key="cfg_hflip")
+        a3.checkbox("Vertical flip", key="cfg_vflip")
+        a3.checkbox("Random 90° rotations", key="cfg_rot90", help="For parts with no natural orientation.")
+        a3.slider("Rotation (degrees)", 0.0, 180.0, key="cfg_rotation")
+        a3.slider("Random crop: min area kept", 0.05, 1.0, key="cfg_crop_scale_min", help="1.0: no cropping.")
+        a3.slider("Color jitter", 0.0, 1.0, key="cfg_color_jitter")
+        a3.selectbox("Mixed precision", ["auto", "bf16", "fp16", "off"], key="cfg_amp")
+    queue_ok = st.checkbox("Queue after the running job if one is running", key="queue_ok")
+    start = st.form_submit_button("Start training", type="primary")
+
+if st.session_state.get("cfg_weights") == "imagenet" and not imagenet_weights_file(
+        st.session_state["cfg_arch"]).exists():
+    st.caption(f"ImageNet weights are not in the cache ({imagenet_weights_file(st.session_state['cfg_arch'])}); "
+               "they are downloaded at start, which needs internet.")
+
+if "request_id" not in st.session_state:
+    st.session_state["request_id"] = uuid.uuid4().hex
+
+if start:
+    values = {k[4:]: v for k, v in st.session_state.items() if k.startswith("cfg_")}
+    values["data"] = sources[dataset_name]
+    if st.session_state.get("weights_file", "").strip():
+        values["weights"] = st.session_state["weights_file"].strip()
+    values["extra"] = {"preset": st.session_state["preset"], "dataset_name": dataset_name}
+    cfg = TrainConfig.from_dict(values)
+    busy = jm.active()
+    if busy is not None and not queue_ok:
+        st.warning(f"Run {busy.run_id} is {busy.status}; one job trains at a time. Tick 'Queue after the running "
+                   "job' to start yours when it ends, or stop it first.")
+    else:
+        try:
+            with st.spinner("Checking the dataset and preparing the split…"):
+                run_id = jm.submit(cfg, request_id=st.session_state["request_id"])
+            st.session_state["request_id"] = uuid.uuid4().hex  # the next click is a new request
+            st.session_state["train_run"] = run_id
+            st.toast(f"Started run {run_id}")
+        except (ConfigError, DatasetError) as exc:
+            st.error(f"Cannot start: {exc}")
+
+
+def _shown_run() -> str | None:
+    active = jm.active()
+    if active is not None:
+        return active.run_id
+    if st.session_state.get("train_run"):
+        return st.session_state["train_run"]
+    latest = ws.list_runs()
+    return latest[0]["id"] if latest else None
+
+
+@st.fragment(run_every=1.0)
+def live_view() -> None:
+    run_id = _shown_run()
+    if run_id is None:
+        st.caption("No run yet.")
+        return
+    snap = jm.snapshot(run_id)
+    if snap is None:
+        return
+    st.subheader(f"Run {run_id} {_ui.STATUS_ICON.get(snap.status, '')} {snap.status}")
+    st.progress(snap.progress, text=_ui.job_progress_text(snap))
+    if snap.active:
+        if st.button("Stop", key=f"stop_{run_id}", help="Stops within one batch; the best checkpoint is kept."):
+            jm.stop(run_id)
+            st.rerun(scope="fragment")
+    if snap.error:
+        st.error(snap.error)
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(_ui.curves_figure(snap.history, "loss", "Loss"), key=f"loss_{run_id}")
+    c2.plotly_chart(_ui.curves_figure(snap.history, "acc", "Accuracy"), key=f"acc_{run_id}")
+    if snap.status in ("done", "stopped") and ws.run(run_id).eval_path.exists():
+        st.success(f"Finished{' (stopped)' if snap.status == 'stopped' else ''}: test accuracy "
+                   f"{snap.test_acc if snap.test_acc is not None else ws.run_row(run_id)['test_acc']:.1%}.")
+        st.page_link("pages/evaluate.py", label="Open its evaluation", icon=":material/fact_check:",
+                     query_params={"run": run_id})
+    with st.expander("Log", expanded=snap.status == "failed"):
+        st.code("\n".join(snap.log[-40:]) or "(empty)", language=None)
+
+
+live_view()

@@ -1,0 +1,108 @@
+"""Every studio page through Streamlit's AppTest: empty workspace, a finished run, and training from the page."""
+import shutil
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, write_class_folders
+
+PAGES = ["pages/home.py", "pages/datasets.py", "pages/train.py", "pages/evaluate.py", "pages/predict.py",
+         "pages/runs.py"]
+
+
+def open_page(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    if page:
+        at.switch_page(page)
+        at.run()
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for e in at.markdown] + [e.value for e in at.caption] + [e.value for e in at.info]
+    parts += [e.value for e in at.warning] + [e.value for e in at.error] + [e.value for e in at.success]
+    parts += [e.value for e in at.subheader] + [e.value for e in at.title]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.fixture
+def empty_ws(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_WORKSPACE", str(tmp_path / "ws"))
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def finished_ws(tmp_path, monkeypatch, trained):
+    root = tmp_path / "ws"
+    shutil.copytree(trained["ws"].root, root)
+    monkeypatch.setenv("STUDIO_WORKSPACE", str(root))
+    return root
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_an_empty_workspace(empty_ws, page):
+    at = open_page(page)
+    assert not at.exception, at.exception
+    assert at.title[0].value
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_a_finished_run(finished_ws, page):
+    at = open_page(page)
+    assert not at.exception, at.exception
+
+
+def test_evaluate_page_shows_metrics_matrix_and_gallery_filter(finished_ws, trained):
+    at = open_page("pages/evaluate.py")
+    ev = trained["run"].evaluation()
+    labels = [m.label for m in at.metric]
+    assert "Test accuracy" in labels
+    assert at.metric[0].value == f"{ev['accuracy']:.1%}"
+    at.selectbox(key="cell_true").set_value("dot")
+    at.selectbox(key="cell_pred").set_value("dot").run()
+    assert not at.exception
+    assert "Correct: dot" in texts(at)
+
+
+def test_datasets_page_registers_a_folder(empty_ws, tmp_path):
+    data = write_class_folders(tmp_path / "parts", per_class=6, size=16)
+    (data / "dot" / "broken.png").write_bytes(b"junk")
+    at = open_page("pages/datasets.py")
+    at.text_input[0].set_value(str(data))
+    at.button[0].click().run()  # the form's Register button
+    assert not at.exception, at.exception
+    assert "Registered parts: 12 images in 2 classes" in texts(at)
+    assert at.metric[0].value == "12" and at.metric[2].value == "1"  # images, skipped
+
+
+def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=20, size=32)
+    Workspace(empty_ws).register_dataset("parts", str(data))
+    at = open_page("pages/train.py")
+    at.selectbox(key="cfg_weights").set_value("none")
+    at.number_input(key="cfg_epochs").set_value(2)
+    at.number_input(key="cfg_image_size").set_value(32)
+    at.number_input(key="cfg_batch_size").set_value(8)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    run_id = at.session_state["train_run"]
+    ws = Workspace(empty_ws)
+    deadline = time.time() + 120
+    seen_progress = False
+    while time.time() < deadline:
+        at.run()
+        assert not at.exception
+        if at.get("progress"):
+            seen_progress = True
+        if ws.run_row(run_id)["status"] in ("done", "failed"):
+            break
+        time.sleep(0.5)
+    at.run()
+    assert seen_progress
+    assert ws.run_row(run_id)["status"] == "done", ws.run_row(run_id)["error"]
+    assert f"Run {run_id}" in texts(at) and "done" in texts(at)
