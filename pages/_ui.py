@@ -17,6 +17,20 @@ from core.jobs import JobManager
 from core.storage import Workspace
 from core.train import describe_device
 
+
+
+def _ensure_app_navigation() -> None:
+    """Streamlit runs a `pages/` folder as a legacy multipage app (each page without app.py) until
+    st.navigation has been called once in the process; a first visit straight to /train would then miss
+    app.py's sidebar and page list. Switch the process to app.py's navigation and rerun that request."""
+    from streamlit.runtime.pages_manager import PagesManager
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_ensure_app_navigation()
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ELPV_NAME = "ELPV solar cells (example)"
 STATUS_ICON = {"queued": "⏳", "running": "🏃", "stopping": "✋", "stopped": "⏹️", "done": "✅",

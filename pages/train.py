@@ -40,7 +40,8 @@ sources = {d["name"]: d["source"] for d in datasets}
 current = st.session_state.get("dataset")
 
 top1, top2 = st.columns([2, 1])
-dataset_name = top1.selectbox("Dataset", names, index=names.index(current) if current in names else 0)
+dataset_name = top1.selectbox("Dataset", names, index=names.index(current) if current in names else 0,
+                              key="train_dataset")
 st.session_state["dataset"] = dataset_name
 top2.selectbox("Recipe", list(PRESETS), key="preset", on_change=_apply_preset,
                help="A named set of defaults. 'seed defaults' are the classic recipe: Adam, lr 1e-3, 10 epochs, "

@@ -83,6 +83,7 @@ def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):
     data = write_class_folders(tmp_path / "parts", per_class=20, size=32)
     Workspace(empty_ws).register_dataset("parts", str(data))
     at = open_page("pages/train.py")
+    at.selectbox(key="train_dataset").set_value("parts")
     at.selectbox(key="cfg_weights").set_value("none")
     at.number_input(key="cfg_epochs").set_value(2)
     at.number_input(key="cfg_image_size").set_value(32)

@@ -1,0 +1,140 @@
+"""End to end in a real browser: Playwright drives Debian's Chromium against `streamlit run app.py`.
+
+Register a tiny dataset, train, watch the curves grow, open the evaluation (confusion matrix, a gallery
+image with its Grad-CAM), and predict an uploaded image. Screenshots go to test-artifacts/browser/.
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, make_dot_image, write_class_folders
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI_REQUIRE_BROWSER"),
+                                reason="Debian's chromium is not installed (the README test command installs it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def studio(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, STUDIO_WORKSPACE=str(tmp_path / "ws"))
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + (tmp_path / "streamlit.log").read_text())
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    out = (tmp_path / "streamlit.log").read_text()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "streamlit.log").write_text(out)
+
+
+def _points(page, chart_index: int) -> int:
+    charts = page.locator(".js-plotly-plot")
+    if charts.count() <= chart_index:
+        return 0
+    return charts.nth(chart_index).locator(".scatterlayer .trace .points path").count()
+
+
+def test_journey_in_a_real_browser(studio, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    data = write_class_folders(tmp_path / "parts", per_class=40, size=64, seed=2)
+    rng = np.random.default_rng(9)
+    img, _ = make_dot_image(rng, 64, dot=True)
+    Image.fromarray(img).save(tmp_path / "new_part.png")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+
+        # 1. Register the dataset
+        page.goto(f"{studio}/datasets")  # a first visit straight to a sub-page still gets app.py's sidebar
+        expect(page.get_by_text(re.compile(r"^Device: (CPU|CUDA|Apple)"))).to_be_visible()
+        expect(page.get_by_test_id("stSidebarNav").get_by_text("Evaluate")).to_be_visible()
+        page.get_by_text("Add a dataset").click()
+        page.get_by_text("Folder on this machine").click()
+        page.get_by_role("textbox", name="Folder or CSV path").fill(str(data))
+        page.get_by_role("button", name="Register").click()
+        expect(page.get_by_text("Registered parts: 80 images in 2 classes")).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "1-datasets.png", full_page=True)
+
+        # 2. Train, and watch the curves grow
+        page.get_by_role("link", name="Train").first.click()
+        expect(page.get_by_role("button", name="Start training")).to_be_visible()
+        for label, value in (("Epochs", "12"), ("Image size (px)", "64"), ("Batch size", "16")):
+            box = page.get_by_role("spinbutton", name=label, exact=True)
+            box.fill(value)
+            box.press("Enter")
+        page.get_by_role("button", name="Start training").click()
+        counts = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            counts.append(_points(page, 0))
+            if page.get_by_text("Open its evaluation").count():
+                break
+            time.sleep(0.5)
+        page.screenshot(path=ARTIFACTS / "2-train.png", full_page=True)
+        growth = sorted({c for c in counts if c})
+        assert len(growth) >= 2, f"curves did not grow while training: {counts}"
+        assert growth[-1] == 2 * 12  # train and validation points for every epoch
+
+        # 3. Evaluation: confusion matrix, then a cell of it, then a gallery image with Grad-CAM
+        page.get_by_text("Open its evaluation").click()
+        expect(page.get_by_text("Confusion matrix")).to_be_visible()
+        expect(page.locator(".js-plotly-plot .heatmaplayer").first).to_be_attached()
+        page.get_by_role("combobox", name=re.compile("True class")).click()
+        page.get_by_role("option", name="dot", exact=True).click()
+        page.get_by_role("combobox", name=re.compile("Predicted class")).click()
+        page.get_by_role("option", name="dot", exact=True).click()
+        expect(page.get_by_text(re.compile(r"Correct: dot \(\d+\)"))).to_be_visible()
+        gallery = page.locator('[data-testid="stImage"] img')
+        expect(gallery.first).to_be_visible()
+        assert gallery.count() >= 1
+        page.screenshot(path=ARTIFACTS / "3-evaluate.png", full_page=True)
+
+        # 4. Predict an uploaded image
+        page.get_by_role("link", name="Predict").first.click()
+        page.locator('input[type="file"]').set_input_files(str(tmp_path / "new_part.png"))
+        expect(page.get_by_text("1 of 1 images predicted")).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^dot · \d+(\.\d)?%$"))).to_be_visible()
+        expect(page.get_by_text("Grad-CAM for dot")).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "4-predict.png", full_page=True)
+        browser.close()
