@@ -1,0 +1,122 @@
+"""Prediction speed: checkpoint load, single-image latency, batch throughput, Grad-CAM latency, and the time
+to evaluate the ELPV test split, all through the engine's own API (core.predict / core.evaluate).
+
+    python bench/predict_speed.py [--size 224] [--repeats 50]
+
+The checkpoint is a resnet18 for the 2 ELPV classes written by the engine's own save_checkpoint (weights
+untrained: speed does not depend on their values). Prints one JSON document with the keys predict_p50_ms,
+predict_p95_ms, gradcam_p50_ms, gradcam_p95_ms, load_s, device, and more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def percentile_ms(samples: list[float], q: float) -> float:
+    return round(float(np.percentile(np.array(samples) * 1000, q)), 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+
+    from core.checkpoint import save_checkpoint
+    from core.config import TrainConfig
+    from core.data import IMAGE_CACHE, load_dataset, split_to_json, stratified_split
+    from core.evaluate import evaluate_run
+    from core.model import build_model
+    from core.predict import Predictor
+    from core.storage import Workspace
+    from core.train import describe_device, select_device
+    from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = select_device("auto")
+    ds = load_dataset("elpv")
+    split = split_to_json(ds, stratified_split(ds, 0.15, 0.15, 42))
+    test_paths = [row[0] for row in split["test"]]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws")
+        cfg = TrainConfig(data="elpv", weights="none", image_size=args.size)
+        run = ws.create_run(cfg, "elpv")
+        run.split_path.write_text(json.dumps(split))
+        model = build_model("resnet18", len(ds.classes))
+        meta = {"run_id": run.id, "classes": ds.classes, "config": cfg.to_dict(),
+                "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+                "input_hw": [args.size, args.size], "epoch": 1, "metrics": {}, "best": {"val_acc": 0.0}}
+        save_checkpoint(run.best_path, model.state_dict(), meta)
+
+        t0 = time.perf_counter()
+        predictor = Predictor(run.best_path)
+        load_s = time.perf_counter() - t0
+
+        images = test_paths[: args.repeats]
+        predictor.predict(images[0])  # warm-up (oneDNN builds its kernels on the first call)
+        single = []
+        for path in images:
+            t = time.perf_counter()
+            predictor.predict(path)
+            single.append(time.perf_counter() - t)
+
+        batch = test_paths[: args.batch * 4]
+        predictor.predict(batch[: args.batch], batch_size=args.batch)
+        t = time.perf_counter()
+        predictor.predict(batch, batch_size=args.batch)
+        batch_ips = len(batch) / (time.perf_counter() - t)
+
+        predictor.explain(images[0])
+        cams = []
+        for path in images[: max(10, args.repeats // 2)]:
+            t = time.perf_counter()
+            predictor.explain(path)
+            cams.append(time.perf_counter() - t)
+
+        IMAGE_CACHE._mem.clear()
+        t = time.perf_counter()
+        ev = evaluate_run(ws, run, device=device)
+        eval_cold_s = time.perf_counter() - t
+        t = time.perf_counter()
+        evaluate_run(ws, run, device=device)
+        eval_warm_s = time.perf_counter() - t
+
+    doc = {
+        "benchmark": "predict_speed",
+        "device": describe_device(device),
+        "image_size": args.size,
+        "load_s": round(load_s, 3),
+        "predict_p50_ms": percentile_ms(single, 50),
+        "predict_p95_ms": percentile_ms(single, 95),
+        "batch_images_per_s": round(batch_ips, 1),
+        "batch_size": args.batch,
+        "gradcam_p50_ms": percentile_ms(cams, 50),
+        "gradcam_p95_ms": percentile_ms(cams, 95),
+        "eval_test_split_images": ev["n"],
+        "eval_cold_s": round(eval_cold_s, 2),
+        "eval_warm_s": round(eval_warm_s, 2),
+        "single_image_includes": "file read, decode, resize, normalize, forward, softmax",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
