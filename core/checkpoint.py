@@ -60,9 +60,13 @@ def safe_torch_load(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            "refused: the file contains Python objects, not only weights, and loading it could run code "
-            f"({str(exc).splitlines()[0][:160]})") from None
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text or "REDUCE" in text:
+            found = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")[:160]
+            raise CheckpointError(
+                "refused: the file contains Python objects, not only weights, and loading it could run code"
+                + (f" ({found})" if found else "")) from None
+        raise CheckpointError("not a torch checkpoint: the file is unreadable or corrupt") from None
     except (zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"file is truncated or corrupt ({type(exc).__name__})") from None
     except RuntimeError as exc:

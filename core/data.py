@@ -28,6 +28,7 @@ from .images import ALLOWED_FORMATS, MAX_PIXELS, ImageLoadError, is_image_name, 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 BUILTIN = ("elpv", "elpv4")
+UNLABELED = "unlabeled"  # a folder of images waiting for labels (the Label page's queue), not a class
 
 
 class DatasetError(Exception):
@@ -49,6 +50,7 @@ class Dataset:
     samples: list[Sample]
     given_splits: dict[str, list[int]] = field(default_factory=dict)  # from the layout, if any
     skipped: list[tuple[str, str]] = field(default_factory=list)      # (path, reason)
+    unlabeled: list[str] = field(default_factory=list)                 # images in an unlabeled/ folder
 
     def class_counts(self) -> dict[str, int]:
         counts = {c: 0 for c in self.classes}
@@ -105,6 +107,8 @@ def _scan_class_folders(folder: Path, classes: list[str] | None = None):
     items = []
     names = []
     for d in _class_dirs(folder):
+        if d.name.lower() == UNLABELED:
+            continue
         files = _images_under(d)
         if files:
             names.append(d.name)
@@ -138,8 +142,16 @@ def _build(name, source, classes, items, split_of=None, groups=None) -> Dataset:
                    given_splits=dict(given), skipped=skipped)
 
 
-def _load_folder(folder: Path) -> Dataset:
-    subdirs = {p.name.lower(): p for p in _class_dirs(folder)}
+def _load_folder(folder: Path, depth: int = 0) -> Dataset:
+    dirs = _class_dirs(folder)
+    loose = [f for f in os.listdir(folder) if is_image_name(f) and not _hidden(f)]
+    if (len(dirs) == 1 and not loose and depth < 3 and _class_dirs(dirs[0])
+            and not any(is_image_name(f) for f in os.listdir(dirs[0]))):
+        # A single wrapper folder (data/cats, data/dogs): the classes are one level down.
+        return _load_folder(dirs[0], depth + 1)
+    unlabeled_dirs = [p for p in dirs if p.name.lower() == UNLABELED]
+    dirs = [p for p in dirs if p.name.lower() != UNLABELED]
+    subdirs = {p.name.lower(): p for p in dirs}
     split_dirs = {SPLIT_NAMES[k]: p for k, p in subdirs.items() if k in SPLIT_NAMES}
     if "train" in split_dirs and len(split_dirs) >= 2 or set(split_dirs) == {"train"}:
         items, split_of, classes = [], [], []
@@ -150,7 +162,7 @@ def _load_folder(folder: Path) -> Dataset:
             split_of += [split] * len(its)
         if not items:
             raise DatasetError(f"{folder} has split folders but no class sub-folders with images in them")
-        return _build(folder.name, folder, classes, items, split_of)
+        return _with_unlabeled(_build(folder.name, folder, classes, items, split_of), unlabeled_dirs)
     classes, items = _scan_class_folders(folder)
     if not items:
         loose = [f for f in os.listdir(folder) if is_image_name(f)]
@@ -158,7 +170,12 @@ def _load_folder(folder: Path) -> Dataset:
             raise DatasetError(f"{folder} has images but no class sub-folders: put each class's images in "
                                "a sub-folder named after the class")
         raise DatasetError(f"no images found in {folder}: expected one sub-folder per class")
-    return _build(folder.name, folder, classes, items)
+    return _with_unlabeled(_build(folder.name, folder, classes, items), unlabeled_dirs)
+
+
+def _with_unlabeled(ds: Dataset, unlabeled_dirs: list[Path]) -> Dataset:
+    ds.unlabeled = [f for d in unlabeled_dirs for f in _images_under(d) if _check_header(f) is None]
+    return ds
 
 
 def _load_csv(path: Path) -> Dataset:
@@ -243,6 +260,27 @@ def load_dataset(source: str) -> Dataset:
     if not os.access(path, os.R_OK | os.X_OK):
         raise DatasetError(f"cannot read folder {source}: permission denied")
     return _load_folder(path)
+
+
+def find_duplicates(ds: Dataset) -> list[list[str]]:
+    """Groups of byte-identical files (same size, then same SHA-1). Duplicates are kept as samples,
+    but one copy in train and one in test inflates the test score, so the studio warns about them."""
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for s in ds.samples:
+        try:
+            by_size[os.path.getsize(s.path)].append(s.path)
+        except OSError:
+            continue
+    groups = []
+    for paths in by_size.values():
+        if len(paths) < 2:
+            continue
+        by_hash: dict[str, list[str]] = defaultdict(list)
+        for p in paths:
+            with open(p, "rb") as fh:
+                by_hash[hashlib.sha1(fh.read()).hexdigest()].append(p)
+        groups.extend(g for g in by_hash.values() if len(g) > 1)
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------

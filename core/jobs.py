@@ -57,8 +57,10 @@ class JobSnapshot:
 
 
 class Job(Reporter):
-    def __init__(self, ws: Workspace, run_id: str, epochs: int, resume: bool = False, extra_epochs=None):
+    def __init__(self, ws: Workspace, run_id: str, epochs: int, resume: bool = False, extra_epochs=None,
+                 work=None):
         self.ws = ws
+        self.work = work  # None: train with fit(); else work(ws, run, reporter) -> {"status": ...}
         self.run = ws.run(run_id)
         self.resume = resume
         self.epochs_override = extra_epochs
@@ -126,7 +128,10 @@ class Job(Reporter):
         self._set(status="running", started=started)
         ws.update_run(run_id, status="running", started=started, pid=os.getpid(), error=None, finished=None)
         try:
-            result = fit(ws, self.run, reporter=self, resume=self.resume, epochs=self.epochs_override)
+            if self.work is not None:
+                result = self.work(ws, self.run, self)
+            else:
+                result = fit(ws, self.run, reporter=self, resume=self.resume, epochs=self.epochs_override)
             self._set(test_acc=result.get("test_acc"))
             self._finish(result["status"])
         except (TrainingError, Exception) as exc:  # the process lives on; the job records why it failed
@@ -171,6 +176,25 @@ class JobManager:
             if request_id and request_id in self._requests:  # lost a race with an identical request
                 self.ws.update_run(run.id, status="stopped", error="duplicate request")
                 return self._requests[request_id]
+            if request_id:
+                self._requests[request_id] = run.id
+            self._enqueue(job)
+        return run.id
+
+    def submit_crossval(self, cfg: TrainConfig, folds: int = 4, request_id: str | None = None) -> str:
+        """Queue k-fold cross-validation (out-of-sample probabilities for finding label errors)."""
+        from .curation import crossval
+        if not 2 <= folds <= 10:
+            raise ValueError("folds must be between 2 and 10")
+        with self._lock:
+            if request_id and request_id in self._requests:
+                return self._requests[request_id]
+        cfg.extra = {**cfg.extra, "kind": "crossval", "folds": folds}
+        cfg.test_fraction = 0.0  # every labeled image gets an out-of-sample prediction
+        run = prepare_run(self.ws, cfg)
+        job = Job(self.ws, run.id, cfg.epochs * folds,
+                  work=lambda ws, r, rep: crossval(ws, r, rep, folds=folds))
+        with self._lock:
             if request_id:
                 self._requests[request_id] = run.id
             self._enqueue(job)

@@ -102,7 +102,11 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     w = str(cfg.weights).strip()
     if w.lower() not in ("imagenet", "none", "scratch") and not Path(w).expanduser().is_file():
         raise ConfigError("weights", f"file {w} not found (use imagenet, none, or a .pth file)")
-    ds = load_dataset(cfg.data)
+    from .labels import LabelStore
+    store = LabelStore(ws)
+    ds = store.apply(load_dataset(cfg.data))  # the effective labels: folder labels overridden by the store
+    if label_version is None:
+        label_version = store.version(ds.source)
     split = stratified_split(ds, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     if not split["val"]:
         raise ConfigError("val_fraction", "the validation split is empty: raise val_fraction or add a val/ folder")

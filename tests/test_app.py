@@ -107,3 +107,30 @@ def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):
     assert seen_progress
     assert ws.run_row(run_id)["status"] == "done", ws.run_row(run_id)["error"]
     assert f"Run {run_id}" in texts(at) and "done" in texts(at)
+
+
+def test_second_start_while_training_is_refused(empty_ws, tmp_path):
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=20, size=32)
+    Workspace(empty_ws).register_dataset("parts", str(data))
+
+    def start(epochs):
+        at = open_page("pages/train.py")
+        at.selectbox(key="train_dataset").set_value("parts")
+        at.selectbox(key="cfg_weights").set_value("none")
+        at.number_input(key="cfg_epochs").set_value(epochs)
+        at.number_input(key="cfg_image_size").set_value(32)
+        at.number_input(key="cfg_batch_size").set_value(8)
+        at.button[0].click().run()
+        return at
+
+    first = start(300)  # one tab starts a long job
+    run_id = first.session_state["train_run"]
+    second = start(2)   # another tab presses Start while it runs
+    assert any("one job trains at a time" in w.value for w in second.warning)
+    ws = Workspace(empty_ws)
+    assert [r["id"] for r in ws.list_runs()] == [run_id]
+    from pages import _ui
+    jm = _ui._manager(str(empty_ws.resolve()))
+    jm.stop(run_id)
+    assert jm.wait(run_id, timeout=60).status in ("stopped", "done")

@@ -105,9 +105,14 @@ def test_journey_in_a_real_browser(studio, tmp_path):
             box.press("Enter")
         page.get_by_role("button", name="Start training").click()
         counts = []
+        reloaded = False
         deadline = time.time() + 240
         while time.time() < deadline:
             counts.append(_points(page, 0))
+            if not reloaded and counts[-1]:
+                page.reload()  # a reload (or a new tab) reattaches to the running job
+                expect(page.get_by_text(re.compile(r"^Run \S+ .*(running|done)"))).to_be_visible()
+                reloaded = True
             if page.get_by_text("Open its evaluation").count():
                 break
             time.sleep(0.5)

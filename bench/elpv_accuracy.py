@@ -1,0 +1,182 @@
+"""ELPV accuracy under the paper's protocol, through the engine's own API.
+
+Deitsch et al. (Solar Energy 2019) split the 2,624 cells 75/25, stratified by defect probability and cell type
+(1,968 train / 656 test). Here the 75% part is split again (85/15, same stratification) into training and a
+validation part used for model selection (the best-validation checkpoint); the 25% test part is only used for the
+final score. Each seed trains one model with the recipe below (the studio's "small grayscale inspection" preset
+unless --recipe says otherwise) and evaluates it on the test part.
+
+    python bench/elpv_accuracy.py --task 2 --seeds 0,1,2 --minutes 30
+    python bench/elpv_accuracy.py --task 4 --seeds 0 --minutes 5
+
+--minutes is the training budget per seed: the number of epochs is chosen from a short speed calibration so that
+training ends within it (the schedule needs the epoch count up front). Prints one JSON document and appends a
+row to bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PAPER = {"2": {"Deitsch 2019, VGG-19 fine-tuned from ImageNet": 0.8842, "Deitsch 2019, SVM": 0.8244,
+               "Tella 2022, ResNet18 from scratch": 0.7302},
+         "4": {"Tella 2022, ResNet18 from scratch": 0.5418}}
+
+
+def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15) -> dict:
+    """75/25 stratified by (defect probability, cell type); val carved from the 75% the same way."""
+    from core.data import elpv_label, load_elpv_table
+    rows = load_elpv_table()
+    strata = defaultdict(list)
+    for path, prob, cell_type in rows:
+        strata[(prob, cell_type)].append((path, elpv_label(prob, four_class), cell_type))
+    rng = random.Random(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for key in sorted(strata):
+        items = sorted(strata[key])
+        rng.shuffle(items)
+        n_test = int(round(len(items) * 0.25))
+        rest = items[n_test:]
+        n_val = int(round(len(rest) * val_fraction))
+        parts["test"] += items[:n_test]
+        parts["val"] += rest[:n_val]
+        parts["train"] += rest[n_val:]
+    classes = sorted({label for p in parts.values() for _, label, _ in p})
+    return {"dataset": "elpv4" if four_class else "elpv", "source": "elpv4" if four_class else "elpv",
+            "classes": classes, **{k: [list(r) for r in v] for k, v in parts.items()}}
+
+
+def calibrate_images_per_s(cfg, device) -> float:
+    """Training images/s of this model at this size on this machine (a few timed steps)."""
+    from core.model import build_model
+    from core.train import autocast_dtype
+    model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters())
+    amp = autocast_dtype(device, cfg.amp)
+    h, w = cfg.input_hw
+    x = torch.randn(cfg.batch_size, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+    times = []
+    for i in range(4):
+        t = time.perf_counter()
+        opt.zero_grad()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    return cfg.batch_size / float(np.mean(times))
+
+
+def main() -> None:
+    from core.config import PRESETS, TrainConfig
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=["2", "4"], default="2")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--minutes", type=float, default=30.0, help="training budget per seed")
+    ap.add_argument("--recipe", default="small grayscale inspection", choices=list(PRESETS))
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    ap.add_argument("--split-seed", type=int, default=2019)
+    ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args()
+
+    from core.cli import _parse_value
+    from core.evaluate import evaluate_run, read_predictions
+    from core.storage import Workspace
+    from core.train import describe_device, fit, select_device
+    from dataclasses import fields
+
+    four = args.task == "4"
+    split = paper_split(four, args.split_seed)
+    n_train, n_val = len(split["train"]), len(split["val"])
+    base = {**PRESETS[args.recipe], "data": split["source"]}
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for item in args.set:
+        k, v = item.split("=", 1)
+        base[k] = _parse_value(types[k], v)
+    device = select_device(base.get("device", "auto"))
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    per_seed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws")
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            cfg = TrainConfig.from_dict({**base, "seed": seed})
+            ips = calibrate_images_per_s(cfg, device)
+            # An epoch: training, plus validation (a forward pass, ~1/3 of a training step per image).
+            epoch_s = n_train / ips + n_val / (3 * ips)
+            cfg.epochs = max(1, int(args.minutes * 60 * 0.92 / epoch_s))
+            cfg.validate()
+            run = ws.create_run(cfg, split["dataset"])
+            run.split_path.write_text(json.dumps(split))
+            t0 = time.perf_counter()
+            result = fit(ws, run)
+            train_seconds = time.perf_counter() - t0
+            ev = evaluate_run(ws, run, device=device)
+            rows = read_predictions(run)
+            type_of = {r[0]: r[2] for r in split["test"]}
+            per_type = {}
+            for t in ("mono", "poly"):
+                sel = [r for r in rows if type_of.get(r["path"]) == t]
+                per_type[t] = float(np.mean([r["true"] == r["predicted"] for r in sel])) if sel else None
+            per_seed.append({"seed": seed, "epochs": cfg.epochs, "calibrated_images_per_s": round(ips, 1),
+                             "train_seconds": round(train_seconds, 1), "accuracy": ev["accuracy"],
+                             "macro_f1": ev["macro_f1"], "per_type_accuracy": per_type,
+                             "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
+                             "confusion_matrix": ev["confusion_matrix"]})
+            print(f"seed {seed}: {json.dumps(per_seed[-1])}", file=sys.stderr)
+
+    accs = np.array([s["accuracy"] for s in per_seed])
+    f1s = np.array([s["macro_f1"] for s in per_seed])
+    doc = {
+        "benchmark": "elpv_accuracy",
+        "task": int(args.task),
+        "classes": split["classes"],
+        "recipe": args.recipe,
+        "overrides": args.set,
+        "config": {k: v for k, v in TrainConfig.from_dict(base).to_dict().items() if k not in ("notes", "extra")},
+        "seeds": [s["seed"] for s in per_seed],
+        "minutes_per_seed": args.minutes,
+        "split": {"train": n_train, "val": n_val, "test": len(split["test"]), "split_seed": args.split_seed},
+        "accuracy_mean": round(float(accs.mean()), 4),
+        "accuracy_std": round(float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, 4),
+        "macro_f1_mean": round(float(f1s.mean()), 4),
+        "per_type_accuracy": {t: round(float(np.mean([s["per_type_accuracy"][t] for s in per_seed])), 4)
+                              for t in ("mono", "poly")},
+        "confusion_matrix": np.sum([s["confusion_matrix"] for s in per_seed], axis=0).tolist(),
+        "train_seconds": round(float(np.mean([s["train_seconds"] for s in per_seed])), 1),
+        "per_seed": per_seed,
+        "paper": PAPER[args.task],
+        "device": describe_device(device),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(doc, indent=2))
+    if not args.no_results:
+        line = (f"| {doc['date']} | ELPV {args.task}-class | {args.recipe} {' '.join(args.set)} | "
+                f"{len(per_seed)} ({','.join(map(str, doc['seeds']))}) | {args.minutes:g} min | "
+                f"{doc['accuracy_mean']:.2%} ± {doc['accuracy_std']:.2%} | {doc['macro_f1_mean']:.3f} | "
+                f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
+                f"--minutes {args.minutes:g}` |\n")
+        results = ROOT / "bench" / "RESULTS.md"
+        with open(results, "a") as fh:
+            fh.write(line)
+
+
+if __name__ == "__main__":
+    main()
