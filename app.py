@@ -11,6 +11,7 @@ PAGES = [
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/fact_check:"),
     st.Page("pages/predict.py", title="Predict", icon=":material/image_search:"),
+    st.Page("pages/label.py", title="Label", icon=":material/label:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
 ]
 

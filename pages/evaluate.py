@@ -6,6 +6,7 @@ import streamlit as st
 from core.evaluate import evaluate_run, misclassified, read_predictions
 from core.explain import METHODS
 from core.images import ImageLoadError
+from core.labels import LabelStore
 from core.predict import get_predictor
 from pages import _ui
 
@@ -98,12 +99,28 @@ page_size = 12
 pages = max(1, (len(items) + page_size - 1) // page_size)
 page_no = g3.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
 
+store = LabelStore(ws)
+dataset_key = run.split().get("source", "")
+overrides = store.overrides(dataset_key)
+
+
+def _fix(paths: list[str], label: str | None, exclude: bool = False) -> None:
+    originals = {p: next((i["true"] for i in items if i["path"] == p), None) for p in paths}
+    if exclude:
+        store.exclude(dataset_key, paths)
+    else:
+        store.set_labels(dataset_key, {p: label for p in paths}, source="manual", original=originals)
+    st.toast(f"{'Excluded' if exclude else 'Relabeled'} {len(paths)} image(s); the next training run uses it. "
+             "Undo on the Label page.")
+
+
 if not items:
     st.caption("Nothing here: no misclassified images for this selection.")
 else:
     predictor = get_predictor(ws, run_id)
     cols = st.columns(4)
-    for k, item in enumerate(items[(page_no - 1) * page_size: page_no * page_size]):
+    shown_items = items[(page_no - 1) * page_size: page_no * page_size]
+    for k, item in enumerate(shown_items):
         with cols[k % 4], st.container(border=True):
             caption = (f"true **{item['true']}** → predicted **{item['predicted']}** "
                        f"({item['confidence']:.0%}), loss {item['loss']:.2f}")
@@ -117,6 +134,31 @@ else:
                 st.warning(f"cannot open: {exc}")
             st.markdown(caption)
             st.caption(item["path"].rsplit("/", 1)[-1])
+            label_now, excluded_now = overrides.get(item["path"], (None, False))
+            if excluded_now:
+                st.caption("excluded from training")
+            elif label_now and label_now != item["true"]:
+                st.caption(f"label changed to **{label_now}**")
+            st.checkbox("select", key=f"sel_{item['path']}")
+            with st.popover("Fix label"):
+                for c in classes:
+                    if st.button(c, key=f"fix_{k}_{c}", disabled=c == (label_now or item["true"])):
+                        _fix([item["path"]], c)
+                        st.rerun()
+                if st.button("Exclude", key=f"excl_{k}"):
+                    _fix([item["path"]], None, exclude=True)
+                    st.rerun()
+    selected = [i["path"] for i in shown_items if st.session_state.get(f"sel_{i['path']}")]
+    a1, a2 = st.columns([2, 1])
+    target = a1.selectbox(f"Assign the {len(selected)} selected image(s) to", classes,
+                          index=classes.index(pred_sel) if pred_sel in classes else 0, key="bulk_target")
+
+    def _bulk_assign(paths, label):
+        _fix(paths, label)
+        for p in paths:  # clear the ticks (allowed in a callback, before the widgets are drawn again)
+            st.session_state[f"sel_{p}"] = False
+
+    a2.button("Assign", disabled=not selected, key="bulk_assign", on_click=_bulk_assign, args=(selected, target))
 
 st.download_button("Download per-image predictions (CSV)", run.predictions_path.read_bytes(),
                    file_name=f"{run_id}-predictions.csv", mime="text/csv")

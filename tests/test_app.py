@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import ROOT, write_class_folders
 
 PAGES = ["pages/home.py", "pages/datasets.py", "pages/train.py", "pages/evaluate.py", "pages/predict.py",
-         "pages/runs.py"]
+         "pages/label.py", "pages/runs.py"]
 
 
 def open_page(page: str | None = None) -> AppTest:
@@ -134,3 +134,26 @@ def test_second_start_while_training_is_refused(empty_ws, tmp_path):
     jm = _ui._manager(str(empty_ws.resolve()))
     jm.stop(run_id)
     assert jm.wait(run_id, timeout=60).status in ("stopped", "done")
+
+
+def test_gallery_relabel_and_label_page_history(finished_ws, trained):
+    """Relabel one image from the evaluation gallery; the Label page shows it in the history and undoes it."""
+    from core.labels import LabelStore
+    from core.storage import Workspace
+    at = open_page("pages/evaluate.py")
+    at.selectbox(key="cell_true").set_value("dot")
+    at.selectbox(key="cell_pred").set_value("dot").run()
+    fix = next(b for b in at.button if b.key and b.key.startswith("fix_0_blank"))
+    fix.click().run()
+    assert not at.exception, at.exception
+    ws = Workspace(finished_ws)
+    source = trained["run"].split()["source"]
+    history = LabelStore(ws).history(source)
+    assert len(history) == 1 and history[0]["old_label"] == "dot" and history[0]["new_label"] == "blank"
+    ws.register_dataset("dots", source)
+    label = open_page("pages/label.py")
+    assert not label.exception, label.exception
+    assert any(m.label == "Changed labels" and m.value == "1" for m in label.metric)
+    label.button(key="undo").click().run()
+    assert not label.exception
+    assert LabelStore(ws).overrides(source)[history[0]["path"]][0] == "dot"

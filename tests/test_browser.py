@@ -69,6 +69,21 @@ def _points(page, chart_index: int) -> int:
     return charts.nth(chart_index).locator(".scatterlayer .trace .points path").count()
 
 
+def _choose(page, label: str, option: str) -> None:
+    """Pick an option of a Streamlit selectbox (retrying if a rerun closes the dropdown under us)."""
+    box = page.get_by_role("combobox", name=re.compile(label))
+    for _ in range(5):
+        box.click()
+        item = page.get_by_role("option", name=option, exact=True)
+        try:
+            item.click(timeout=5000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(500)
+    raise AssertionError(f"could not choose {option!r} in {label!r}")
+
+
 def test_journey_in_a_real_browser(studio, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -125,15 +140,22 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         page.get_by_text("Open its evaluation").click()
         expect(page.get_by_text("Confusion matrix")).to_be_visible()
         expect(page.locator(".js-plotly-plot .heatmaplayer").first).to_be_attached()
-        page.get_by_role("combobox", name=re.compile("True class")).click()
-        page.get_by_role("option", name="dot", exact=True).click()
-        page.get_by_role("combobox", name=re.compile("Predicted class")).click()
-        page.get_by_role("option", name="dot", exact=True).click()
+        expect(page.get_by_text(re.compile(r"^Misclassified \(\d+\)"))).to_be_visible()
+        _choose(page, "True class", "dot")
+        _choose(page, "Predicted class", "dot")
         expect(page.get_by_text(re.compile(r"Correct: dot \(\d+\)"))).to_be_visible()
         gallery = page.locator('[data-testid="stImage"] img')
         expect(gallery.first).to_be_visible()
         assert gallery.count() >= 1
         page.screenshot(path=ARTIFACTS / "3-evaluate.png", full_page=True)
+
+        # 3b. Relabel one image from the gallery, and see it in the Label page's history
+        page.get_by_role("button", name="Fix label").first.click()
+        page.get_by_role("button", name="blank", exact=True).first.click()
+        expect(page.get_by_text("label changed to blank").first).to_be_visible()
+        page.get_by_role("link", name="Label").first.click()
+        expect(page.get_by_text(re.compile(r"Last change: .* dot → blank · manual"))).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "3b-label.png", full_page=True)
 
         # 4. Predict an uploaded image
         page.get_by_role("link", name="Predict").first.click()

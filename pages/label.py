@@ -1,0 +1,198 @@
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core.config import TrainConfig
+from core.curation import export_dataset, read_label_issues
+from core.images import ImageLoadError
+from core.labels import LabelStore
+from core.predict import get_predictor
+from pages import _ui
+
+st.title("Label")
+ws = _ui.ws()
+jm = _ui.manager()
+store = LabelStore(ws)
+
+datasets = ws.list_datasets()
+if not datasets:
+    st.info("Add a dataset first.")
+    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
+    st.stop()
+names = [d["name"] for d in datasets]
+current = st.session_state.get("dataset")
+name = st.selectbox("Dataset", names, index=names.index(current) if current in names else 0, key="label_dataset")
+source = {d["name"]: d["source"] for d in datasets}[name]
+raw = _ui.load_dataset_or_error(source)
+if raw is None:
+    st.stop()
+ds = store.apply(raw)
+key = raw.source
+original = {s.path: raw.classes[s.label] for s in raw.samples}
+effective = {s.path: ds.classes[s.label] for s in ds.samples}
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Labeled images", len(ds.samples))
+c2.metric("Unlabeled", len(ds.unlabeled))
+c3.metric("Changed labels", sum(1 for p, lbl in effective.items() if original.get(p) not in (None, lbl)))
+c4.metric("Label version", store.version(key))
+
+# --- the model that suggests labels ---------------------------------------------------------------
+model_rows = [r for r in ws.list_runs() if ws.run(r["id"]).best_path.exists()]
+model_id = None
+if model_rows:
+    by_id = {r["id"]: r for r in model_rows}
+    same = [r["id"] for r in model_rows if r["dataset"] in (raw.name, name)] or [r["id"] for r in model_rows]
+    model_id = st.selectbox("Model for suggestions and heatmaps", same, format_func=lambda i: _ui.run_label(by_id[i]),
+                            key="label_model")
+
+# --- the queue ----------------------------------------------------------------------------------------
+issue_runs = [r for r in ws.list_runs() if (ws.run(r["id"]).dir / "label_issues.json").exists()]
+sources = ["Unlabeled images", "Likely label errors", "Least confident predictions"]
+queue_kind = st.radio("Queue", sources, horizontal=True, key="queue_kind")
+reviewed = st.session_state.setdefault("reviewed", set())
+
+queue: list[dict] = []
+if queue_kind == "Unlabeled images":
+    queue = [{"path": p, "given": None} for p in ds.unlabeled]
+    if not raw.unlabeled:
+        st.caption("Put images waiting for labels in an `unlabeled/` folder inside the dataset folder.")
+elif queue_kind == "Likely label errors":
+    mine = [r for r in issue_runs if ws.run(r["id"]).split().get("source") == key]
+    if mine:
+        issues = read_label_issues(ws.run(mine[0]["id"]))
+        queue = [{"path": i["path"], "given": effective.get(i["path"]), "suggested": i["suggested"],
+                  "score": i["normalized_margin"]} for i in issues if i["candidate"] and i["path"] in effective]
+        st.caption(f"From cross-validation run {mine[0]['id']}: {len(queue)} images whose out-of-sample prediction "
+                   "confidently disagrees with their label, worst first.")
+        with st.expander(f"Ranked list ({len(issues)} images)"):
+            st.dataframe(pd.DataFrame(issues)[["path", "given", "suggested", "normalized_margin",
+                                               "self_confidence", "candidate"]], hide_index=True)
+    with st.form("crossval"):
+        st.write("Cross-validation trains a model on each of k folds and predicts the held-out images, so every image "
+                 "gets a prediction from a model that never saw it. It runs as a background job.")
+        f1, f2, f3 = st.columns(3)
+        folds = f1.number_input("Folds", 2, 10, 4)
+        epochs = f2.number_input("Epochs per fold", 1, 200, 8)
+        size = f3.number_input("Image size", 32, 512, 128, step=16)
+        if st.form_submit_button("Find label errors"):
+            if jm.active() is not None:
+                st.warning("A job is running; start this when it ends.")
+            else:
+                cfg = TrainConfig(data=source, weights="none", epochs=int(epochs), image_size=int(size),
+                                  batch_size=min(32, max(2, len(ds.samples) // 4)))
+                try:
+                    rid = jm.submit_crossval(cfg, int(folds), request_id=uuid.uuid4().hex)
+                    st.session_state["train_run"] = rid
+                    st.success(f"Cross-validation {rid} started; follow it on the Train page.")
+                except Exception as exc:  # config or dataset problems: said, not raised
+                    st.error(str(exc))
+else:
+    if model_id is None:
+        st.info("Train a model first: its least confident predictions come first here.")
+    else:
+        pool = ds.unlabeled or [s.path for s in ds.samples]
+        pool = pool[:2000]
+        with st.spinner("Predicting…"):
+            preds = get_predictor(ws, model_id).predict(pool, top_k=1)
+        ranked = sorted((p for p in preds if "top" in p), key=lambda p: p["top"][0]["prob"])
+        queue = [{"path": p["path"], "given": effective.get(p["path"]), "confidence": p["top"][0]["prob"]}
+                 for p in ranked]
+
+todo = [q for q in queue if q["path"] not in reviewed]
+done_n = len(queue) - len(todo)
+st.progress(done_n / len(queue) if queue else 0.0, text=f"{done_n} of {len(queue)} reviewed")
+
+
+def assign(path: str, label: str | None, how: str, exclude: bool = False) -> None:
+    if exclude:
+        store.exclude(key, [path])
+    else:
+        store.set_labels(key, {path: label}, source=how, original={path: original.get(path)})
+    reviewed.add(path)
+
+
+if todo:
+    item = todo[0]
+    left, right = st.columns([3, 2])
+    suggestions = []
+    if model_id is not None:
+        predictor = get_predictor(ws, model_id)
+        try:
+            out = predictor.explain(item["path"])
+            left.image([out["rgb"], out["overlay"]], caption=["image", f"Grad-CAM for {out['label']}"], width=320)
+            suggestions = predictor.predict(item["path"], top_k=3)[0].get("top", [])
+        except ImageLoadError as exc:
+            left.error(f"cannot open: {exc}")
+    else:
+        try:
+            from core.images import load_array
+            left.image(load_array(item["path"], (320, 320)))
+        except ImageLoadError as exc:
+            left.error(f"cannot open: {exc}")
+    with right:
+        st.markdown(f"`{Path(item['path']).name}`")
+        st.write(f"Current label: **{item.get('given') or 'none'}**")
+        if suggestions:
+            st.caption("Model suggestions: " + ", ".join(f"{s['label']} {s['prob']:.0%}" for s in suggestions))
+            for s in suggestions:
+                if st.button(f"✓ {s['label']} ({s['prob']:.0%})", key=f"sug_{s['label']}"):
+                    assign(item["path"], s["label"], "suggestion")
+                    st.rerun()
+        st.caption("Classes (keys 1-9):")
+        cols = st.columns(3)
+        for i, c in enumerate(ds.classes):
+            if cols[i % 3].button(c, key=f"cls_{c}", shortcut=str(i + 1) if i < 9 else None):
+                assign(item["path"], c, "manual")
+                st.rerun()
+        b1, b2 = st.columns(2)
+        if b1.button("Skip", key="skip", shortcut="s"):
+            reviewed.add(item["path"])
+            st.rerun()
+        if b2.button("Exclude", key="exclude", help="Blurry, ambiguous, not a part: left out of training."):
+            assign(item["path"], None, "manual", exclude=True)
+            st.rerun()
+        new = st.text_input("New class", key="new_class")
+        if st.button("Add class and assign", disabled=not new.strip()):
+            assign(item["path"], new.strip(), "manual")
+            st.rerun()
+elif queue:
+    st.success("Queue done.")
+
+# --- history, undo, export ----------------------------------------------------------------------------
+st.subheader("History")
+h1, h2 = st.columns([1, 4])
+if h1.button("Undo last change", key="undo"):
+    reverted = store.undo(key)
+    for e in reverted:
+        reviewed.discard(e["path"])
+    st.toast(f"Undid {len(reverted)} change(s)" if reverted else "Nothing to undo")
+    st.rerun()
+history = store.history(key, limit=100)
+if history:
+    last = history[0]
+    h2.markdown(f"Last change: `{Path(last['path']).name}` {last['old_label'] or '-'} → **{last['new_label']}**"
+                f"{' (excluded)' if last['new_excluded'] else ''} · {last['source']}"
+                f"{' · undone' if last['undone'] else ''}")
+    frame = pd.DataFrame(history)
+    frame["when"] = pd.to_datetime(frame["at"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
+    frame["file"] = frame["path"].map(lambda p: Path(p).name)
+    st.dataframe(frame[["when", "file", "old_label", "new_label", "new_excluded", "source", "undone"]], hide_index=True,
+                 key="history_table")
+else:
+    st.caption("No label changes yet.")
+
+with st.expander("Export the curated dataset"):
+    mode = st.radio("As", ["copy", "link", "csv"], horizontal=True,
+                    format_func={"copy": "class folders (copies)", "link": "class folders (hard links)",
+                                 "csv": "labels CSV"}.get)
+    default = ws.root / "exports" / (f"{raw.name}-v{store.version(key)}" + (".csv" if mode == "csv" else ""))
+    dest = st.text_input("Destination", str(default))
+    if st.button("Export"):
+        try:
+            out = export_dataset(ds, dest, mode=mode)
+            st.success(f"Wrote {out['images']} images to {out['path']}.")
+        except (OSError, FileExistsError) as exc:
+            st.error(str(exc))
