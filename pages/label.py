@@ -11,6 +11,15 @@ from core.labels import LabelStore
 from core.predict import get_predictor
 from pages import _ui
 
+
+
+@st.cache_data(max_entries=4, show_spinner="Predicting the pool…")
+def _least_confident(model_id: str, pool: tuple) -> list[tuple[str, float]]:
+    """(path, top probability) for the pool, least confident first (cached: predicting is the slow part)."""
+    preds = get_predictor(_ui.ws(), model_id).predict(list(pool), top_k=1)
+    return sorted(((p["path"], p["top"][0]["prob"]) for p in preds if "top" in p), key=lambda t: t[1])
+
+
 st.title("Label")
 ws = _ui.ws()
 jm = _ui.manager()
@@ -93,13 +102,9 @@ else:
     if model_id is None:
         st.info("Train a model first: its least confident predictions come first here.")
     else:
-        pool = ds.unlabeled or [s.path for s in ds.samples]
-        pool = pool[:2000]
-        with st.spinner("Predicting…"):
-            preds = get_predictor(ws, model_id).predict(pool, top_k=1)
-        ranked = sorted((p for p in preds if "top" in p), key=lambda p: p["top"][0]["prob"])
-        queue = [{"path": p["path"], "given": effective.get(p["path"]), "confidence": p["top"][0]["prob"]}
-                 for p in ranked]
+        pool = tuple((ds.unlabeled or [s.path for s in ds.samples])[:2000])
+        ranked = _least_confident(model_id, pool)
+        queue = [{"path": path, "given": effective.get(path), "confidence": prob} for path, prob in ranked]
 
 todo = [q for q in queue if q["path"] not in reviewed]
 done_n = len(queue) - len(todo)
