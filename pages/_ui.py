@@ -135,6 +135,27 @@ def format_seconds(s: float | None) -> str:
     return f"{s // 3600}h {(s % 3600) // 60:02d}m"
 
 
+def require(items, message: str, page: str, label: str, icon: str):
+    """Stop the page with a pointer to where the missing thing is made, when `items` is empty."""
+    if not items:
+        st.info(message)
+        st.page_link(page, label=label, icon=icon)
+        st.stop()
+    return items
+
+
+def require_datasets() -> list[dict]:
+    return require(ws().list_datasets(), "Add a dataset first.", "pages/datasets.py", "Go to Datasets",
+                   ":material/photo_library:")
+
+
+def require_trained_runs() -> list[dict]:
+    """Runs with a best checkpoint (something to evaluate or predict with)."""
+    rows = [r for r in run_choices() if ws().run(r["id"]).best_path.exists()]
+    return require(rows, "No trained run yet: train one first.", "pages/train.py", "Go to Train",
+                   ":material/model_training:")
+
+
 def run_choices(with_eval: bool = False) -> list[dict]:
     rows = ws().list_runs()
     if with_eval:

@@ -13,11 +13,7 @@ from pages import _ui
 st.title("Evaluate")
 ws = _ui.ws()
 
-rows = [r for r in _ui.run_choices() if ws.run(r["id"]).best_path.exists()]
-if not rows:
-    st.info("No trained run yet: train one first.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
-    st.stop()
+rows = _ui.require_trained_runs()
 
 run_id = _ui.pick_run("Run", rows, key="eval_run")
 run = ws.run(run_id)

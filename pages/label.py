@@ -25,11 +25,7 @@ ws = _ui.ws()
 jm = _ui.manager()
 store = LabelStore(ws)
 
-datasets = ws.list_datasets()
-if not datasets:
-    st.info("Add a dataset first.")
-    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
-    st.stop()
+datasets = _ui.require_datasets()
 names = [d["name"] for d in datasets]
 current = st.session_state.get("dataset")
 name = st.selectbox("Dataset", names, index=names.index(current) if current in names else 0, key="label_dataset")

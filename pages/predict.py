@@ -14,11 +14,7 @@ MAX_ZIP_IMAGES = 500
 
 st.title("Predict")
 ws = _ui.ws()
-rows = [r for r in _ui.run_choices() if ws.run(r["id"]).best_path.exists()]
-if not rows:
-    st.info("No trained run yet: train one first.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
-    st.stop()
+rows = _ui.require_trained_runs()
 
 run_id = _ui.pick_run("Model (run)", rows, key="predict_run")
 predictor = get_predictor(ws, run_id)

@@ -6,11 +6,7 @@ from pages import _ui
 st.title("Runs")
 ws = _ui.ws()
 jm = _ui.manager()
-rows = ws.list_runs()
-if not rows:
-    st.info("No runs yet.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
-    st.stop()
+rows = _ui.require(ws.list_runs(), "No runs yet.", "pages/train.py", "Go to Train", ":material/model_training:")
 
 
 def _duration(r):

@@ -11,11 +11,7 @@ st.title("Train")
 ws = _ui.ws()
 jm = _ui.manager()
 
-datasets = ws.list_datasets()
-if not datasets:
-    st.info("Add a dataset first.")
-    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
-    st.stop()
+datasets = _ui.require_datasets()
 
 
 def _defaults(preset: str) -> dict:
