@@ -139,8 +139,12 @@ def import_zip(source, datasets_dir: str | Path, name: str | None = None,
                 written += 1
         if written == 0:
             raise ImportError_("the zip holds no image files")
+        # Moved into place only now that everything is extracted: a failed import leaves nothing behind.
         root = _content_root(tmp)
-        os.replace(root, target) if root == tmp else shutil.move(str(root), str(target))
+        if root == tmp:
+            os.replace(tmp, target)
+        else:
+            shutil.move(str(root), str(target))
         return ImportResult(name=target.name, path=target, files=written, skipped=skipped)
     except OSError as exc:
         raise ImportError_(f"could not write the dataset: {exc.strerror or exc}") from None

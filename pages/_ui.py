@@ -73,6 +73,12 @@ def dataset_info(source: str):
     return load_dataset(source)
 
 
+@st.cache_data(show_spinner="Looking for identical files…", ttl=60, max_entries=8)
+def duplicate_groups(source: str) -> list[list[str]]:
+    from core.data import find_duplicates
+    return find_duplicates(dataset_info(source))
+
+
 def load_dataset_or_error(source: str):
     try:
         return dataset_info(source)

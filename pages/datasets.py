@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core.data import DatasetError, find_duplicates, load_dataset, stratified_split
+from core.data import DatasetError, load_dataset, stratified_split
 from core.images import ImageLoadError, load_array
 from core.imports import ImportError_, import_zip
 from pages import _ui
@@ -111,7 +111,7 @@ for label, cls in enumerate(ds.classes):
         except ImageLoadError as exc:
             cols[i % 8].caption(f"unreadable: {exc}")
 
-duplicates = find_duplicates(ds) if total <= 20_000 else []
+duplicates = _ui.duplicate_groups(source) if total <= 20_000 else []
 if duplicates:
     st.warning(f"{len(duplicates)} groups of identical files: a copy in training and another in test makes the "
                "test score look better than it is.")
