@@ -431,6 +431,9 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
                 stale = 0
             else:
                 stale += 1
+            # metrics.csv first: a process killed between the two writes then resumes from the older
+            # checkpoint and trims the history to it, never the other way round.
+            run.write_history(history)
             model_state = model.state_dict()
             if improved:
                 save_checkpoint(run.best_path, model_state, meta_for(epoch, row))
@@ -439,7 +442,6 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
                             scheduler=scheduler.state_dict() if scheduler is not None else None,
                             scaler=scaler.state_dict() if scaler.is_enabled() else None,
                             generator=gen.get_state())
-            run.write_history(history)
             ws.update_run(run.id, epochs_done=epoch, best_val_acc=best["val_acc"])
             reporter.epoch_end(row)
             reporter.log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "

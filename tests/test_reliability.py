@@ -294,13 +294,14 @@ def test_killed_process_run_is_interrupted_then_resumes(tmp_path):
     deadline = time.time() + 120
     run_dir = None
     while time.time() < deadline:
-        runs = list((ws_root / "runs").glob("*/best.pt")) if (ws_root / "runs").exists() else []
+        # last.json is written after best.pt and last.pt: one epoch is then fully saved
+        runs = list((ws_root / "runs").glob("*/last.json")) if (ws_root / "runs").exists() else []
         if runs:
             run_dir = runs[0].parent
             break
         time.sleep(0.2)
     assert run_dir is not None, proc.stderr.read() if proc.poll() is not None else "no checkpoint"
-    time.sleep(0.5)
+    time.sleep(0.3)  # killed somewhere in the next epoch
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     ws = Workspace(ws_root)
