@@ -172,7 +172,7 @@ def main() -> None:
                 f"{len(per_seed)} ({','.join(map(str, doc['seeds']))}) | {args.minutes:g} min | "
                 f"{doc['accuracy_mean']:.2%} ± {doc['accuracy_std']:.2%} | {doc['macro_f1_mean']:.3f} | "
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
-                f"--minutes {args.minutes:g}` |\n")
+                f"--minutes {args.minutes:g}{''.join(' --set ' + x for x in args.set)}` |\n")
         results = ROOT / "bench" / "RESULTS.md"
         with open(results, "a") as fh:
             fh.write(line)
