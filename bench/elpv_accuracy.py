@@ -96,20 +96,15 @@ def main() -> None:
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
 
-    from core.cli import _parse_value
+    from core.config import parse_overrides
     from core.evaluate import evaluate_run, read_predictions
     from core.storage import Workspace
     from core.train import describe_device, fit, select_device
-    from dataclasses import fields
 
     four = args.task == "4"
     split = paper_split(four, args.split_seed)
     n_train, n_val = len(split["train"]), len(split["val"])
-    base = {**PRESETS[args.recipe], "data": split["source"]}
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for item in args.set:
-        k, v = item.split("=", 1)
-        base[k] = _parse_value(types[k], v)
+    base = {**PRESETS[args.recipe], "data": split["source"], **parse_overrides(args.set)}
     device = select_device(base.get("device", "auto"))
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -126,7 +121,7 @@ def main() -> None:
             run = ws.create_run(cfg, split["dataset"])
             run.split_path.write_text(json.dumps(split))
             t0 = time.perf_counter()
-            result = fit(ws, run)
+            fit(ws, run)
             train_seconds = time.perf_counter() - t0
             ev = evaluate_run(ws, run, device=device)
             rows = read_predictions(run)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from dataclasses import fields
 
 from .checkpoint import CheckpointError
-from .config import ARCHS, OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig
+from .config import ARCHS, OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig, parse_overrides
 from .data import DatasetError
 from .model import WeightsError
 from .storage import Workspace
@@ -83,21 +83,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="any other config field, e.g. --set rotation=15 --set vflip=true")
 
 
-def _parse_value(field_type, text: str):
-    t = str(field_type)
-    if "bool" in t:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true/false, got {text!r}")
-    if "int" in t:
-        return int(text)
-    if "float" in t:
-        return float(text)
-    return text
-
-
 def config_from_args(args) -> TrainConfig:
     from .config import PRESETS
     base: dict = {}
@@ -119,18 +104,7 @@ def config_from_args(args) -> TrainConfig:
     for k, v in explicit.items():
         if k not in base or v != getattr(defaults, k):
             base[k] = v
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError("set", f"expected FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        k = k.strip().replace("-", "_")
-        if k not in types or k == "extra":
-            raise ConfigError(k, "no such config field")
-        try:
-            base[k] = _parse_value(types[k], v.strip())
-        except ValueError as exc:
-            raise ConfigError(k, str(exc)) from None
+    base.update(parse_overrides(args.set))
     if args.preset:
         base.setdefault("extra", {})["preset"] = args.preset
     return TrainConfig.from_dict(base)
@@ -145,13 +119,12 @@ def cmd_train(args) -> int:
             f"image {cfg.input_hw[0]}x{cfg.input_hw[1]}, batch {cfg.batch_size}")
     for line in run.log_path.read_text().splitlines():
         bar.log(line.split(" ", 1)[-1])
-    import os
     ws.update_run(run.id, status="running", started=time.time(), pid=os.getpid())
     try:
         result = fit(ws, run, reporter=bar)
     except KeyboardInterrupt:
         ws.update_run(run.id, status="stopped", finished=time.time())
-        print(f"stopped; resume with the studio's Runs page. run id:", file=sys.stderr)
+        print("stopped; resume with the studio's Runs page. run id:", file=sys.stderr)
         print(run.id)
         return 130
     except Exception as exc:

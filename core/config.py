@@ -126,6 +126,39 @@ class TrainConfig:
         return self
 
 
+def _parse_value(field_type, text: str):
+    t = str(field_type)
+    if "bool" in t:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if "int" in t:
+        return int(text)
+    if "float" in t:
+        return float(text)
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """FIELD=VALUE strings (the command line's --set) as typed config values; ConfigError names a bad one."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("set", f"expected FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        if k not in types or k == "extra":
+            raise ConfigError(k, "no such config field")
+        try:
+            out[k] = _parse_value(types[k], v.strip())
+        except ValueError as exc:
+            raise ConfigError(k, str(exc)) from None
+    return out
+
+
 # Named recipes the studio offers; each is a set of overrides on TrainConfig.
 PRESETS: dict[str, dict] = {
     "seed defaults": {},

@@ -48,6 +48,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (("train", "--data", tmp_path / "nowhere"), "does not exist"),
         (("train", "--data", data, "--lr", "0"), "lr: must be greater than 0"),
         (("train", "--data", data, "--weights", tmp_path / "missing.pth"), "weights"),
+        (("train", "--data", data, "--set", "nosuchfield=1"), "nosuchfield: no such config field"),
+        (("train", "--data", data, "--set", "hflip=maybe"), "hflip: expected true/false"),
         (("evaluate", "no-such-run"), "no run"),
         (("predict", "no-such-run", "x.png"), "no run"),
     ]
