@@ -167,34 +167,29 @@ class JobManager:
     def submit(self, cfg: TrainConfig, request_id: str | None = None, label_version: int | None = None) -> str:
         """Validate and prepare a run now (errors raise here, nothing starts), then queue it.
         The same request_id twice (a double click, two tabs) gives the same run, not a second job."""
-        with self._lock:
-            if request_id and request_id in self._requests:
-                return self._requests[request_id]
-        run = prepare_run(self.ws, cfg, label_version=label_version)
-        job = Job(self.ws, run.id, cfg.epochs)
-        with self._lock:
-            if request_id and request_id in self._requests:  # lost a race with an identical request
-                self.ws.update_run(run.id, status="stopped", error="duplicate request")
-                return self._requests[request_id]
-            if request_id:
-                self._requests[request_id] = run.id
-            self._enqueue(job)
-        return run.id
+        return self._submit(cfg, request_id, label_version, epochs=cfg.epochs)
 
     def submit_crossval(self, cfg: TrainConfig, folds: int = 4, request_id: str | None = None) -> str:
         """Queue k-fold cross-validation (out-of-sample probabilities for finding label errors)."""
         from .curation import crossval
         if not 2 <= folds <= 10:
             raise ValueError("folds must be between 2 and 10")
+        cfg.extra = {**cfg.extra, "kind": "crossval", "folds": folds}
+        cfg.test_fraction = 0.0  # every labeled image gets an out-of-sample prediction
+        return self._submit(cfg, request_id, None, epochs=cfg.epochs * folds,
+                            work=lambda ws, r, rep: crossval(ws, r, rep, folds=folds))
+
+    def _submit(self, cfg: TrainConfig, request_id: str | None, label_version: int | None, epochs: int,
+                work=None) -> str:
         with self._lock:
             if request_id and request_id in self._requests:
                 return self._requests[request_id]
-        cfg.extra = {**cfg.extra, "kind": "crossval", "folds": folds}
-        cfg.test_fraction = 0.0  # every labeled image gets an out-of-sample prediction
-        run = prepare_run(self.ws, cfg)
-        job = Job(self.ws, run.id, cfg.epochs * folds,
-                  work=lambda ws, r, rep: crossval(ws, r, rep, folds=folds))
+        run = prepare_run(self.ws, cfg, label_version=label_version)
+        job = Job(self.ws, run.id, epochs, work=work)
         with self._lock:
+            if request_id and request_id in self._requests:  # lost a race with an identical request
+                self.ws.update_run(run.id, status="stopped", error="duplicate request")
+                return self._requests[request_id]
             if request_id:
                 self._requests[request_id] = run.id
             self._enqueue(job)
