@@ -177,23 +177,16 @@ class LabelStore:
             label, excl = over.get(path, (None, False))
             if label and not excl:
                 entries.append((path, label, "", "train" if ds.given_splits else None))
-        classes = sorted({e[1] for e in entries} | set(ds.classes))
+        # Classes: every name still in use (the dataset's and new ones from the store), sorted.
+        classes = sorted({e[1] for e in entries}) or ds.classes
         index = {c: i for i, c in enumerate(classes)}
         samples, given = [], {}
         for path, label, group, part in entries:
             if part:
                 given.setdefault(part, []).append(len(samples))
             samples.append(Sample(path=path, label=index[label], group=group))
-        unlabeled = [p for p in ds.unlabeled if not (over.get(p, (None, False))[0]) and not over.get(p, (None, False))[1]]
-        return replace(ds, classes=[c for c in classes if any(s.label == index[c] for s in samples)] or classes,
-                       samples=_reindex(samples, classes), given_splits=given, unlabeled=unlabeled)
-
-
-def _reindex(samples: list[Sample], classes: list[str]) -> list[Sample]:
-    """Drop classes left without images and renumber the labels."""
-    used = sorted({s.label for s in samples})
-    remap = {old: new for new, old in enumerate(used)}
-    return [replace(s, label=remap[s.label]) for s in samples]
+        unlabeled = [p for p in ds.unlabeled if p not in over or not (over[p][0] or over[p][1])]
+        return replace(ds, classes=classes, samples=samples, given_splits=given, unlabeled=unlabeled)
 
 
 def _version(con, dataset: str) -> int:
