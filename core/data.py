@@ -165,7 +165,6 @@ def _load_folder(folder: Path, depth: int = 0) -> Dataset:
         return _with_unlabeled(_build(folder.name, folder, classes, items, split_of), unlabeled_dirs)
     classes, items = _scan_class_folders(folder)
     if not items:
-        loose = [f for f in os.listdir(folder) if is_image_name(f)]
         if loose:
             raise DatasetError(f"{folder} has images but no class sub-folders: put each class's images in "
                                "a sub-folder named after the class")

@@ -14,6 +14,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -132,7 +133,7 @@ def import_zip(source, datasets_dir: str | Path, name: str | None = None,
                             if total > max_total:
                                 raise ImportError_(f"the zip expands past the total limit ({max_total:,} bytes)")
                             out.write(block)
-                except (zipfile.BadZipFile, EOFError, zlib_error()) as exc:
+                except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
                     raise ImportError_(f"the zip is truncated or corrupt at {info.filename} ({exc})") from None
                 except RuntimeError as exc:  # zipfile raises RuntimeError for encrypted members
                     raise ImportError_(f"cannot extract {info.filename}: {exc}") from None
@@ -151,11 +152,6 @@ def import_zip(source, datasets_dir: str | Path, name: str | None = None,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def zlib_error():
-    import zlib
-    return zlib.error
 
 
 def _content_root(folder: Path) -> Path:

@@ -5,7 +5,6 @@ pages explicitly with st.navigation.)
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +13,8 @@ import streamlit as st
 
 from core.data import DatasetError, load_dataset
 from core.jobs import JobManager
-from core.storage import Workspace
+from core.storage import Workspace, default_workspace
 from core.train import describe_device
-
 
 
 def _ensure_app_navigation() -> None:
@@ -38,7 +36,7 @@ STATUS_ICON = {"queued": "⏳", "running": "🏃", "stopping": "✋", "stopped":
 
 
 def workspace_root() -> str:
-    return str(Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser().resolve())
+    return str(default_workspace().resolve())
 
 
 @st.cache_resource(show_spinner=False)

@@ -1,5 +1,4 @@
 """Dataset sources, skipped files, the split, and the decoded-image cache."""
-import json
 import os
 import time
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import make_dot_image
 from core.evaluate import compute_metrics, misclassified, read_predictions
-from core.explain import METHODS, heatmap
+from core.explain import METHODS
 from core.predict import Predictor, get_predictor
 
 

@@ -2,12 +2,11 @@
 import json
 import threading
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, write_class_folders
-from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from conftest import tiny_config
+from core.checkpoint import load_checkpoint, model_from_checkpoint
 from core.config import ConfigError, TrainConfig
 from core.jobs import JobManager
 from core.model import WeightsError, build_model
