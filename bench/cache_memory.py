@@ -20,38 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-
-
-class AnonPeak:
-    """Peak anonymous (non file-backed) resident memory, sampled every 50 ms: memory-mapped cache pages are
-    file-backed page cache the kernel can drop, so they count in RSS but not here."""
-
-    def __init__(self):
-        import threading
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("RssAnon:"):
-                        self.peak = max(self.peak, int(line.split()[1]) / 1024)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._t.join()
-        return self.peak
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import MemoryPeak, environment, status_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -82,15 +51,15 @@ def main() -> None:
             a[32 * c:32 * c + 32, :] += 120  # a bright band whose position is the class
             Image.fromarray(a, "L").save(root / f"class{c}" / f"{i:05d}.png", compress_level=1)
         gen_s = time.perf_counter() - t
-        rss_before = peak_rss_mb()
+        rss_before = status_bytes("VmHWM") / 2**20
         ws = Workspace(Path(tmp) / "ws")
         cfg = TrainConfig(data=str(root), weights="none", image_size=args.size, epochs=args.epochs,
                           batch_size=64, hflip=False)
         run = prepare_run(ws, cfg)
-        anon = AnonPeak()
         t = time.perf_counter()
-        result = fit(ws, run)
-        anon_peak = anon.stop()
+        with MemoryPeak("RssAnon") as anon:  # the memory-mapped cache pages are file-backed: not counted
+            result = fit(ws, run)
+        anon_peak = anon.peak / 2**20
         total_s = time.perf_counter() - t
         disk_files = sorted(p.name for p in ws.cache_dir.glob("*.u8")) if ws.cache_dir.exists() else []
         disk_bytes = sum((ws.cache_dir / f).stat().st_size for f in disk_files)
@@ -105,7 +74,7 @@ def main() -> None:
             "disk_cache_mb": round(disk_bytes / 2**20, 1),
             "memory_cache_mb_after": round(IMAGE_CACHE.memory_bytes() / 2**20, 1),
             "within_bound": IMAGE_CACHE.memory_bytes() <= args.cache_mb * 2**20,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(status_bytes("VmHWM") / 2**20, 1),
             "peak_rss_mb_before_training": round(rss_before, 1),
             "peak_anon_rss_mb_training": round(anon_peak, 1),
             "status": result["status"],
@@ -116,7 +85,7 @@ def main() -> None:
             "train_and_eval_s": round(total_s, 1),
             "generate_s": round(gen_s, 1),
             "device": describe_device(),
-            "date": time.strftime("%Y-%m-%d"),
+            **environment(),
         }
     print(json.dumps(doc, indent=2))
 

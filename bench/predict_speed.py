@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from _common import environment  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -111,9 +111,7 @@ def main() -> None:
         "eval_cold_s": round(eval_cold_s, 2),
         "eval_warm_s": round(eval_warm_s, 2),
         "single_image_includes": "file read, decode, resize, normalize, forward, softmax",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
     }
     print(json.dumps(doc, indent=2))
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,39 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from _common import MemoryPeak, environment  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-
-
-class RssPeak:
-    """Peak resident memory of this process while the block runs (sampled from /proc every 50 ms)."""
-
-    def __enter__(self):
-        self.peak = _rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def make_generated_set(root: Path, n: int, classes: int = 2, size: int = 300, seed: int = 0) -> Path:
@@ -202,7 +170,7 @@ def main() -> None:
             order = ("reference", "engine") if k % 2 == 0 else ("engine", "reference")
             out = {}
             for which in order:
-                with RssPeak() as rss:
+                with MemoryPeak("VmRSS") as rss:
                     if which == "reference":
                         out[which] = train_reference(split, tmp / f"ref-{name}", epochs, args.batch_size,
                                                      args.size, args.seed)
@@ -232,9 +200,7 @@ def main() -> None:
         "reference_val_acc": round(first["reference"]["val_acc"], 4),
         "engine_val_acc": round(first["engine"]["val_acc"], 4),
         "datasets": results,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
     }
     print(json.dumps(doc, indent=2))
 
