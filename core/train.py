@@ -131,18 +131,19 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
 @dataclass
 class RunData:
     classes: list[str]
-    images: object            # NxHxWx3 uint8: numpy array/memmap, or a torch tensor (maybe on GPU)
-    parts: dict[str, np.ndarray]
-    labels: np.ndarray
-    paths: list[str]
+    images: object            # MxHxWx3 uint8: numpy array/memmap, or a torch tensor (maybe on GPU)
+    parts: dict[str, np.ndarray]  # sample indices per split part
+    labels: np.ndarray        # per sample
+    paths: list[str]          # per sample
+    rows: np.ndarray          # per sample: its row in `images`
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[idx]
         if isinstance(self.images, torch.Tensor):
-            t = torch.as_tensor(idx, device=self.images.device)
-            x = self.images.index_select(0, t)
+            x = self.images.index_select(0, torch.as_tensor(rows, device=self.images.device))
         else:
-            x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+            x = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
         y = torch.from_numpy(self.labels[idx]).long()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -162,19 +163,24 @@ def load_run_data(ws: Workspace, run: Run, cfg: TrainConfig, device: torch.devic
         if reporter:
             reporter.stage("decoding images", done, total)
 
-    decoded = IMAGE_CACHE.get(paths, cfg.input_hw, ws.cache_dir, progress,
+    # The cache is asked for the images in one canonical order (sorted paths), so runs over the same images
+    # in another split order (the folds of a cross-validation, a re-split) decode them once, not once each.
+    unique = sorted(set(paths))
+    row_of = {p: i for i, p in enumerate(unique)}
+    rows = np.array([row_of[p] for p in paths], dtype=np.int64)
+    decoded = IMAGE_CACHE.get(unique, cfg.input_hw, ws.cache_dir, progress,
                               reporter.should_stop if reporter else None)
-    skipped = [(paths[i], r) for i, r in sorted(decoded.failed.items())]
+    skipped = [(unique[r], reason) for r, reason in sorted(decoded.failed.items())]
     part_arr = np.array(part_of)
-    ok = np.ones(len(paths), dtype=bool)
-    ok[list(decoded.failed)] = False
+    ok = ~np.isin(rows, list(decoded.failed))
     idx = {p: np.nonzero((part_arr == p) & ok)[0] for p in parts}
     images = decoded.array
     if device.type == "cuda" and not decoded.on_disk:
         free, _ = torch.cuda.mem_get_info(device)
         if images.nbytes < 0.5 * free:  # keep the whole set resident on the GPU: no host copies per batch
             images = torch.from_numpy(images).to(device)
-    return RunData(classes, images, idx, np.array([s.label for s in samples], dtype=np.int64), paths, skipped)
+    return RunData(classes, images, idx, np.array([s.label for s in samples], dtype=np.int64), paths, rows,
+                   skipped)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
     if cfg.normalization == "dataset":
         from .data import channel_stats
         arr = data.images.cpu().numpy() if isinstance(data.images, torch.Tensor) else data.images
-        mean, std = channel_stats(arr, data.parts["train"])
+        mean, std = channel_stats(arr, data.rows[data.parts["train"]])
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     normalizer = Normalizer(list(mean), list(std))

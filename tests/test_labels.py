@@ -92,17 +92,23 @@ def test_scores_rank_a_confident_disagreement_first():
     assert bool(s["candidate"][2]) and not s["candidate"][0]
 
 
-def test_crossval_finds_flipped_labels(tmp_path, workspace):
+def test_crossval_finds_flipped_labels(tmp_path, workspace, monkeypatch):
     root = write_class_folders(tmp_path / "d", per_class=60, size=32, seed=3)
     ds = load_dataset(str(root))
     rng = np.random.default_rng(0)
     flipped = set(ds.samples[i].path for i in rng.choice(len(ds.samples), 12, replace=False))  # 10%
     store = LabelStore(workspace)
     store.set_labels(ds.source, {p: ("blank" if "/dot/" in p else "dot") for p in flipped}, source="import")
+    import core.data
+    decodes = []
+    real_decode = core.data._decode_into
+    monkeypatch.setattr(core.data, "_decode_into", lambda arr, paths, *a: decodes.append(len(paths))
+                        or real_decode(arr, paths, *a))
     jm = JobManager(workspace)
     run_id = jm.submit_crossval(tiny_config(root, epochs=5, batch_size=16), folds=4)
     snap = jm.wait(run_id, timeout=300)
     assert snap.status == "done", snap.error
+    assert decodes == [120]  # the 4 folds order the same images differently, and share one decoded copy
     issues = read_label_issues(workspace.run(run_id))
     assert len(issues) == 120
     top = {i["path"] for i in issues[: 2 * len(flipped)]}
