@@ -16,7 +16,7 @@ from .config import ARCHS, OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig, pars
 from .data import DatasetError
 from .model import WeightsError
 from .storage import Workspace
-from .train import Reporter, TrainingError, fit, prepare_run
+from .train import Reporter, TrainingError, failure_message, fit, prepare_run
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsError, CheckpointError, KeyError, FileNotFoundError,
                TrainingError, OSError, ValueError)
@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
         print(run.id)
         return 130
     except Exception as exc:
-        message = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
+        message = failure_message(exc)
         ws.update_run(run.id, status="failed", error=message, finished=time.time())
         print(f"error: {message}", file=sys.stderr)
         print(run.id)

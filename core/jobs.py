@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from .config import TrainConfig
 from .storage import ACTIVE, Workspace
-from .train import Reporter, TrainingError, fit, prepare_run
+from .train import Reporter, TrainingError, failure_message, fit, prepare_run
 
 LOG_LINES = 200
 
@@ -135,7 +135,7 @@ class Job(Reporter):
             self._set(test_acc=result.get("test_acc"))
             self._finish(result["status"])
         except (TrainingError, Exception) as exc:  # the process lives on; the job records why it failed
-            message = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
+            message = failure_message(exc)
             if not isinstance(exc, TrainingError):
                 self.log(traceback.format_exc(limit=6))
             self.log(f"failed: {message}")

@@ -30,6 +30,11 @@ class TrainingError(Exception):
     """Training cannot go on; the message is for the user."""
 
 
+def failure_message(exc: BaseException) -> str:
+    """What a failed run records: a TrainingError's own words, anything else named by its type."""
+    return str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
+
+
 class Reporter:
     """What training tells the outside world. The default does nothing; subclasses override."""
 
