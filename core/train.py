@@ -206,7 +206,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler_per_batch, scaler, da
                     reporter: Reporter, step: StepState) -> dict:
     model.train()
     if cfg.freeze_backbone:  # feature extraction: the frozen backbone keeps its BatchNorm statistics
-        for name, m in model.named_modules():
+        for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
     order = data.parts["train"][torch.randperm(len(data.parts["train"]), generator=gen).numpy()]

@@ -17,6 +17,7 @@ steps = [
     ("pages/evaluate.py", "3 · Evaluate", "Accuracy, per-class scores, the confusion matrix, and the misclassified "
      "images with Grad-CAM heatmaps."),
     ("pages/predict.py", "4 · Predict", "Drop in new images and get the model's answer with a heatmap."),
+    ("pages/label.py", "5 · Label", "Fix wrong labels, label new images, and find likely label errors."),
     ("pages/runs.py", "Runs", f"{len(runs)} so far: compare, resume or delete them."),
 ]
 cols = st.columns(len(steps))

@@ -69,7 +69,7 @@ def test_predictor_uses_the_evaluation_preprocessing(trained):
     pred = Predictor(run.best_path)
     results = pred.predict([r["path"] for r in rows])
     for row, res in zip(rows, results):
-        # evaluation ran under bf16 autocast where supported, prediction in fp32: allow that difference
+        # both run under bf16 autocast where supported, but in different batches (oneDNN may pick other kernels)
         assert res["probs"]["dot"] == pytest.approx(float(row["p_dot"]), abs=0.05)
 
 
