@@ -11,7 +11,7 @@ unless --recipe says otherwise) and evaluates it on the test part.
 
 --minutes is the training budget per seed: the number of epochs is chosen from a short speed calibration so that
 training ends within it (the schedule needs the epoch count up front). Prints one JSON document and appends a
-row to bench/RESULTS.md.
+row to the table in bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ def calibrate_images_per_s(cfg, device) -> float:
     return cfg.batch_size / float(np.mean(times))
 
 
+def epoch_printer(seed: int):
+    """A training Reporter that prints one line per epoch on stderr, so a long run shows it is alive."""
+    from core.train import Reporter
+
+    class EpochPrinter(Reporter):
+        def epoch_end(self, row: dict) -> None:
+            print(f"seed {seed} epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
+                  f"val acc {row['val_acc']:.2%}, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    return EpochPrinter()
+
+
 def main() -> None:
     from core.config import PRESETS, TrainConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -121,7 +133,8 @@ def main() -> None:
             run = ws.create_run(cfg, split["dataset"])
             run.split_path.write_text(json.dumps(split))
             t0 = time.perf_counter()
-            fit(ws, run)
+            print(f"seed {seed}: {cfg.epochs} epochs at {ips:.1f} img/s calibrated", file=sys.stderr, flush=True)
+            fit(ws, run, reporter=epoch_printer(seed))
             train_seconds = time.perf_counter() - t0
             ev = evaluate_run(ws, run, device=device)
             rows = read_predictions(run)
@@ -168,9 +181,23 @@ def main() -> None:
                 f"{doc['accuracy_mean']:.2%} ± {doc['accuracy_std']:.2%} | {doc['macro_f1_mean']:.3f} | "
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
                 f"--minutes {args.minutes:g}{''.join(' --set ' + x for x in args.set)}` |\n")
-        results = ROOT / "bench" / "RESULTS.md"
-        with open(results, "a") as fh:
-            fh.write(line)
+        add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)
+
+
+def add_table_row(path: Path, heading: str, line: str) -> None:
+    """Insert `line` after the last table row of the section under `heading` (the notes below the table stay
+    below it); at the end of the file if there is no such section."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    start = next((i for i, text in enumerate(lines) if text.startswith(heading)), None)
+    at = len(lines)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        rows = [i for i in range(start, end) if lines[i].startswith("|")]
+        at = rows[-1] + 1 if rows else end
+    lines.insert(at, line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
