@@ -84,18 +84,6 @@ def calibrate_images_per_s(cfg, device) -> float:
     return cfg.batch_size / float(np.mean(times))
 
 
-def epoch_printer(seed: int):
-    """A training Reporter that prints one line per epoch on stderr, so a long run shows it is alive."""
-    from core.train import Reporter
-
-    class EpochPrinter(Reporter):
-        def epoch_end(self, row: dict) -> None:
-            print(f"seed {seed} epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
-                  f"val acc {row['val_acc']:.2%}, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
-
-    return EpochPrinter()
-
-
 def main() -> None:
     from core.config import PRESETS, TrainConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -108,6 +96,7 @@ def main() -> None:
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
 
+    from core.cli import ProgressBar
     from core.config import parse_overrides
     from core.evaluate import evaluate_run, read_predictions
     from core.storage import Workspace
@@ -134,7 +123,7 @@ def main() -> None:
             run.split_path.write_text(json.dumps(split))
             t0 = time.perf_counter()
             print(f"seed {seed}: {cfg.epochs} epochs at {ips:.1f} img/s calibrated", file=sys.stderr, flush=True)
-            fit(ws, run, reporter=epoch_printer(seed))
+            fit(ws, run, reporter=ProgressBar())  # epoch lines on stderr; a bar too on a terminal
             train_seconds = time.perf_counter() - t0
             ev = evaluate_run(ws, run, device=device)
             rows = read_predictions(run)
