@@ -8,6 +8,7 @@ unless --recipe says otherwise) and evaluates it on the test part.
 
     python bench/elpv_accuracy.py --task 2 --seeds 0,1,2 --minutes 30
     python bench/elpv_accuracy.py --task 4 --seeds 0 --minutes 5
+    python bench/elpv_accuracy.py --task 2 --seeds 0 --minutes 8 --tune --set image_size=160   # validation only
 
 --minutes is the training budget per seed: the number of epochs is chosen from a short speed calibration so that
 training ends within it (the schedule needs the epoch count up front). Prints one JSON document and appends a
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     ap.add_argument("--split-seed", type=int, default=2019)
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--tune", action="store_true",
+                    help="recipe tuning: report the validation part only; the test part is left out of the run")
     args = ap.parse_args()
 
     from core.cli import ProgressBar
@@ -120,11 +123,16 @@ def main() -> None:
             cfg.epochs = max(1, int(args.minutes * 60 * 0.92 / epoch_s))
             cfg.validate()
             run = ws.create_run(cfg, split["dataset"])
-            run.split_path.write_text(json.dumps(split))
+            # --tune leaves the test part out of the run altogether (the engine then scores the validation part)
+            run.split_path.write_text(json.dumps({**split, "test": []} if args.tune else split))
             t0 = time.perf_counter()
             print(f"seed {seed}: {cfg.epochs} epochs at {ips:.1f} img/s calibrated", file=sys.stderr, flush=True)
             fit(ws, run, reporter=ProgressBar())  # epoch lines on stderr; a bar too on a terminal
             train_seconds = time.perf_counter() - t0
+            if args.tune:
+                per_seed.append(validation_summary(run, seed, cfg.epochs, ips, train_seconds))
+                print(f"seed {seed}: {json.dumps(per_seed[-1])}", file=sys.stderr)
+                continue
             ev = evaluate_run(ws, run, device=device)
             rows = read_predictions(run)
             type_of = {r[0]: r[2] for r in split["test"]}
@@ -138,6 +146,15 @@ def main() -> None:
                              "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
                              "confusion_matrix": ev["confusion_matrix"]})
             print(f"seed {seed}: {json.dumps(per_seed[-1])}", file=sys.stderr)
+
+    if args.tune:
+        last3 = np.array([s["val_acc_last3"] for s in per_seed])
+        print(json.dumps({"benchmark": "elpv_accuracy --tune", "task": int(args.task), "recipe": args.recipe,
+                          "overrides": args.set, "minutes_per_seed": args.minutes,
+                          "val_acc_last3_mean": round(float(last3.mean()), 4),
+                          "best_val_acc_mean": round(float(np.mean([s["best_val_acc"] for s in per_seed])), 4),
+                          "per_seed": per_seed, "device": describe_device(device)}, indent=2))
+        return
 
     accs = np.array([s["accuracy"] for s in per_seed])
     f1s = np.array([s["macro_f1"] for s in per_seed])
@@ -171,6 +188,17 @@ def main() -> None:
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
                 f"--minutes {args.minutes:g}{''.join(' --set ' + x for x in args.set)}` |\n")
         add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)
+
+
+def validation_summary(run, seed: int, epochs: int, ips: float, train_seconds: float) -> dict:
+    """Validation-part figures of one training run, for choosing a recipe without looking at the test part.
+    The mean of the last three epochs is less flattered by a lucky epoch than the best one."""
+    hist = run.history()
+    val = [h["val_acc"] for h in hist]
+    return {"seed": seed, "epochs": epochs, "calibrated_images_per_s": round(ips, 1),
+            "train_seconds": round(train_seconds, 1), "best_val_acc": round(max(val), 4),
+            "best_epoch": int(np.argmax(val)) + 1, "val_acc_last3": round(float(np.mean(val[-3:])), 4),
+            "final_train_acc": round(hist[-1]["train_acc"], 4), "final_val_loss": round(hist[-1]["val_loss"], 4)}
 
 
 def add_table_row(path: Path, heading: str, line: str) -> None:
