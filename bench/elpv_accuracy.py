@@ -208,15 +208,17 @@ def validation_summary(run, seed: int, epochs: int, ips: float, train_seconds: f
 
 
 def add_table_row(path: Path, heading: str, line: str) -> None:
-    """Insert `line` after the last table row of the section under `heading` (the notes below the table stay
-    below it); at the end of the file if there is no such section."""
+    """Insert `line` after the last row of the first table under `heading` (the notes and any later tables of
+    the section stay below it); at the end of the file if there is no such section."""
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
     start = next((i for i, text in enumerate(lines) if text.startswith(heading)), None)
     at = len(lines)
     if start is not None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rows = [i for i in range(start, end) if lines[i].startswith("|")]
-        at = rows[-1] + 1 if rows else end
+        first = next((i for i in range(start, end) if lines[i].startswith("|")), None)
+        at = end
+        if first is not None:
+            at = next((i for i in range(first, end) if not lines[i].startswith("|")), end)
     lines.insert(at, line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(lines))
