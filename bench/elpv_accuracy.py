@@ -61,15 +61,19 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15) -> dict
 
 
 def calibrate_images_per_s(cfg, device) -> float:
-    """Training images/s of this model at this size on this machine: timed steps that include the batch's
-    conversion and augmentation, as in a real epoch (the model step alone overestimated the speed by ~10%)."""
+    """Training images/s of this model at this size on this machine: a few of the engine's own training steps,
+    with the batch's conversion, augmentation and normalization as in a real epoch (the model step alone
+    overestimated the speed by ~10% at 128 px)."""
     from core.model import build_model
-    from core.train import autocast_dtype
-    from core.transforms import AugmentSpec, build_train_augment
+    from core.train import _step, autocast_dtype
+    from core.transforms import AugmentSpec, Normalizer, build_train_augment, normalize_unit
     model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters())
+    criterion = torch.nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     amp = autocast_dtype(device, cfg.amp)
     augment = build_train_augment(AugmentSpec.from_config(cfg))
+    normalizer = Normalizer([0.5] * 3, [0.25] * 3)
     gen = torch.Generator().manual_seed(0)
     h, w = cfg.input_hw
     x_u8 = torch.randint(0, 256, (cfg.batch_size, h, w, 3), dtype=torch.uint8, device=device)
@@ -77,16 +81,9 @@ def calibrate_images_per_s(cfg, device) -> float:
     times = []
     for i in range(8):
         t = time.perf_counter()
-        x = augment(x_u8.permute(0, 3, 1, 2).float().div_(255.0), gen)
-        x = x.contiguous(memory_format=torch.channels_last)
-        opt.zero_grad()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
+        x = normalize_unit(augment(x_u8.permute(0, 3, 1, 2).float().div_(255.0), gen), normalizer)
+        _step(model, criterion, opt, scaler, x, y, amp, 1)  # .item() inside syncs a CUDA device too
+        if i >= 2:  # the first steps pick and cache kernels
             times.append(time.perf_counter() - t)
     return cfg.batch_size / float(np.mean(times))
 
@@ -107,7 +104,6 @@ def main() -> None:
 
     from core.cli import ProgressBar
     from core.config import parse_overrides
-    from core.evaluate import evaluate_run, read_predictions
     from core.storage import Workspace
     from core.train import describe_device, fit, select_device
 
@@ -137,20 +133,8 @@ def main() -> None:
             train_seconds = time.perf_counter() - t0
             if args.tune:
                 per_seed.append(validation_summary(run, seed, cfg.epochs, ips, train_seconds))
-                print(f"seed {seed}: {json.dumps(per_seed[-1])}", file=sys.stderr)
-                continue
-            ev = evaluate_run(ws, run, device=device)
-            rows = read_predictions(run)
-            type_of = {r[0]: r[2] for r in split["test"]}
-            per_type = {}
-            for t in ("mono", "poly"):
-                sel = [r for r in rows if type_of.get(r["path"]) == t]
-                per_type[t] = float(np.mean([r["true"] == r["predicted"] for r in sel])) if sel else None
-            per_seed.append({"seed": seed, "epochs": cfg.epochs, "calibrated_images_per_s": round(ips, 1),
-                             "train_seconds": round(train_seconds, 1), "accuracy": ev["accuracy"],
-                             "macro_f1": ev["macro_f1"], "per_type_accuracy": per_type,
-                             "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
-                             "confusion_matrix": ev["confusion_matrix"]})
+            else:
+                per_seed.append(test_summary(run, split, seed, cfg.epochs, ips, train_seconds))
             print(f"seed {seed}: {json.dumps(per_seed[-1])}", file=sys.stderr)
 
     if args.tune:
@@ -194,6 +178,23 @@ def main() -> None:
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
                 f"--minutes {args.minutes:g}{''.join(' --set ' + x for x in args.set)}` |\n")
         add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)
+
+
+def test_summary(run, split: dict, seed: int, epochs: int, ips: float, train_seconds: float) -> dict:
+    """Test-part figures of one training run, from the evaluation fit() wrote at its end (eval.json and
+    predictions.csv), plus accuracy per cell type."""
+    from core.evaluate import read_predictions
+    ev = run.evaluation()
+    type_of = {r[0]: r[2] for r in split["test"]}
+    rows = read_predictions(run)
+    per_type = {}
+    for t in ("mono", "poly"):
+        sel = [r for r in rows if type_of.get(r["path"]) == t]
+        per_type[t] = float(np.mean([r["true"] == r["predicted"] for r in sel])) if sel else None
+    return {"seed": seed, "epochs": epochs, "calibrated_images_per_s": round(ips, 1),
+            "train_seconds": round(train_seconds, 1), "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
+            "per_type_accuracy": per_type, "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
+            "confusion_matrix": ev["confusion_matrix"]}
 
 
 def validation_summary(run, seed: int, epochs: int, ips: float, train_seconds: float) -> dict:

@@ -165,11 +165,11 @@ PRESETS: dict[str, dict] = {
     "quick look (CPU)": {"image_size": 128, "epochs": 5, "batch_size": 64},
     # Small grayscale inspection sets (ELPV solar cells, X-ray, EL, weld radiographs) trained from scratch:
     # the part has no "up", so all 8 flips/90-degree turns are valid views of the same defect; mean/std of the
-    # data (gray images are far from ImageNet's statistics). From scratch on a CPU the model under-fits rather
-    # than over-fits, so the time buys more epochs at 128 px instead of fewer at 192, and there is no label
-    # smoothing, crop or brightness jitter (ELPV validation part, 9 min: 81.4% against 78.9% for 192 px with
-    # them; bench/RESULTS.md). Class weights are off: on ELPV 4-class they trade accuracy for balanced recall
-    # (26% vs 69% test accuracy).
+    # data (gray images are far from ImageNet's statistics). From scratch in a CPU budget, 192 px with label
+    # smoothing, crop and brightness jitter under-fit (train accuracy ~80% after 30 min on ELPV), so the time
+    # buys more epochs at 128 px and none of the three (ELPV validation part, 9 min: 81.4% against 78.9%;
+    # bench/RESULTS.md). Class weights are off: on ELPV 4-class they trade accuracy for balanced recall (26% vs
+    # 69% test accuracy).
     "small grayscale inspection": {
         "weights": "none", "image_size": 128, "epochs": 60, "batch_size": 32,
         "optimizer": "adamw", "lr": 2e-3, "weight_decay": 5e-4, "schedule": "onecycle",
