@@ -37,7 +37,9 @@ def main() -> None:
     from core.config import TrainConfig
     from core.data import IMAGE_CACHE
     from core.storage import Workspace
-    from core.train import describe_device, fit, prepare_run
+    from core.device import describe_device
+    from core.runs import prepare_run
+    from core.train import fit
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

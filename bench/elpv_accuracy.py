@@ -65,8 +65,9 @@ def calibrate_images_per_s(cfg, device) -> float:
     with the batch's conversion, augmentation and normalization as in a real epoch (the model step alone
     overestimated the speed by ~10% at 128 px)."""
     from core.model import build_model
-    from core.train import _step, autocast_dtype
-    from core.transforms import AugmentSpec, Normalizer, build_train_augment, normalize_unit
+    from core.device import autocast_dtype
+    from core.train import _step
+    from core.transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
     model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters())
     criterion = torch.nn.CrossEntropyLoss()
@@ -81,7 +82,7 @@ def calibrate_images_per_s(cfg, device) -> float:
     times = []
     for i in range(8):
         t = time.perf_counter()
-        x = normalize_unit(augment(x_u8.permute(0, 3, 1, 2).float().div_(255.0), gen), normalizer)
+        x = normalizer.normalize(augment(to_unit(x_u8), gen))
         _step(model, criterion, opt, scaler, x, y, amp, 1)  # .item() inside syncs a CUDA device too
         if i >= 2:  # the first steps pick and cache kernels
             times.append(time.perf_counter() - t)
@@ -105,7 +106,8 @@ def main() -> None:
     from core.cli import ProgressBar
     from core.config import parse_overrides
     from core.storage import Workspace
-    from core.train import describe_device, fit, select_device
+    from core.device import describe_device, select_device
+    from core.train import fit
 
     four = args.task == "4"
     split = paper_split(four, args.split_seed)

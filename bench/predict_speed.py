@@ -43,7 +43,7 @@ def main() -> None:
     from core.model import build_model
     from core.predict import Predictor
     from core.storage import Workspace
-    from core.train import describe_device, select_device
+    from core.device import describe_device, select_device
     from core.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -151,7 +151,7 @@ def main() -> None:
 
     from core.data import load_dataset, split_to_json, stratified_split
     from core.storage import Workspace
-    from core.train import autocast_dtype, describe_device, select_device
+    from core.device import autocast_dtype, describe_device, select_device
 
     device = select_device("auto")
     torch.set_num_threads(os.cpu_count() or 1)

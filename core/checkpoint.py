@@ -93,23 +93,3 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
         if key not in meta:
             raise CheckpointError(f"checkpoint metadata lacks {key!r}")
     return obj["model"], meta, obj
-
-
-def model_from_checkpoint(path: str | Path):
-    """(model in eval mode on CPU, meta). Refuses a checkpoint that does not fit its own metadata."""
-    from .config import TrainConfig
-    from .model import build_model
-    state, meta, _ = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(meta["config"])
-    model = build_model(cfg.arch, len(meta["classes"]), weights="none", dropout=cfg.dropout)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise CheckpointError(
-            f"weights do not fit a {cfg.arch} with {len(meta['classes'])} classes: {first}") from None
-    for t in state.values():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError("checkpoint holds NaN or infinite weights")
-    model.eval()
-    return model, meta

@@ -1,4 +1,4 @@
-"""The headless interface: `python -m core train|evaluate|predict|runs|datasets`.
+"""The headless interface: `python -m core train|resume|evaluate|predict|runs|presets`.
 
 User mistakes (bad paths, bad options, unusable checkpoints) print one line on stderr and exit 2;
 a failed training run exits 1. Tracebacks are only for bugs.
@@ -7,26 +7,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from . import runs
 from .checkpoint import CheckpointError
-from .config import ARCHS, OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig, parse_overrides
+from .config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig, parse_overrides
 from .data import DatasetError
+from .evaluate import evaluate_run
 from .model import WeightsError
+from .predict import get_predictor
+from .runs import Reporter, RunStateError, TrainingError
 from .storage import Workspace
-from .train import Reporter, TrainingError, failure_message, fit, prepare_run
+from .train import fit
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsError, CheckpointError, KeyError, FileNotFoundError,
-               TrainingError, OSError, ValueError)
+               TrainingError, RunStateError, OSError, ValueError)
 
 
 class ProgressBar(Reporter):
-    """A one-line progress bar on stderr; epoch summaries and log lines above it."""
+    """A one-line progress bar on stderr; epoch summaries and log lines above it, and in the run's log.txt
+    (as a studio job writes it) when a run is given."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False):
-        self.stream, self.quiet = stream, quiet
+    def __init__(self, stream=sys.stderr, quiet: bool = False, run=None):
+        self.stream, self.quiet, self.run = stream, quiet, run
         self._last = 0.0
         self._tty = stream.isatty()
 
@@ -41,6 +45,8 @@ class ProgressBar(Reporter):
 
     def log(self, message: str) -> None:
         self._line(message, final=True)
+        if self.run is not None:
+            self.run.log(message)
 
     def stage(self, name: str, done: int = 0, total: int = 0) -> None:
         if total and time.monotonic() - self._last > 0.2:
@@ -57,89 +63,103 @@ class ProgressBar(Reporter):
                    f"{images_per_s:.0f} img/s")
 
 
+# Flags of `train`: (flag, config field, argparse options). No flag has a default of its own: a flag the user did
+# not type is absent, so what they typed always wins over a preset, and the rest comes from the preset or from
+# TrainConfig's defaults (core/config.py).
+CONFIG_FLAGS = [
+    ("--arch", "arch", dict(choices=ARCHS)),
+    ("--weights", "weights", dict(help="imagenet | none | path to a state_dict file (default imagenet)")),
+    ("--epochs", "epochs", dict(type=int)),
+    ("--batch-size", "batch_size", dict(type=int)),
+    ("--image-size", "image_size", dict(type=int)),
+    ("--lr", "lr", dict(type=float)),
+    ("--optimizer", "optimizer", dict(choices=OPTIMIZERS)),
+    ("--schedule", "schedule", dict(choices=SCHEDULES)),
+    ("--weight-decay", "weight_decay", dict(type=float)),
+    ("--dropout", "dropout", dict(type=float)),
+    ("--label-smoothing", "label_smoothing", dict(type=float)),
+    ("--class-weights", "class_weights", dict(action="store_const", const=True,
+                                              help="weight the loss by inverse class frequency")),
+    ("--freeze-backbone", "freeze_backbone", dict(action="store_const", const=True,
+                                                  help="train only the new final layer")),
+    ("--early-stop", "early_stop_patience", dict(type=int, metavar="PATIENCE", help="epochs without improvement")),
+    ("--normalization", "normalization", dict(choices=("imagenet", "dataset"))),
+    ("--seed", "seed", dict(type=int)),
+    ("--split-seed", "split_seed", dict(type=int)),
+    ("--device", "device", dict(choices=("auto", "cpu", "cuda", "mps"))),
+    ("--amp", "amp", dict(choices=("auto", "bf16", "fp16", "off"))),
+]
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of class sub-folders, a CSV of path,label, or elpv/elpv4")
-    p.add_argument("--arch", choices=ARCHS, default="resnet18")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | path to a state_dict file")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--schedule", choices=SCHEDULES, default="none")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
-    p.add_argument("--freeze-backbone", action="store_true", help="train only the new final layer")
-    p.add_argument("--early-stop", type=int, default=0, metavar="PATIENCE", help="epochs without improvement")
-    p.add_argument("--normalization", choices=("imagenet", "dataset"), default="imagenet")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=42)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    for flag, dest, options in CONFIG_FLAGS:
+        p.add_argument(flag, dest=dest, default=None, **options)
     p.add_argument("--preset", help="a named recipe to start from (see `python -m core presets`)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other config field, e.g. --set rotation=15 --set vflip=true")
 
 
 def config_from_args(args) -> TrainConfig:
-    from .config import PRESETS
-    base: dict = {}
+    """TrainConfig's defaults, then the preset, then the flags the user typed, then --set."""
+    values: dict = {}
     if args.preset:
         if args.preset not in PRESETS:
             raise ConfigError("preset", f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        base.update(PRESETS[args.preset])
-    defaults = TrainConfig()
-    explicit = {
-        "data": args.data, "arch": args.arch, "weights": args.weights, "epochs": args.epochs,
-        "batch_size": args.batch_size, "image_size": args.image_size, "lr": args.lr,
-        "optimizer": args.optimizer, "schedule": args.schedule, "weight_decay": args.weight_decay,
-        "dropout": args.dropout, "label_smoothing": args.label_smoothing, "class_weights": args.class_weights,
-        "freeze_backbone": args.freeze_backbone, "early_stop_patience": args.early_stop,
-        "normalization": args.normalization, "seed": args.seed, "split_seed": args.split_seed,
-        "device": args.device, "amp": args.amp,
-    }
-    # A preset supplies values; flags the user typed (anything not at its default) win over it.
-    for k, v in explicit.items():
-        if k not in base or v != getattr(defaults, k):
-            base[k] = v
-    base.update(parse_overrides(args.set))
-    if args.preset:
-        base.setdefault("extra", {})["preset"] = args.preset
-    return TrainConfig.from_dict(base)
+        values.update(PRESETS[args.preset])
+        values["extra"] = {"preset": args.preset}
+    values["data"] = args.data
+    values.update({dest: getattr(args, dest) for _, dest, _ in CONFIG_FLAGS if getattr(args, dest) is not None})
+    values.update(parse_overrides(args.set))
+    return TrainConfig.from_dict(values)
+
+
+def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, as_json: bool) -> int:
+    """The run's life in this process (core/runs.py), the same as a studio job; prints the run id last."""
+    try:
+        result = runs.execute(ws, run.id, lambda: fit(ws, run, reporter=bar, resume=resume), bar)
+    except KeyboardInterrupt:
+        print(f"stopped; continue with `python -m core resume {run.id}`. run id:", file=sys.stderr)
+        print(run.id)
+        return 130
+    if result["status"] == "failed":
+        print(f"error: {result['error']}", file=sys.stderr)
+    skipped = run.skipped()
+    if skipped and not bar.quiet:  # the whole list once more at the end, where a user reads it
+        print(f"{len(skipped)} files were left out:", *(f"  {p}: {r}" for p, r in skipped), sep="\n", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"run_id": run.id, "status": result["status"], "error": result.get("error"),
+                          "epochs_done": result.get("epochs_done"), "best_val_acc": result.get("best_val_acc"),
+                          "test_acc": result.get("test_acc"),
+                          "skipped": [{"path": p, "reason": r} for p, r in skipped]}))
+    else:
+        print(run.id)
+    return 1 if result["status"] == "failed" else 0
 
 
 def cmd_train(args) -> int:
     ws = Workspace(args.workspace)
     cfg = config_from_args(args)
-    run = prepare_run(ws, cfg)
+    run = runs.prepare_run(ws, cfg)
     bar = ProgressBar(quiet=args.quiet)
-    bar.log(f"run {run.id}: {cfg.arch}, weights {cfg.weights}, {cfg.epochs} epochs, "
-            f"image {cfg.input_hw[0]}x{cfg.input_hw[1]}, batch {cfg.batch_size}")
-    for line in run.log_path.read_text().splitlines():
-        bar.log(line.split(" ", 1)[-1])
-    ws.update_run(run.id, status="running", started=time.time(), pid=os.getpid())
-    try:
-        result = fit(ws, run, reporter=bar)
-    except KeyboardInterrupt:
-        ws.update_run(run.id, status="stopped", finished=time.time())
-        print("stopped; resume with the studio's Runs page. run id:", file=sys.stderr)
-        print(run.id)
-        return 130
-    except Exception as exc:
-        message = failure_message(exc)
-        ws.update_run(run.id, status="failed", error=message, finished=time.time())
-        print(f"error: {message}", file=sys.stderr)
-        print(run.id)
-        return 1
-    ws.update_run(run.id, status=result["status"], finished=time.time())
-    print(run.id)
-    return 0
+    for line in [f"run {run.id}: {cfg.arch}, weights {cfg.weights}, {cfg.epochs} epochs, image "
+                 f"{cfg.input_hw[0]}x{cfg.input_hw[1]}, batch {cfg.batch_size}"] + run.log_path.read_text().splitlines():
+        bar.log(line.split(" ", 1)[-1] if line[:2].isdigit() else line)  # the log's lines without their time
+    bar.run = run
+    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json)
+
+
+def cmd_resume(args) -> int:
+    ws = Workspace(args.workspace)
+    runs.mark_interrupted(ws)
+    run = runs.prepare_resume(ws, args.run, args.epochs)
+    bar = ProgressBar(quiet=args.quiet)
+    bar.log(run.log_path.read_text().splitlines()[-1].split(" ", 1)[-1])
+    bar.run = run
+    return _train_in_foreground(ws, run, bar, resume=True, as_json=args.json)
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
     ws = Workspace(args.workspace)
     run = ws.run(args.run)
     if not run.best_path.exists():
@@ -162,7 +182,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import get_predictor
     ws = Workspace(args.workspace)
     predictor = get_predictor(ws, args.run)
     results = predictor.predict(list(args.images), top_k=args.top_k)
@@ -180,7 +199,7 @@ def cmd_predict(args) -> int:
 
 def cmd_runs(args) -> int:
     ws = Workspace(args.workspace)
-    ws.mark_interrupted()
+    runs.mark_interrupted(ws)
     rows = ws.list_runs()
     if args.json:
         print(json.dumps(rows))
@@ -197,7 +216,6 @@ def cmd_runs(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .config import PRESETS
     for name, over in PRESETS.items():
         print(f"{name}: {json.dumps(over) if over else '(the seed defaults)'}")
     return 0
@@ -217,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train a model in the foreground; prints the run id last")
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result (run id, status, scores, skipped files) as JSON")
+    p = add("resume", cmd_resume, "continue a stopped or interrupted run, or train a finished one on; prints the run id last")
+    p.add_argument("run")
+    p.add_argument("--epochs", type=int, help="train up to this epoch (a finished run gets a new learning-rate cycle "
+                                              "over the added epochs, from its last epoch's weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = add("evaluate", cmd_evaluate, "evaluate a run's best checkpoint on its test split")
     p.add_argument("run")
     p.add_argument("--json", action="store_true")

@@ -62,6 +62,8 @@ class TrainConfig:
     class_weights: bool = False      # weight the loss by inverse class frequency (imbalanced sets)
     early_stop_patience: int = 0     # epochs without improvement before stopping (0: off)
     early_stop_metric: str = "val_acc"
+    schedule_start_epoch: int = 0    # the lr schedule's cycle runs over the epochs after this one (0: all). Set
+                                     # when a finished run is extended, so the added epochs get a cycle of their own
     seed: int = 0
     # --- runtime ---
     device: str = "auto"             # auto: CUDA, else MPS, else CPU
@@ -120,6 +122,7 @@ class TrainConfig:
         need(self.early_stop_metric in EARLY_STOP_METRICS, "early_stop_metric",
              f"must be one of {EARLY_STOP_METRICS}")
         need(self.step_size >= 1, "step_size", "must be at least 1")
+        need(0 <= self.schedule_start_epoch < self.epochs, "schedule_start_epoch", "must be in [0, epochs)")
         need(self.amp in AMP_MODES, "amp", f"must be one of {AMP_MODES}")
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(bool(str(self.weights).strip()), "weights", "use imagenet, none, or a file path")

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TrainConfig
+from .evaluate import read_predictions
+from .runs import record
 from .storage import Run, Workspace
+from .train import fit
 
 
 def label_issue_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -60,6 +64,21 @@ def _folds(rows: list[list], k: int, seed: int) -> list[list[int]]:
     return folds
 
 
+def crossval_config(data: str, n_images: int, epochs: int = 8, image_size: int = 128) -> TrainConfig:
+    """A quick config for finding label errors: a small model per fold trained from scratch."""
+    return TrainConfig(data=data, weights="none", epochs=epochs, image_size=image_size,
+                       batch_size=min(32, max(2, n_images // 4)))
+
+
+def as_crossval(cfg: TrainConfig, folds: int) -> TrainConfig:
+    """The config of a k-fold cross-validation run: no test part, so every labeled image gets an
+    out-of-sample prediction; the run is marked as a cross-validation (not a model to use)."""
+    if not 2 <= folds <= 10:
+        raise ValueError("folds must be between 2 and 10")
+    return TrainConfig.from_dict({**cfg.to_dict(), "test_fraction": 0.0,
+                                  "extra": {**cfg.extra, "kind": "crossval", "folds": folds}})
+
+
 class _FoldReporter:
     """Passes a fold's progress to the job's reporter, tagging log lines with the fold."""
 
@@ -85,8 +104,6 @@ class _FoldReporter:
 def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
     """Out-of-sample probabilities for the run's train+val images, and their ranked label-issue scores.
     Writes oof.csv and label_issues.json in the run folder. Returns {"status", ...}."""
-    from .evaluate import read_predictions
-    from .train import fit
     cfg = run.config()
     split = run.split()
     rows = split["train"] + split["val"]
@@ -101,7 +118,7 @@ def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
         n_val = max(len(classes), int(0.1 * len(rest)))
         child = Run(f"{run.id}-fold{f + 1}", run.dir / f"fold{f + 1}")
         child.dir.mkdir(parents=True, exist_ok=True)
-        child.config_path.write_text(json.dumps(cfg.to_dict()))
+        child.write_config(cfg)
         child.split_path.write_text(json.dumps({**split, "train": rest[n_val:], "val": rest[:n_val],
                                                 "test": [rows[i] for i in sorted(held)]}))
         result = fit(ws, child, _FoldReporter(reporter, f, folds, cfg.epochs))
@@ -130,7 +147,7 @@ def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
     os.replace(tmp, run.dir / "label_issues.json")
     n_cand = int(scores["candidate"].sum())
     reporter.log(f"cross-validation done: {n_cand} likely label errors among {len(known)} images")
-    ws.update_run(run.id, best_val_acc=float((p.argmax(1) == labels).mean()))  # out-of-fold accuracy
+    record(ws, run.id, best_val_acc=float((p.argmax(1) == labels).mean()))  # out-of-fold accuracy
     return {"status": "done", "candidates": n_cand}
 
 

@@ -6,12 +6,12 @@ import json
 import os
 
 import numpy as np
-import torch
 
-from .checkpoint import model_from_checkpoint
-from .config import TrainConfig
+from .device import select_device
+from .inference import Classifier
+from .rundata import load_run_data
+from .runs import record
 from .storage import Run, Workspace
-from .transforms import Normalizer
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -51,30 +51,26 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
     }
 
 
-def evaluate_run(ws: Workspace, run: Run, data=None, device=None, tta: bool | None = None) -> dict:
-    """Evaluate the run's best checkpoint on its saved test split (val if it has no test split).
-    Writes eval.json and predictions.csv, records test accuracy in the index, returns the metrics."""
-    from .train import autocast_dtype, load_run_data, predict_probs, select_device
-    model, meta = model_from_checkpoint(run.best_path)
-    cfg = TrainConfig.from_dict(meta["config"])
-    device = device or select_device(cfg.device)
-    model.to(device).to(memory_format=torch.channels_last)
+def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
+    """Evaluate the run's best checkpoint on its saved test split (val if it has no test split), through the
+    one inference path with the run's precision and TTA. Writes eval.json and predictions.csv, records the
+    test accuracy, returns the metrics."""
+    clf = Classifier.from_checkpoint(run.best_path, device or select_device(run.config().device))
     if data is None:
-        data = load_run_data(ws, run, cfg, device, parts=("val", "test"))
+        data = load_run_data(ws, run, clf.hw, clf.device, parts=("val", "test"))
     part = "test" if len(data.parts.get("test", [])) else "val"
     idx = data.parts[part]
-    normalizer = Normalizer(meta["normalization"]["mean"], meta["normalization"]["std"])
-    amp = autocast_dtype(device, cfg.amp)
-    probs = predict_probs(model, data, idx, device, amp, normalizer, 64, tta=cfg.tta if tta is None else tta)
+    probs = clf.probs_of_batches(data.batches(idx, 64, clf.device))
     y = data.labels[idx]
     metrics = compute_metrics(y, probs, data.classes)
-    metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": meta["epoch"],
-                    "best_val_acc": meta["best"]["val_acc"] if "best" in meta else None})
+    metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": clf.meta["epoch"],
+                    "best_val_acc": clf.meta["best"]["val_acc"] if "best" in clf.meta else None,
+                    "tta": clf.tta, "skipped": [{"path": p, "reason": r} for p, r in run.skipped()]})
     _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes)
     tmp = run.eval_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run.eval_path)
-    ws.update_run(run.id, test_acc=metrics["accuracy"])
+    record(ws, run.id, test_acc=metrics["accuracy"])
     return metrics
 
 
@@ -105,9 +101,11 @@ def read_predictions(run: Run) -> list[dict]:
     return rows
 
 
-def misclassified(run: Run, true: str | None = None, predicted: str | None = None) -> list[dict]:
-    """Wrong predictions sorted by loss (worst first), optionally one confusion-matrix cell."""
-    rows = [r for r in read_predictions(run) if not r["correct"]]
+def gallery(run: Run, true: str | None = None, predicted: str | None = None) -> list[dict]:
+    """The images of a confusion-matrix selection, highest loss first. A diagonal cell (true == predicted) holds
+    that class's correct predictions; any other selection (a cell, a row, a column, or none) the wrong ones."""
+    diagonal = true is not None and true == predicted
+    rows = [r for r in read_predictions(run) if r["correct"] == diagonal]
     if true is not None:
         rows = [r for r in rows if r["true"] == true]
     if predicted is not None:

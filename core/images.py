@@ -129,7 +129,7 @@ def resize_to_array(img: Image.Image, hw: tuple[int, int]) -> np.ndarray:
     h, w = hw
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
 def load_array(source, hw: tuple[int, int]) -> np.ndarray:

@@ -1,21 +1,19 @@
 """Background training jobs: one worker thread runs one job at a time; more are queued.
 
-Pages (or any caller) only submit, stop, and read snapshots. The worker never touches any UI.
-Statuses: queued, running, stopping, stopped, done, failed, interrupted (found active in the index
-with its process gone, e.g. after a crash or kill).
+Pages (or any caller) only submit, stop, and read snapshots. The worker never touches any UI. A job's status
+is its run's status, owned by core/runs.py; a snapshot adds the live progress (batch, speed, ETA, log).
+Importing this module does not import torch: the studio starts fast and torch loads with the first job.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from . import runs
 from .config import TrainConfig
 from .storage import ACTIVE, Workspace
-from .train import Reporter, TrainingError, failure_message, fit, prepare_run
 
 LOG_LINES = 200
 
@@ -56,20 +54,21 @@ class JobSnapshot:
         return min(1.0, (max(self.epoch - 1, 0) + within) / self.epochs)
 
 
-class Job(Reporter):
-    def __init__(self, ws: Workspace, run_id: str, epochs: int, resume: bool = False, extra_epochs=None,
-                 work=None):
+def _train(ws: Workspace, run, reporter, resume: bool) -> dict:
+    from .train import fit  # torch loads here, on the worker thread, with the first job
+    return fit(ws, run, reporter=reporter, resume=resume)
+
+
+class Job(runs.Reporter):
+    def __init__(self, ws: Workspace, run_id: str, epochs: int, work):
         self.ws = ws
-        self.work = work  # None: train with fit(); else work(ws, run, reporter) -> {"status": ...}
+        self.work = work  # work(ws, run, reporter) -> {"status": ...}
         self.run = ws.run(run_id)
-        self.resume = resume
-        self.epochs_override = extra_epochs
         self.stop_event = threading.Event()
         self.done_event = threading.Event()
         self._lock = threading.Lock()
         self._log: deque[str] = deque(maxlen=LOG_LINES)
-        self._snap = JobSnapshot(run_id=run_id, status="queued", epochs=epochs, created=time.time(),
-                                 history=self.run.history() if resume else [])
+        self._snap = JobSnapshot(run_id=run_id, status="queued", epochs=epochs, history=self.run.history())
         self._batch_times: deque[float] = deque(maxlen=50)
         self._last_batch_t: float | None = None
 
@@ -110,42 +109,25 @@ class Job(Reporter):
 
     # --- reading ------------------------------------------------------------------------------------
     def snapshot(self) -> JobSnapshot:
+        """Live progress from the job, status and times from the run's owner."""
+        row = self.ws.run_row(self.run.id) or {}
         with self._lock:
-            return replace(self._snap, history=list(self._snap.history), log=list(self._log))
-
-    def _set(self, **kw) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self._snap, k, v)
+            snap = replace(self._snap, history=list(self._snap.history), log=list(self._log))
+        snap.status = row.get("status", snap.status)
+        snap.error, snap.created = row.get("error"), row.get("created", 0.0)
+        snap.started, snap.finished, snap.test_acc = row.get("started"), row.get("finished"), row.get("test_acc")
+        if snap.status not in ACTIVE:
+            snap.stage = ""
+            snap.eta_s = 0.0 if snap.status == "done" else None
+        return snap
 
     # --- running (worker thread) --------------------------------------------------------------------
     def execute(self) -> None:
-        ws, run_id = self.ws, self.run.id
-        if self.stop_event.is_set():
-            self._finish("stopped")
-            return
-        started = time.time()
-        self._set(status="running", started=started)
-        ws.update_run(run_id, status="running", started=started, pid=os.getpid(), error=None, finished=None)
         try:
-            if self.work is not None:
-                result = self.work(ws, self.run, self)
-            else:
-                result = fit(ws, self.run, reporter=self, resume=self.resume, epochs=self.epochs_override)
-            self._set(test_acc=result.get("test_acc"))
-            self._finish(result["status"])
-        except (TrainingError, Exception) as exc:  # the process lives on; the job records why it failed
-            message = failure_message(exc)
-            if not isinstance(exc, TrainingError):
-                self.log(traceback.format_exc(limit=6))
-            self.log(f"failed: {message}")
-            self._finish("failed", message)
-
-    def _finish(self, status: str, error: str | None = None) -> None:
-        now = time.time()
-        self._set(status=status, error=error, finished=now, stage="", eta_s=0.0 if status == "done" else None)
-        try:
-            self.ws.update_run(self.run.id, status=status, error=error, finished=now)
+            if self.stop_event.is_set():  # stopped while queued: it never starts
+                runs.transition(self.ws, self.run.id, "stopped")
+                return
+            runs.execute(self.ws, self.run.id, lambda: self.work(self.ws, self.run, self), self)
         finally:
             self.done_event.set()
 
@@ -155,10 +137,10 @@ class JobManager:
 
     def __init__(self, ws: Workspace):
         self.ws = ws
-        self.interrupted = ws.mark_interrupted()
+        self.interrupted = runs.mark_interrupted(ws)
         self._jobs: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
-        self._requests: dict[str, str] = {}
+        self._requests: dict[str, str | threading.Event] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._worker = threading.Thread(target=self._work, name="training-worker", daemon=True)
@@ -167,49 +149,54 @@ class JobManager:
     def submit(self, cfg: TrainConfig, request_id: str | None = None, label_version: int | None = None) -> str:
         """Validate and prepare a run now (errors raise here, nothing starts), then queue it.
         The same request_id twice (a double click, two tabs) gives the same run, not a second job."""
-        return self._submit(cfg, request_id, label_version, epochs=cfg.epochs)
+        return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg, label_version=label_version),
+                            cfg.epochs, lambda ws, run, rep: _train(ws, run, rep, resume=False))
 
     def submit_crossval(self, cfg: TrainConfig, folds: int = 4, request_id: str | None = None) -> str:
         """Queue k-fold cross-validation (out-of-sample probabilities for finding label errors)."""
-        from .curation import crossval
-        if not 2 <= folds <= 10:
-            raise ValueError("folds must be between 2 and 10")
-        cfg.extra = {**cfg.extra, "kind": "crossval", "folds": folds}
-        cfg.test_fraction = 0.0  # every labeled image gets an out-of-sample prediction
-        return self._submit(cfg, request_id, None, epochs=cfg.epochs * folds,
-                            work=lambda ws, r, rep: crossval(ws, r, rep, folds=folds))
+        from .curation import as_crossval, crossval  # torch loads with the first job, not at start-up
+        cfg = as_crossval(cfg, folds)
+        return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg), cfg.epochs * folds,
+                            lambda ws, run, rep: crossval(ws, run, rep, folds=folds))
 
-    def _submit(self, cfg: TrainConfig, request_id: str | None, label_version: int | None, epochs: int,
-                work=None) -> str:
+    def _submit(self, cfg: TrainConfig, request_id: str | None, prepare, epochs: int, work) -> str:
+        # The request id is taken before the run is prepared: an identical request arriving meanwhile (a
+        # double click, Enter then a click) waits for this one and gets its run instead of making a second.
         with self._lock:
-            if request_id and request_id in self._requests:
-                return self._requests[request_id]
-        run = prepare_run(self.ws, cfg, label_version=label_version)
-        job = Job(self.ws, run.id, epochs, work=work)
+            claim = self._requests.get(request_id) if request_id else None
+            if claim is None and request_id:
+                self._requests[request_id] = threading.Event()
+        if isinstance(claim, threading.Event):
+            claim.wait(120)
+            claim = self._requests.get(request_id)
+        if isinstance(claim, str):
+            return claim
+        try:
+            run = prepare()
+        except BaseException:
+            with self._lock:
+                pending = self._requests.pop(request_id, None) if request_id else None
+            if isinstance(pending, threading.Event):
+                pending.set()
+            raise
         with self._lock:
-            if request_id and request_id in self._requests:  # lost a race with an identical request
-                self.ws.update_run(run.id, status="stopped", error="duplicate request")
-                return self._requests[request_id]
+            pending = self._requests.get(request_id) if request_id else None
             if request_id:
                 self._requests[request_id] = run.id
-            self._enqueue(job)
+            self._enqueue(Job(self.ws, run.id, epochs, work))
+        if isinstance(pending, threading.Event):
+            pending.set()
         return run.id
 
     def resume(self, run_id: str, epochs: int | None = None) -> str:
-        row = self.ws.run_row(run_id)
-        if row is None:
-            raise KeyError(f"no run {run_id!r}")
+        """Queue a stopped, failed or interrupted run to continue, or a done one to train on to `epochs`
+        (core/runs.py's prepare_resume says how). RunStateError or KeyError say why not."""
         with self._lock:
             job = self._jobs.get(run_id)
-            if (job and job.snapshot().active) or (row["status"] in ACTIVE and not job):
-                raise RuntimeError(f"run {run_id} is already {row['status']}")
-        if not self.ws.run(run_id).last_path.exists():
-            raise RuntimeError(f"run {run_id} has no finished epoch to resume from")
-        total = epochs or row["epochs"]
-        if row["status"] == "done" and total <= row["epochs_done"]:
-            raise RuntimeError(f"run {run_id} already finished its {row['epochs']} epochs; ask for more epochs")
-        job = Job(self.ws, run_id, total, resume=True, extra_epochs=epochs)
-        self.ws.update_run(run_id, status="queued", epochs=total, error=None)
+            if job is not None and not job.done_event.is_set():
+                raise runs.RunStateError(f"run {run_id} is already {job.snapshot().status}")
+        run = runs.prepare_resume(self.ws, run_id, epochs)
+        job = Job(self.ws, run_id, run.config().epochs, lambda ws, r, rep: _train(ws, r, rep, resume=True))
         with self._lock:
             self._enqueue(job)
         return run_id
@@ -223,13 +210,13 @@ class JobManager:
         """Ask a job to stop: a queued one never starts; a running one stops within one batch."""
         with self._lock:
             job = self._jobs.get(run_id)
-        if job is None or not job.snapshot().active:
+        if job is None or job.done_event.is_set():
             return False
         job.stop_event.set()
-        snap = job.snapshot()
-        if snap.status == "running":
-            job._set(status="stopping")
-            self.ws.update_run(run_id, status="stopping")
+        try:
+            runs.transition(self.ws, run_id, "stopping")
+        except runs.RunStateError:
+            pass  # queued (it will never start), or already ending
         return True
 
     def snapshot(self, run_id: str) -> JobSnapshot | None:
@@ -244,15 +231,14 @@ class JobManager:
         log = []
         if run.log_path.exists():
             log = run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_LINES:]
-        history = run.history()
         return JobSnapshot(run_id=run_id, status=row["status"], epoch=row["epochs_done"], epochs=row["epochs"],
-                           history=history, log=log, error=row["error"], created=row["created"],
+                           history=run.history(), log=log, error=row["error"], created=row["created"],
                            started=row["started"], finished=row["finished"], test_acc=row["test_acc"])
 
     def active(self) -> JobSnapshot | None:
         """The running job, else the next queued one, else None."""
         with self._lock:
-            jobs = list(self._jobs.values())
+            jobs = [j for j in self._jobs.values() if not j.done_event.is_set()]
         snaps = [j.snapshot() for j in jobs]
         running = [s for s in snaps if s.status in ("running", "stopping")]
         queued = [s for s in snaps if s.status == "queued"]

@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .checkpoint import CheckpointError, load_checkpoint, safe_torch_load
+from .config import TrainConfig
+
 
 class WeightsError(Exception):
     """Requested weights cannot be used; the message says how to proceed."""
@@ -107,7 +110,6 @@ def read_state_dict_file(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found (use imagenet, none, or an existing .pth file)")
-    from .checkpoint import CheckpointError, safe_torch_load
     try:
         obj = safe_torch_load(path)
     except CheckpointError as exc:
@@ -181,5 +183,19 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
     return model.layer4[-1]
 
 
-def head_parameters(model: nn.Module):
-    return [p for n, p in model.named_parameters() if n.startswith("fc.")]
+def model_from_checkpoint(path: str | Path):
+    """(model in eval mode on CPU, meta). Refuses a checkpoint that does not fit its own metadata."""
+    state, meta, _ = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(meta["config"])
+    model = build_model(cfg.arch, len(meta["classes"]), weights="none", dropout=cfg.dropout)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise CheckpointError(
+            f"weights do not fit a {cfg.arch} with {len(meta['classes'])} classes: {first}") from None
+    for t in state.values():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError("checkpoint holds NaN or infinite weights")
+    model.eval()
+    return model, meta

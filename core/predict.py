@@ -1,4 +1,5 @@
-"""Prediction with a run's best checkpoint: loaded once, exactly the evaluation preprocessing."""
+"""Prediction with a run's best checkpoint: loaded once, through the one inference path (core/inference.py),
+so a file gets the probabilities its run's evaluation gave it, TTA and precision included."""
 from __future__ import annotations
 
 import copy
@@ -9,38 +10,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import model_from_checkpoint
 from .explain import heatmap, overlay
 from .images import ImageLoadError
+from .inference import Classifier
 from .storage import Workspace
-from .transforms import Normalizer, build_eval_transform
 
 
 class Predictor:
     """Thread-safe: plain predictions share one model (no_grad forward passes do not mutate it);
-    Grad-CAM runs on a separate copy under a lock, because it hooks into the model."""
+    Grad-CAM runs on a separate fp32 copy under a lock, because it hooks into the model."""
 
     def __init__(self, checkpoint: str | Path):
         self.checkpoint = Path(checkpoint)
-        self.model, self.meta = model_from_checkpoint(self.checkpoint)
-        self.classes: list[str] = self.meta["classes"]
-        self.hw = tuple(self.meta["input_hw"])
-        self.normalizer = Normalizer(self.meta["normalization"]["mean"], self.meta["normalization"]["std"])
-        self.transform = build_eval_transform(self.hw, self.normalizer)
-        self.model.to(memory_format=torch.channels_last)
-        # The same precision as evaluation (bf16 autocast on CPUs that support it): the predictor's
-        # probabilities match the evaluation's for the same file, and it is about twice as fast.
-        from .config import TrainConfig
-        from .train import autocast_dtype
-        self.amp = autocast_dtype(torch.device("cpu"), TrainConfig.from_dict(self.meta["config"]).amp)
-        self._cam_model = copy.deepcopy(self.model)  # Grad-CAM stays in fp32: gradients need the precision
+        self.classifier = Classifier.from_checkpoint(self.checkpoint, torch.device("cpu"))
+        self.classes: list[str] = self.classifier.classes
+        self.hw = self.classifier.hw
+        self.meta = self.classifier.meta
+        self._cam_model = copy.deepcopy(self.classifier.model)  # Grad-CAM stays in fp32: gradients need it
         self._cam_lock = threading.Lock()
 
-    @torch.inference_mode()
-    def _probs(self, x: torch.Tensor) -> np.ndarray:
-        with torch.autocast("cpu", dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logits = self.model(x)
-        return logits.float().softmax(1).numpy().astype(np.float64)
+    def image(self, source) -> np.ndarray:
+        """The HxWx3 uint8 picture the model sees (ImageLoadError if the source is not a usable image)."""
+        return self.classifier.image(source)
 
     def predict(self, sources, top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """One result per source (path, bytes, or PIL image): {"path", "top": [{"label", "prob"}],
@@ -48,37 +39,39 @@ class Predictor:
         if not isinstance(sources, (list, tuple)):
             sources = [sources]
         results: list[dict | None] = [None] * len(sources)
-        good, tensors = [], []
+        good, arrays = [], []
         for i, src in enumerate(sources):
             name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", f"image {i + 1}")
             try:
-                x, _ = self.transform(src)
+                arrays.append(self.image(src))
                 good.append((i, name))
-                tensors.append(x)
             except ImageLoadError as exc:
                 results[i] = {"path": name, "error": str(exc)}
         k = max(1, min(top_k, len(self.classes)))
-        for start in range(0, len(tensors), batch_size):
-            probs = self._probs(torch.cat(tensors[start:start + batch_size]))
+        for start in range(0, len(arrays), batch_size):
+            probs = self.classifier.probs(torch.from_numpy(np.stack(arrays[start:start + batch_size])))
             for (i, name), p in zip(good[start:start + batch_size], probs):
-                order = np.argsort(-p)[:k]
-                results[i] = {"path": name,
-                              "top": [{"label": self.classes[j], "prob": float(p[j])} for j in order],
-                              "probs": {c: float(p[j]) for j, c in enumerate(self.classes)}}
+                results[i] = {"path": name, **self._top(p, k)}
         return results  # type: ignore[return-value]
 
-    def explain(self, source, target: int | str | None = None, method: str = "gradcam") -> dict:
-        """Grad-CAM for one image: {"rgb", "heatmap", "overlay", "target", "label", "prob"}."""
-        x, rgb = self.transform(source)
-        p = self._probs(x)[0]
+    def _top(self, p: np.ndarray, k: int) -> dict:
+        order = np.argsort(-p)[:k]
+        return {"top": [{"label": self.classes[j], "prob": float(p[j])} for j in order],
+                "probs": {c: float(p[j]) for j, c in enumerate(self.classes)}}
+
+    def explain(self, source, target: int | str | None = None, method: str = "gradcam", top_k: int = 3) -> dict:
+        """Grad-CAM for one image: {"rgb", "heatmap", "overlay", "target", "label", "prob", "top", "probs"}."""
+        rgb = self.image(source)
+        p = self.classifier.probs(torch.from_numpy(rgb[None]))[0]
         if target is None:
             target = int(p.argmax())
         elif isinstance(target, str):
             target = self.classes.index(target)
+        x = self.classifier.normalizer(torch.from_numpy(rgb[None]))
         with self._cam_lock:
             heat = heatmap(self._cam_model, x, target, method)
         return {"rgb": rgb, "heatmap": heat, "overlay": overlay(rgb, heat), "target": target,
-                "label": self.classes[target], "prob": float(p[target])}
+                "label": self.classes[target], "prob": float(p[target]), **self._top(p, top_k)}
 
 
 _PREDICTORS: dict[tuple, Predictor] = {}

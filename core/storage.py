@@ -24,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 
 ACTIVE = ("queued", "running", "stopping")
-FINAL = ("stopped", "done", "failed", "interrupted")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -61,7 +60,7 @@ def default_workspace() -> Path:
     return Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser()
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -94,6 +93,8 @@ class Run:
     def eval_path(self) -> Path: return self.dir / "eval.json"
     @property
     def predictions_path(self) -> Path: return self.dir / "predictions.csv"
+    @property
+    def skipped_path(self) -> Path: return self.dir / "skipped.json"
 
     def config(self):
         from .config import TrainConfig
@@ -116,6 +117,24 @@ class Run:
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.metrics_path)
+
+    def write_config(self, cfg) -> None:
+        tmp = self.config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        os.replace(tmp, self.config_path)
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """Every file this run left out, with the reason: at the scan (not an image, empty...) and at
+        decoding (truncated...)."""
+        if not self.skipped_path.exists():
+            return []
+        return [(p, r) for p, r in json.loads(self.skipped_path.read_text())]
+
+    def write_skipped(self, skipped) -> None:
+        known = self.skipped()
+        seen = {p for p, _ in known}
+        rows = known + [(p, r) for p, r in skipped if p not in seen]
+        self.skipped_path.write_text(json.dumps([list(r) for r in rows]))
 
     def evaluation(self) -> dict | None:
         if not self.eval_path.exists():
@@ -175,11 +194,11 @@ class Workspace:
         run_id = run_id or self.new_run_id()
         run = Run(run_id, self.runs_dir / run_id)
         run.dir.mkdir(parents=True, exist_ok=False)
-        run.config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+        run.write_config(cfg)
         with self._db() as db:
             db.execute(
-                "INSERT INTO runs (id, dataset, arch, weights, status, created, epochs) VALUES (?,?,?,?,?,?,?)",
-                (run_id, dataset_name, cfg.arch, str(cfg.weights), "queued", time.time(), cfg.epochs))
+                "INSERT INTO runs (id, dataset, arch, weights, status, created, epochs, pid) VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, dataset_name, cfg.arch, str(cfg.weights), "queued", time.time(), cfg.epochs, os.getpid()))
         return run
 
     def run(self, run_id: str) -> Run:
@@ -190,13 +209,18 @@ class Workspace:
             raise KeyError(f"no run {run_id!r} in {self.root}")
         return run
 
-    def update_run(self, run_id: str, **fields) -> None:
+    def update_run(self, run_id: str, expect_status: str | None = None, **fields) -> bool:
+        """Set the row's fields; with expect_status, only while the row still has that status (compare and set).
+        Returns whether the row changed. Only core/runs.py calls this: it owns a run's status and scores."""
         bad = set(fields) - set(RUN_COLUMNS)
         if bad:
             raise ValueError(f"unknown run fields {bad}")
         sets = ", ".join(f"{k} = ?" for k in fields)
+        where, args = "id = ?", [run_id]
+        if expect_status is not None:
+            where, args = "id = ? AND status = ?", [run_id, expect_status]
         with self._db() as db:
-            db.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*fields.values(), run_id))
+            return db.execute(f"UPDATE runs SET {sets} WHERE {where}", (*fields.values(), *args)).rowcount > 0
 
     def run_row(self, run_id: str) -> dict | None:
         with self._db() as db:
@@ -208,30 +232,10 @@ class Workspace:
             rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
         return [dict(r) for r in rows]
 
-    def latest_run(self, with_eval: bool = False) -> str | None:
-        for r in self.list_runs():
-            if not with_eval or (self.runs_dir / r["id"] / "eval.json").exists():
-                return r["id"]
-        return None
-
-    def mark_interrupted(self, own_pid: int | None = None) -> list[str]:
-        """Runs left active by a process that is gone become `interrupted`. Returns their ids."""
-        own_pid = own_pid or os.getpid()
-        changed = []
-        with self._db() as db:
-            rows = db.execute(
-                f"SELECT id, pid FROM runs WHERE status IN ({','.join('?' * len(ACTIVE))})", ACTIVE).fetchall()
-            for r in rows:
-                if r["pid"] != own_pid and not _pid_alive(r["pid"]):
-                    db.execute("UPDATE runs SET status = 'interrupted', finished = ? WHERE id = ?",
-                               (time.time(), r["id"]))
-                    changed.append(r["id"])
-        return changed
-
     def delete_run(self, run_id: str) -> None:
         run = self.run(run_id)
         row = self.run_row(run_id)
-        if row and row["status"] in ACTIVE and _pid_alive(row["pid"]):
+        if row and row["status"] in ACTIVE and pid_alive(row["pid"]):
             raise RuntimeError(f"run {run_id} is {row['status']}: stop it before deleting it")
         shutil.rmtree(run.dir)
         with self._db() as db:

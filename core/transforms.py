@@ -1,11 +1,12 @@
 """Preprocessing and augmentation on batched tensors.
 
-The decoded cache holds NxHxWx3 uint8 images. A batch is turned into normalized float NCHW
-(channels_last memory, which is free because the cache is already HWC), augmented as a whole batch
-with one affine resampling, so nothing is decoded or transformed image by image during an epoch.
+The decoded cache holds NxHxWx3 uint8 images. A batch becomes the model's input in one way only:
+`to_unit` (uint8 NHWC -> float NCHW in [0, 1], channels_last memory, free because the cache is already HWC),
+then the augmentation in training (one affine resampling for the whole batch), then `Normalizer.normalize`.
+Nothing is decoded or transformed image by image during an epoch.
 
-`build_eval_transform` is the single evaluation preprocessing: evaluation, prediction and Grad-CAM all
-go through the same resize (images.resize_to_array) and the same normalization.
+The one evaluation transform is images.load_array (open, upright RGB, the cache's resize) followed by the
+Normalizer: evaluation, prediction and Grad-CAM all go through it (core/inference.py).
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .images import open_image, resize_to_array
-
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def to_unit(batch_u8: torch.Tensor) -> torch.Tensor:
+    """NxHxWx3 uint8 -> float Nx3xHxW in [0, 1], channels_last memory (a view of the HWC layout)."""
+    return batch_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 @dataclass
@@ -26,28 +30,15 @@ class Normalizer:
     mean: list[float]
     std: list[float]
 
-    def __call__(self, batch_u8: torch.Tensor, device=None) -> torch.Tensor:
-        """NxHxWx3 uint8 (any device) -> normalized float32 Nx3xHxW in channels_last memory."""
-        x = batch_u8.to(device, non_blocking=True) if device is not None else batch_u8
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float Nx3xHxW in [0, 1] -> normalized, channels_last memory."""
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
-    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo normalization (for showing a model input)."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return x * std + mean
-
-
-def build_eval_transform(hw: tuple[int, int], normalizer: Normalizer):
-    """PIL image / path / bytes -> (1x3xHxW normalized tensor, HxWx3 uint8 resized RGB)."""
-    def transform(source):
-        rgb = resize_to_array(open_image(source), hw)
-        x = normalizer(torch.from_numpy(rgb.copy()).unsqueeze(0))
-        return x, rgb
-    return transform
+    def __call__(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        """NxHxWx3 uint8 (any device) -> the model's input: normalized float Nx3xHxW, channels_last."""
+        return self.normalize(to_unit(batch_u8))
 
 
 @dataclass
@@ -149,16 +140,3 @@ def _color_jitter(x, strength: float, rand):
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     x = gray + (x - gray) * s
     return x.clamp_(0, 1)
-
-
-def to_unit_batch(batch_u8: torch.Tensor, device=None) -> torch.Tensor:
-    """NxHxWx3 uint8 -> float Nx3xHxW in [0,1] (channels_last)."""
-    x = batch_u8.to(device, non_blocking=True) if device is not None else batch_u8
-    return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-
-
-def normalize_unit(x: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    mean = torch.tensor(normalizer.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(normalizer.std, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-

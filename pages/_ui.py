@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from core.data import DatasetError, load_dataset
 from core.jobs import JobManager
 from core.storage import Workspace, default_workspace
-from core.train import describe_device
+from core.device import describe_device
 
 
 def _ensure_app_navigation() -> None:
@@ -199,10 +198,14 @@ def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, 
             fig.add_scatter(x=ep, y=[h[f"val_{metric}"] for h in history], mode="lines+markers", name="validation")
     fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis_title="epoch", legend=dict(orientation="h", y=-0.25))
+    epochs = max([len(h) for h in (runs or {}).values()] + [len(history)])
+    # Epochs are whole numbers: ticks on integers only, about ten of them at most.
+    fig.update_xaxes(tick0=1, dtick=max(1, -(-epochs // 10)), range=[0.5, max(epochs, 1) + 0.5])
     if metric == "acc":
-        fig.update_yaxes(tickformat=".0%")
+        fig.update_yaxes(tickformat=".0%", range=[0, 1.02])  # accuracy is a fraction: never a 0-400% axis
+    else:
+        fig.update_yaxes(rangemode="tozero")
+    if not epochs:
+        fig.add_annotation(text="waiting for the first epoch to finish", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
     return fig
-
-
-def history_frame(history: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(history)

@@ -3,7 +3,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.evaluate import evaluate_run, misclassified, read_predictions
+from core.evaluate import evaluate_run, gallery
 from core.explain import METHODS
 from core.images import ImageLoadError
 from core.labels import LabelStore
@@ -80,12 +80,10 @@ pred_f = f2.selectbox("Predicted class", options, key="cell_pred")
 # --- error gallery ----------------------------------------------------------------------------------
 true_sel = None if true_f == "(any)" else true_f
 pred_sel = None if pred_f == "(any)" else pred_f
+items = gallery(run, true_sel, pred_sel)
 if true_sel is not None and true_sel == pred_sel:
-    items = [r for r in read_predictions(run) if r["true"] == true_sel and r["predicted"] == pred_sel]
-    items.sort(key=lambda r: -r["loss"])
     st.subheader(f"Correct: {true_sel} ({len(items)})")
 else:
-    items = misclassified(run, true_sel, pred_sel)
     st.subheader(f"Misclassified ({len(items)})")
 
 g1, g2, g3 = st.columns(3)
@@ -125,7 +123,7 @@ else:
                     out = predictor.explain(item["path"], target=item["predicted"], method=method)
                     st.image(out["overlay"], width="stretch")
                 else:
-                    st.image(predictor.transform(item["path"])[1], width="stretch")
+                    st.image(predictor.image(item["path"]), width="stretch")
             except ImageLoadError as exc:
                 st.warning(f"cannot open: {exc}")
             st.markdown(caption)

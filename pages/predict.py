@@ -87,7 +87,7 @@ for n, r in enumerate(results[:50]):
         best = r["top"][0]
         try:
             out = predictor.explain(r["data"], method=method) if show_cam else None
-            a.image(out["rgb"] if out else predictor.transform(r["data"])[1], caption=r["path"], width="stretch")
+            a.image(out["rgb"] if out else predictor.image(r["data"]), caption=r["path"], width="stretch")
             if out:
                 b.image(out["overlay"], caption=f"Grad-CAM for {out['label']}", width="stretch")
         except ImageLoadError as exc:

@@ -44,9 +44,15 @@ if len(selected) == 1:
                f"batch {cfg.batch_size}, lr {cfg.lr}, {cfg.optimizer}, schedule {cfg.schedule}")
     a, b, c = st.columns(3)
     if row["status"] in ("stopped", "interrupted", "failed", "done") and ws.run(rid).last_path.exists():
+        finished = row["status"] == "done"
         more = a.number_input("Train up to epoch", 1, 1000, max(row["epochs"], row["epochs_done"] + 1)
-                              if row["status"] == "done" else row["epochs"], key=f"resume_epochs_{rid}")
-        if a.button("Resume", key=f"resume_{rid}", help="Continue from the last finished epoch."):
+                              if finished else row["epochs"], key=f"resume_epochs_{rid}",
+                              help="A finished run trains on from its last epoch's weights and optimizer state; "
+                                   "the added epochs get a learning-rate cycle of their own (one-cycle warms up and "
+                                   "decays again, cosine decays again from the initial rate). A stopped or "
+                                   "interrupted run continues its own schedule from its last finished epoch. "
+                                   "best.pt is replaced only if validation accuracy improves.")
+        if a.button("Train on" if finished else "Resume", key=f"resume_{rid}"):
             try:
                 jm.resume(rid, epochs=int(more))
                 st.success(f"Run {rid} queued to resume; follow it on the Train page.")

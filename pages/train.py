@@ -2,6 +2,7 @@ import uuid
 
 import streamlit as st
 
+from core import runs
 from core.config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
 from core.data import DatasetError
 from core.model import imagenet_weights_file
@@ -12,6 +13,11 @@ ws = _ui.ws()
 jm = _ui.manager()
 
 datasets = _ui.require_datasets()
+names = [d["name"] for d in datasets]
+sources = {d["name"]: d["source"] for d in datasets}
+# Settings live as long as the browser session: Streamlit forgets a widget's value once a page without it has
+# run, so every setting is kept in SETTINGS too and put back before the widgets are drawn.
+SETTINGS = "train_settings"
 
 
 def _defaults(preset: str) -> dict:
@@ -22,28 +28,49 @@ def _defaults(preset: str) -> dict:
     return values
 
 
-def _apply_preset() -> None:
-    for key, value in _defaults(st.session_state["preset"]).items():
+def _set_widgets(values: dict) -> None:
+    for key, value in values.items():
         st.session_state[f"cfg_{key}"] = value
 
 
-if "cfg_epochs" not in st.session_state:
-    st.session_state.setdefault("preset", "seed defaults")
-    _apply_preset()
+def _apply_preset() -> None:
+    _set_widgets(_defaults(st.session_state["preset"]))
 
-names = [d["name"] for d in datasets]
-sources = {d["name"]: d["source"] for d in datasets}
-current = st.session_state.get("dataset")
+
+def _offer_last_config() -> None:
+    """The settings last used with the picked dataset, when it has been trained before."""
+    cfg = runs.last_config(ws, sources[st.session_state["train_dataset"]])
+    if cfg is None:
+        return
+    values = cfg.to_dict()
+    weights = str(values["weights"])
+    if weights not in ("imagenet", "none"):
+        st.session_state["weights_file"], values["weights"] = weights, "none"
+    st.session_state["preset"] = cfg.extra.get("preset", "seed defaults") if cfg.extra.get("preset") in PRESETS \
+        else "seed defaults"
+    _set_widgets({k: v for k, v in values.items() if k not in ("data", "extra", "schedule_start_epoch")})
+
+
+for key, value in st.session_state.get(SETTINGS, {}).items():
+    st.session_state.setdefault(key, value)
+if "cfg_epochs" not in st.session_state:  # the first visit in this browser session
+    st.session_state["preset"] = "seed defaults"
+    _apply_preset()
+    current = st.session_state.get("dataset")
+    st.session_state["train_dataset"] = current if current in names else names[0]
+    _offer_last_config()
+if st.session_state.get("train_dataset") not in names:
+    st.session_state["train_dataset"] = names[0]
 
 top1, top2 = st.columns([2, 1])
-dataset_name = top1.selectbox("Dataset", names, index=names.index(current) if current in names else 0,
-                              key="train_dataset")
+dataset_name = top1.selectbox("Dataset", names, key="train_dataset", on_change=_offer_last_config,
+                              help="Picking a dataset you trained before offers the settings of its last run again.")
 st.session_state["dataset"] = dataset_name
 top2.selectbox("Recipe", list(PRESETS), key="preset", on_change=_apply_preset,
                help="A named set of defaults. 'seed defaults' are the classic recipe: Adam, lr 1e-3, 10 epochs, "
                     "batch 32, 224 px, ImageNet normalization.")
 
-with st.form("train_form"):
+with st.container(border=True):
     c1, c2, c3, c4 = st.columns(4)
     c1.selectbox("Architecture", ARCHS, key="cfg_arch",
                  help="resnet18 is fast and strong on small sets; resnet18-custom is the hand-built ResNet18.")
@@ -84,7 +111,9 @@ with st.form("train_form"):
         a3.slider("Color jitter", 0.0, 1.0, key="cfg_color_jitter")
         a3.selectbox("Mixed precision", ["auto", "bf16", "fp16", "off"], key="cfg_amp")
     queue_ok = st.checkbox("Queue after the running job if one is running", key="queue_ok")
-    start = st.form_submit_button("Start training", type="primary")
+    start = st.button("Start training", type="primary")
+st.session_state[SETTINGS] = {k: v for k, v in st.session_state.items()
+                              if k.startswith("cfg_") or k in ("preset", "weights_file", "queue_ok", "train_dataset")}
 
 if st.session_state.get("cfg_weights") == "imagenet" and not imagenet_weights_file(
         st.session_state["cfg_arch"]).exists():

@@ -71,12 +71,13 @@ def trained(tmp_path_factory):
     # 128 px: layer4 is then 4x4, fine enough for Grad-CAM to localise a 42 px square
     """One run trained to the end on a generated set; shared by evaluation, Grad-CAM, predict, CLI tests."""
     from core.storage import Workspace
-    from core.train import fit, prepare_run
+    from core.runs import prepare_run
+    from core.train import fit
     tmp = tmp_path_factory.mktemp("trained")
     data = write_class_folders(tmp / "dots", per_class=40, size=SIZE, seed=1)
     ws = Workspace(tmp / "ws")
     cfg = tiny_config(data, image_size=SIZE, epochs=8, batch_size=16)
+    from core import runs
     run = prepare_run(ws, cfg)
-    result = fit(ws, run)
-    ws.update_run(run.id, status=result["status"])
+    result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
     return {"ws": ws, "run": run, "result": result, "data": data, "size": SIZE}

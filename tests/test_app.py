@@ -6,6 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT, write_class_folders
+from core.config import TrainConfig
 
 PAGES = ["pages/home.py", "pages/datasets.py", "pages/train.py", "pages/evaluate.py", "pages/predict.py",
          "pages/label.py", "pages/runs.py"]
@@ -157,3 +158,46 @@ def test_gallery_relabel_and_label_page_history(finished_ws, trained):
     label.button(key="undo").click().run()
     assert not label.exception
     assert LabelStore(ws).overrides(source)[history[0]["path"]][0] == "dot"
+
+
+def test_train_settings_survive_a_visit_to_another_page(empty_ws, tmp_path):
+    """Bug: the Train page forgot the recipe and every setting after a visit to another page."""
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=6, size=16)
+    Workspace(empty_ws).register_dataset("parts", str(data))
+    at = open_page("pages/train.py")
+    at.selectbox(key="preset").set_value("quick look (CPU)").run()
+    at.number_input(key="cfg_epochs").set_value(7)
+    at.number_input(key="cfg_lr").set_value(0.0005)
+    at.checkbox(key="cfg_vflip").check().run()
+    assert not at.exception, at.exception
+    at.switch_page("pages/datasets.py").run()
+    assert not at.exception and at.title[0].value == "Datasets"
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="preset").value == "quick look (CPU)"
+    assert at.number_input(key="cfg_epochs").value == 7
+    assert at.number_input(key="cfg_lr").value == 0.0005
+    assert at.number_input(key="cfg_image_size").value == 128  # from the recipe
+    assert at.checkbox(key="cfg_vflip").value is True
+
+
+def test_picking_a_dataset_offers_its_last_config(empty_ws, tmp_path):
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    ws = Workspace(empty_ws)
+    first = write_class_folders(tmp_path / "first", per_class=6, size=16)
+    second = write_class_folders(tmp_path / "second", per_class=6, size=16)
+    ws.register_dataset("second", str(second))
+    ws.register_dataset("first", str(first))
+    prepare_run(ws, TrainConfig(data=str(second), weights="none", epochs=3, image_size=48, batch_size=4,
+                                optimizer="sgd", extra={"preset": "quick look (CPU)"}))
+    at = open_page("pages/train.py")
+    at.selectbox(key="train_dataset").set_value("first").run()
+    assert at.number_input(key="cfg_epochs").value == 10  # never trained: the recipe's settings stay
+    at.selectbox(key="train_dataset").set_value("second").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="cfg_epochs").value == 3
+    assert at.number_input(key="cfg_image_size").value == 48
+    assert at.selectbox(key="cfg_optimizer").value == "sgd"
+    assert at.selectbox(key="preset").value == "quick look (CPU)"

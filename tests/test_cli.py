@@ -17,12 +17,23 @@ def cli(*args, ws, check=True):
 def test_train_evaluate_predict_runs(tmp_path):
     data = write_class_folders(tmp_path / "dots", per_class=30, size=48)
     (data / "dot" / "broken.png").write_bytes(b"oops")
+    whole = (data / "blank" / "blank_000.png").read_bytes()
+    (data / "blank" / "cut.png").write_bytes(whole[: len(whole) // 2])  # a good header: fails only at decoding
     ws = tmp_path / "ws"
     train = cli("train", "--data", data, "--weights", "none", "--epochs", 3, "--batch-size", 16,
-                "--image-size", 32, "--set", "hflip=false", ws=ws)
-    run_id = train.stdout.strip().splitlines()[-1]
+                "--image-size", 32, "--set", "hflip=false", "--json", ws=ws)
+    result = json.loads(train.stdout)
+    run_id = result["run_id"]
+    assert result["status"] == "done" and 0 <= result["test_acc"] <= 1
     assert "epoch 3/3" in train.stderr and "1 files skipped" in train.stderr
     assert "test accuracy" in train.stderr
+    # Every skipped file is named with its reason: in the output, the JSON, the run's log and its evaluation.
+    skipped = {s["path"]: s["reason"] for s in result["skipped"]}
+    assert "not a recognised image" in skipped[str(data / "dot" / "broken.png")]
+    assert "truncated" in skipped[str(data / "blank" / "cut.png")]
+    log = (ws / "runs" / run_id / "log.txt").read_text()
+    for path, reason in skipped.items():
+        assert f"{path}: {reason}" in train.stderr and f"{path}: {reason}" in log
 
     ev = json.loads(cli("evaluate", run_id, "--json", ws=ws).stdout)
     assert ev["classes"] == ["blank", "dot"] and len(ev["confusion_matrix"]) == 2
@@ -36,9 +47,37 @@ def test_train_evaluate_predict_runs(tmp_path):
     assert abs(sum(t["prob"] for t in out[0]["top"]) - 1) < 1e-4
     assert "error" in out[1]
 
+    assert {s["path"] for s in ev["skipped"]} == set(skipped)
     runs = json.loads(cli("runs", "--json", ws=ws).stdout)
     assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "done"
     assert runs[0]["test_acc"] == ev["accuracy"]
+
+    # Train a finished run on: the same operation as the Runs page, from the command line.
+    resumed = json.loads(cli("resume", run_id, "--epochs", 4, "--json", ws=ws).stdout)
+    assert resumed["status"] == "done" and resumed["epochs_done"] == 4
+    runs = json.loads(cli("runs", "--json", ws=ws).stdout)
+    assert (runs[0]["epochs_done"], runs[0]["epochs"], runs[0]["status"]) == (4, 4, "done")
+    again = cli("resume", run_id, "--epochs", 4, ws=ws, check=False)
+    assert again.returncode == 2 and "ask for more than 4" in again.stderr
+
+
+def test_typed_flags_win_over_a_preset_even_at_their_default():
+    """Bug: `--preset "small grayscale inspection" --epochs 10` trained the preset's 60 epochs, because 10 is
+    also the flag's default."""
+    from core.cli import build_parser, config_from_args
+    from core.config import PRESETS, TrainConfig
+    preset = PRESETS["small grayscale inspection"]
+    args = build_parser().parse_args(["train", "--data", "x", "--preset", "small grayscale inspection",
+                                      "--epochs", "10", "--lr", "0.001", "--weights", "imagenet",
+                                      "--normalization", "imagenet"])
+    cfg = config_from_args(args)
+    defaults = TrainConfig()
+    assert (cfg.epochs, cfg.lr, cfg.weights, cfg.normalization) == (10, 1e-3, "imagenet", "imagenet")
+    assert (defaults.epochs, defaults.lr, defaults.weights, defaults.normalization) == (10, 1e-3, "imagenet", "imagenet")
+    assert (cfg.image_size, cfg.optimizer, cfg.schedule) == (preset["image_size"], "adamw", "onecycle")  # not typed
+    assert cfg.extra["preset"] == "small grayscale inspection"
+    plain = config_from_args(build_parser().parse_args(["train", "--data", "x"]))
+    assert plain.to_dict() == TrainConfig(data="x").to_dict()
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
@@ -52,6 +91,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (("train", "--data", data, "--set", "hflip=maybe"), "hflip: expected true/false"),
         (("evaluate", "no-such-run"), "no run"),
         (("predict", "no-such-run", "x.png"), "no run"),
+        (("resume", "no-such-run"), "no run"),
     ]
     for args, message in cases:
         proc = cli(*args, ws=ws, check=False)

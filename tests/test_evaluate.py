@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_dot_image
-from core.evaluate import compute_metrics, misclassified, read_predictions
+from core.evaluate import compute_metrics, gallery, read_predictions
 from core.explain import METHODS
 from core.predict import Predictor, get_predictor
 
@@ -41,7 +41,7 @@ def test_run_evaluation_is_saved_with_per_image_table(trained):
     acc = np.mean([r["true"] == r["predicted"] for r in rows])
     assert acc == pytest.approx(ev["accuracy"])
     assert sum(map(sum, ev["confusion_matrix"])) == ev["n"]
-    wrong = misclassified(run)
+    wrong = gallery(run)
     assert [r["loss"] for r in wrong] == sorted((r["loss"] for r in wrong), reverse=True)
     assert trained["ws"].run_row(run.id)["test_acc"] == pytest.approx(ev["accuracy"])
 
@@ -100,8 +100,9 @@ def test_gradcam_is_hotter_on_the_deciding_region(trained):
 
 def test_gradcam_does_not_touch_the_prediction_model(trained):
     pred = Predictor(trained["run"].best_path)
-    before = {k: v.clone() for k, v in pred.model.state_dict().items()}
+    model = pred.classifier.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     pred.explain(Image.new("RGB", (64, 64)))
-    assert not pred.model._forward_hooks and not pred.model.layer4[-1]._forward_hooks
-    for k, v in pred.model.state_dict().items():
+    assert not model._forward_hooks and not model.layer4[-1]._forward_hooks
+    for k, v in model.state_dict().items():
         assert (v == before[k]).all()

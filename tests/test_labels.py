@@ -10,7 +10,7 @@ from core.data import load_dataset
 from core.jobs import JobManager
 from core.labels import LabelStore
 from core.storage import Workspace
-from core.train import prepare_run
+from core.runs import prepare_run
 
 
 def test_history_and_undo(dot_folder, workspace):

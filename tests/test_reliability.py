@@ -17,12 +17,14 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_dot_image, tiny_config, write_class_folders
-from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, safe_torch_load
+from core.checkpoint import CheckpointError, load_checkpoint, safe_torch_load
+from core.model import model_from_checkpoint
 from core.data import DatasetError, find_duplicates, load_dataset
 from core.images import ImageLoadError, open_image
 from core.imports import ImportError_, import_zip
 from core.jobs import JobManager
-from core.train import TrainingError, fit, prepare_run
+from core.runs import TrainingError, prepare_run
+from core.train import fit
 
 
 # ---------------------------------------------------------------------------------------------- images

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from core.checkpoint import load_checkpoint, model_from_checkpoint
+from core.checkpoint import load_checkpoint
+from core.model import model_from_checkpoint
 from core.config import ConfigError, TrainConfig
 from core.jobs import JobManager
 from core.model import WeightsError, build_model
-from core.train import Reporter, TrainingError, fit, prepare_run
+from core.runs import Reporter, TrainingError, prepare_run
+from core.train import fit
 
 
 def test_config_defaults_follow_the_seeds():

@@ -1,0 +1,77 @@
+"""A run's images as the model gets them: the saved split, decoded once into the image cache, served as
+batches of NxHxWx3 uint8 (from memory, a memory-mapped file, or kept on the GPU)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import IMAGE_CACHE, samples_from_split
+from .storage import Run, Workspace
+
+
+@dataclass
+class RunData:
+    classes: list[str]
+    images: object            # MxHxWx3 uint8: numpy array/memmap, or a torch tensor (maybe on GPU)
+    parts: dict[str, np.ndarray]  # sample indices per split part
+    labels: np.ndarray        # per sample
+    paths: list[str]          # per sample
+    rows: np.ndarray          # per sample: its row in `images`
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): could not be decoded
+
+    def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[idx]
+        if isinstance(self.images, torch.Tensor):
+            x = self.images.index_select(0, torch.as_tensor(rows, device=self.images.device))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+        y = torch.from_numpy(self.labels[idx]).long()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def batches(self, idx: np.ndarray, batch_size: int, device: torch.device, should_stop=None):
+        """uint8 image batches of the given samples, in order; `should_stop()` raising Stopped is the caller's."""
+        for start in range(0, len(idx), batch_size):
+            if should_stop is not None:
+                should_stop()
+            yield self.batch(idx[start:start + batch_size], device)[0]
+
+    def train_arrays(self):
+        """(images, rows of the training samples), for statistics such as the dataset mean/std."""
+        arr = self.images.cpu().numpy() if isinstance(self.images, torch.Tensor) else self.images
+        return arr, self.rows[self.parts["train"]]
+
+
+def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.device, reporter=None,
+                  parts=("train", "val", "test")) -> RunData:
+    split = run.split()
+    classes = split["classes"]
+    samples, part_of = [], []
+    for part in parts:
+        for s in samples_from_split(split, part):
+            samples.append(s)
+            part_of.append(part)
+    paths = [s.path for s in samples]
+
+    def progress(done, total):
+        if reporter:
+            reporter.stage("decoding images", done, total)
+
+    # The cache is asked for the images in one canonical order (sorted paths), so runs over the same images
+    # in another split order (the folds of a cross-validation, a re-split) decode them once, not once each.
+    unique = sorted(set(paths))
+    row_of = {p: i for i, p in enumerate(unique)}
+    rows = np.array([row_of[p] for p in paths], dtype=np.int64)
+    decoded = IMAGE_CACHE.get(unique, hw, ws.cache_dir, progress, reporter.should_stop if reporter else None)
+    skipped = [(unique[r], reason) for r, reason in sorted(decoded.failed.items())]
+    part_arr = np.array(part_of)
+    ok = ~np.isin(rows, list(decoded.failed))
+    idx = {p: np.nonzero((part_arr == p) & ok)[0] for p in parts}
+    images = decoded.array
+    if device.type == "cuda" and not decoded.on_disk:
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.nbytes < 0.5 * free:  # keep the whole set resident on the GPU: no host copies per batch
+            images = torch.from_numpy(images).to(device)
+    return RunData(classes, images, idx, np.array([s.label for s in samples], dtype=np.int64), paths, rows,
+                   skipped)

@@ -1,0 +1,183 @@
+"""The seams between the engine's stages: the learning-rate schedule on start, resume and extension; one
+inference path for every consumer of probabilities; one owner of a run's status."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config, write_class_folders
+from core import runs
+from core.config import TrainConfig
+from core.evaluate import read_predictions
+from core.jobs import JobManager
+from core.predict import Predictor
+from core.runs import RunStateError, prepare_run
+from core.schedule import epoch_batches, lr_at
+from core.train import fit
+
+
+def _train(ws, cfg):
+    run = prepare_run(ws, cfg)
+    result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
+    assert result["status"] == "done", result
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_onecycle_is_torchs_onecycle_as_a_pure_function(optimizer):
+    cfg = TrainConfig(data="x", lr=2e-3, epochs=5, schedule="onecycle", optimizer=optimizer)
+    steps = 7
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = (torch.optim.SGD([param], lr=cfg.lr, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.AdamW([param], lr=cfg.lr))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
+    for step in range(cfg.epochs * steps):
+        lr, momentum = lr_at(cfg, step, steps)
+        group = opt.param_groups[0]
+        assert lr == pytest.approx(group["lr"], rel=1e-9)
+        assert momentum == pytest.approx(group["betas"][0] if "betas" in group else group["momentum"], rel=1e-9)
+        opt.step()
+        sched.step()
+
+
+def test_cosine_and_step_schedules_at_epoch_starts():
+    cos = TrainConfig(data="x", lr=1.0, epochs=4, schedule="cosine")
+    assert [lr_at(cos, e * 10, 10)[0] for e in range(4)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    step = TrainConfig(data="x", lr=1.0, epochs=6, schedule="step", step_size=2, step_gamma=0.1)
+    assert [lr_at(step, e * 3, 3)[0] for e in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert epoch_batches(33, 16) == 2 and epoch_batches(32, 16) == 2 and epoch_batches(31, 16) == 2
+
+
+def test_an_extension_is_a_new_cycle_over_the_added_epochs():
+    cfg = TrainConfig(data="x", lr=1.0, epochs=6, schedule="cosine", schedule_start_epoch=4)
+    assert lr_at(cfg, 4 * 10, 10)[0] == pytest.approx(1.0)      # epoch 5 starts the new decay at full rate
+    assert lr_at(cfg, 5 * 10, 10)[0] == pytest.approx(0.5)      # halfway through the two added epochs
+    one = TrainConfig(data="x", lr=1.0, epochs=6, schedule="onecycle", schedule_start_epoch=4)
+    assert lr_at(one, 40, 10)[0] == pytest.approx(1.0 / 25)     # a fresh warm-up
+    assert max(lr_at(one, s, 10)[0] for s in range(40, 60)) == pytest.approx(1.0, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------ resume and extend
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_extending_a_finished_run_trains_the_added_epochs_on_a_new_cycle(dot_folder, workspace, schedule):
+    """Bug: 'Train up to epoch N' on a finished one-cycle run raised 'Tried to step 7 times'; a cosine run
+    trained the added epochs at learning rate 0."""
+    run = _train(workspace, tiny_config(dot_folder, epochs=2, schedule=schedule, optimizer="adamw"))
+    best_before = json.loads(run.best_path.with_suffix(".json").read_text())
+    jm = JobManager(workspace)
+    jm.resume(run.id, epochs=4)  # what the Runs page does
+    snap = jm.wait(run.id, timeout=120)
+    assert snap.status == "done", snap.error
+    hist = run.history()
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    steps = epoch_batches(len(run.split()["train"]), 16)
+    expected = lr_at(run.config(), 2 * steps, steps)[0]
+    assert hist[2]["lr"] == pytest.approx(expected)
+    assert hist[2]["lr"] == pytest.approx(1e-3 / 25 if schedule == "onecycle" else 1e-3)
+    assert min(h["lr"] for h in hist[2:]) > 0
+    cfg = run.config()
+    assert (cfg.epochs, cfg.schedule_start_epoch) == (4, 2)
+    best_after = json.loads(run.best_path.with_suffix(".json").read_text())
+    assert best_after["best"]["val_acc"] >= best_before["best"]["val_acc"]  # replaced only by a better epoch
+    with pytest.raises(RunStateError, match="ask for more than 4"):
+        jm.resume(run.id, epochs=4)
+
+
+def test_a_stopped_run_continues_its_own_schedule(dot_folder, workspace):
+    from test_train import StopAfter
+    run = prepare_run(workspace, tiny_config(dot_folder, epochs=4, schedule="cosine"))
+    steps = epoch_batches(len(run.split()["train"]), 16)
+    result = runs.execute(workspace, run.id, lambda: fit(workspace, run, StopAfter(2 * steps + 1)), runs.Reporter())
+    assert result["status"] == "stopped" and result["epochs_done"] == 2
+    runs.prepare_resume(workspace, run.id)
+    assert runs.execute(workspace, run.id, lambda: fit(workspace, run, resume=True), runs.Reporter())["status"] == "done"
+    lrs = [h["lr"] for h in run.history()]
+    assert lrs == pytest.approx([1e-3 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)])
+    assert run.config().schedule_start_epoch == 0
+
+
+# ------------------------------------------------------------------------------------ one inference path
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tta", "plain"])
+def small_run(request, tmp_path_factory):
+    from core.storage import Workspace
+    tmp = tmp_path_factory.mktemp("inference")
+    data = write_class_folders(tmp / "dots", per_class=24, size=48, seed=3)
+    ws = Workspace(tmp / "ws")
+    run = _train(ws, tiny_config(data, image_size=48, epochs=2, tta=request.param, hflip=True))
+    return {"ws": ws, "run": run, "tta": request.param}
+
+
+def test_every_consumer_gets_the_evaluations_probabilities(small_run):
+    """Bug: with TTA the Predict page and `core predict` disagreed with predictions.csv by up to 0.21."""
+    run = small_run["run"]
+    rows = read_predictions(run)
+    assert rows and run.evaluation()["tta"] is small_run["tta"]
+    paths = [r["path"] for r in rows]
+    saved = np.array([[float(r["p_blank"]), float(r["p_dot"])] for r in rows])
+    pred = Predictor(run.best_path)
+    batched = np.array([[r["probs"]["blank"], r["probs"]["dot"]] for r in pred.predict(paths)])
+    one_by_one = np.array([[r["probs"]["blank"], r["probs"]["dot"]] for p in paths for r in pred.predict(p)])
+    explained = np.array([[e["probs"]["blank"], e["probs"]["dot"]] for e in map(pred.explain, paths)])
+    for probs in (batched, one_by_one, explained):
+        assert np.abs(probs - saved).max() < 1e-5
+    # Grad-CAM's top-k is the prediction's top-k
+    top = pred.explain(paths[0], top_k=2)["top"]
+    assert [t["label"] for t in top] == [t["label"] for t in pred.predict(paths[0], top_k=2)[0]["top"]]
+
+
+def test_tta_changes_the_probabilities_it_is_asked_to(small_run):
+    """The TTA run's evaluation really averages flips (so the test above compares something)."""
+    if not small_run["tta"]:
+        pytest.skip("plain run")
+    from core.inference import Classifier
+    clf = Classifier.from_checkpoint(small_run["run"].best_path)
+    pred = Predictor(small_run["run"].best_path)
+    x = torch.from_numpy(np.stack([pred.image(r["path"]) for r in read_predictions(small_run["run"])[:8]]))
+    with_tta = clf.probs(x)
+    clf.tta = False
+    assert np.abs(with_tta - clf.probs(x)).max() > 1e-4
+
+
+def test_crossval_folds_use_the_same_inference(tmp_path, workspace):
+    from core.curation import crossval
+    root = write_class_folders(tmp_path / "d", per_class=12, size=32, seed=5)
+    run = prepare_run(workspace, tiny_config(root, epochs=1, batch_size=8, tta=True, test_fraction=0.0))
+    assert crossval(workspace, run, runs.Reporter(), folds=2)["status"] == "done"
+    fold = run.dir / "fold1"
+    rows = read_predictions(type(run)(run.id + "-fold1", fold))
+    pred = Predictor(fold / "best.pt")
+    got = pred.predict([r["path"] for r in rows])
+    for r, g in zip(rows, got):
+        assert abs(g["probs"]["dot"] - float(r["p_dot"])) < 1e-5
+
+
+# ------------------------------------------------------------------------------------ a run's status
+
+def test_status_moves_only_along_the_runs_life(dot_folder, workspace):
+    run = prepare_run(workspace, tiny_config(dot_folder, epochs=1))
+    assert runs.status(workspace, run.id) == "queued"
+    with pytest.raises(RunStateError, match="cannot become done"):
+        runs.transition(workspace, run.id, "done")
+    runs.transition(workspace, run.id, "running")
+    runs.transition(workspace, run.id, "stopping")
+    runs.transition(workspace, run.id, "stopped")
+    with pytest.raises(RunStateError, match="no finished epoch"):
+        runs.prepare_resume(workspace, run.id)
+    row = workspace.run_row(run.id)
+    assert row["started"] and row["finished"] >= row["started"]
+
+
+def test_a_failed_run_records_why(dot_folder, workspace):
+    run = prepare_run(workspace, tiny_config(dot_folder, epochs=1))
+
+    def broken():
+        raise runs.TrainingError("the disk went away")
+    result = runs.execute(workspace, run.id, broken, runs.Reporter())
+    assert result == {"status": "failed", "error": "the disk went away"}
+    row = workspace.run_row(run.id)
+    assert row["status"] == "failed" and row["error"] == "the disk went away"
