@@ -1,32 +1,24 @@
 """What every page shares: the workspace, the job manager, the sidebar, and chart builders.
 
-Only presentation lives here; all logic is in `core`. (This file is not a page: app.py lists the
-pages explicitly with st.navigation.)
+Only presentation lives here; all logic is in `core`. (This file is not a page: pages/_nav.py lists them.)
+Nothing here imports torch: the Start page paints before it is loaded (see device_text).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import plotly.graph_objects as go
+import sys
+import threading
+
 import streamlit as st
 
 from core.data import DatasetError, load_dataset
 from core.jobs import JobManager
 from core.storage import Workspace, default_workspace
-from core.device import describe_device
+from pages import _nav
 
 
-def _ensure_app_navigation() -> None:
-    """Streamlit runs a `pages/` folder as a legacy multipage app (each page without app.py) until
-    st.navigation has been called once in the process; a first visit straight to /train would then miss
-    app.py's sidebar and page list. Switch the process to app.py's navigation and rerun that request."""
-    from streamlit.runtime.pages_manager import PagesManager
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
-_ensure_app_navigation()
+_nav.end_legacy_mode()  # a page visited first after the server starts: rerun it through app.py
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ELPV_NAME = "ELPV solar cells (example)"
@@ -59,9 +51,27 @@ def ws() -> Workspace:
     return manager().ws
 
 
-@st.cache_resource(show_spinner=False)
+_device: dict = {}
+
+
+def _detect_device() -> None:
+    from core.device import describe_device  # imports torch: about 2 s, off the page's thread
+    _device["text"] = describe_device()
+
+
+def detect_device() -> None:
+    """Start finding the device once per process, in the background; app.py calls this after the page has been
+    drawn, so the import of torch does not hold the first page up."""
+    if "thread" not in _device:
+        _device["thread"] = threading.Thread(target=_detect_device, name="detect-device", daemon=True)
+        _device["thread"].start()
+
+
 def device_text() -> str:
-    return describe_device()
+    """The device line; "detecting…" until torch has loaded (the sidebar polls every 2 s)."""
+    if "text" not in _device and "torch" in sys.modules:  # a page already loaded torch: no wait
+        _detect_device()
+    return _device.get("text", "detecting…")
 
 
 @st.cache_data(show_spinner="Reading the dataset…", ttl=30, max_entries=8)
@@ -96,12 +106,12 @@ def sidebar() -> None:
         if logo.exists():
             st.logo(str(logo))
         st.caption(f"Workspace: `{workspace_root()}`")
-        st.caption(f"Device: {device_text()}")
-        _sidebar_job()
+        _sidebar_status()
 
 
 @st.fragment(run_every=2)
-def _sidebar_job() -> None:
+def _sidebar_status() -> None:
+    st.caption(f"Device: {device_text()}")
     snap = manager().active()
     if snap is None:
         st.caption("No training job running.")
@@ -185,6 +195,7 @@ def pick_run(label: str, rows: list[dict], key: str) -> str | None:
 
 def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, list[dict]] | None = None):
     """Train vs val curves of one metric ("loss" or "acc"); or val curves of several runs."""
+    import plotly.graph_objects as go
     fig = go.Figure()
     if runs:
         for name, hist in runs.items():

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -40,16 +41,21 @@ def studio(tmp_path):
                              "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + 120  # a cold machine's first start reads every module from disk
     while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+        try:  # ready when Streamlit's own health check answers, not when the port merely opens
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
         except OSError:
             time.sleep(0.3)
+        if proc.poll() is not None:
+            break
     else:
         proc.kill()
         pytest.fail("streamlit did not start: " + (tmp_path / "streamlit.log").read_text())
+    if proc.poll() is not None:
+        pytest.fail("streamlit exited: " + (tmp_path / "streamlit.log").read_text())
     yield url
     proc.terminate()
     try:
@@ -98,12 +104,16 @@ def test_journey_in_a_real_browser(studio, tmp_path):
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Waits are for readiness (an element appearing), never a fixed time: a cold machine is slow to start.
         page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
 
         # 1. Register the dataset
         page.goto(f"{studio}/datasets")  # a first visit straight to a sub-page still gets app.py's sidebar
+        expect(page.get_by_role("heading", name="Datasets")).to_be_visible()
+        expect(page.get_by_test_id("stSidebar").get_by_role("link", name="Evaluate")).to_be_visible()
         expect(page.get_by_text(re.compile(r"^Device: (CPU|CUDA|Apple)"))).to_be_visible()
-        expect(page.get_by_test_id("stSidebarNav").get_by_text("Evaluate")).to_be_visible()
+        assert page.get_by_test_id("stSidebarNav").count() == 0  # Streamlit's auto-discovered list never shows
         page.get_by_text("Add a dataset").click()
         page.get_by_text("Folder on this machine").click()
         page.get_by_role("textbox", name="Folder or CSV path").fill(str(data))
