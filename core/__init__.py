@@ -1,16 +1,23 @@
 """The studio's engine: plain Python/PyTorch, no Streamlit.
 
-Data flow, one module per stage:
-    images.py      open any image as upright RGB
+Data flow, one module per stage (README "How it fits together"):
+    images.py      open any image as upright RGB, or say why not
     data.py        dataset sources, split, decoded-image cache
-    transforms.py  normalization, batched augmentation, the one eval transform
-    model.py       ResNet builders and weight loading
-    train.py       train_one_epoch / evaluate_loss_acc / fit
+    labels.py      corrected labels and exclusions (SQLite); curation.py finds likely label errors
+    rundata.py     a run's decoded images, served as uint8 batches
+    transforms.py  uint8 -> model input, normalization, batched augmentation
+    model.py       ResNet builders, weight loading, a model from a checkpoint
+    device.py      device and precision choice
+    schedule.py    the learning rate as a pure function of the step
+    train.py       train_one_epoch / validate / fit
     checkpoint.py  state_dict + JSON metadata, atomic, weights_only loading
+    inference.py   the one path from images to probabilities (precision, TTA)
     evaluate.py    test metrics and the per-image table
     explain.py     Grad-CAM and friends
     predict.py     a loaded model for new images
-    storage.py     the workspace and its SQLite index
-    jobs.py        background training jobs
+    runs.py        a run's life: creation, status, scores, resume and extension
+    storage.py     the workspace folders and its SQLite index
+    jobs.py        background jobs for the studio
+    imports.py     zips, read safely
     cli.py         python -m core ...
 """

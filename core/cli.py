@@ -131,7 +131,7 @@ def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, a
         print(json.dumps({"run_id": run.id, "status": result["status"], "error": result.get("error"),
                           "epochs_done": result.get("epochs_done"), "best_val_acc": result.get("best_val_acc"),
                           "test_acc": result.get("test_acc"),
-                          "skipped": [{"path": p, "reason": r} for p, r in skipped]}))
+                          "skipped": runs.skipped_files(skipped)}))
     else:
         print(run.id)
     return 1 if result["status"] == "failed" else 0

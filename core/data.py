@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
-from .images import ALLOWED_FORMATS, MAX_PIXELS, ImageLoadError, is_image_name, load_array
+from .images import ImageLoadError, check_image, is_image_name, load_array
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
@@ -64,20 +63,11 @@ def _hidden(name: str) -> bool:
 
 
 def _check_header(path: str) -> str | None:
-    """Cheap check (header only, no decode): None if it looks usable, else the reason."""
+    """None if the file looks usable (header only, no decode), else the reason."""
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path, formats=ALLOWED_FORMATS) as img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                return f"image too large ({w}x{h}): refused as a possible decompression bomb"
-    except Image.DecompressionBombError:
-        return "refused as a possible decompression bomb"
-    except OSError as exc:
-        if "cannot identify image" in str(exc):
-            return "not a recognised image file (or a format that is not allowed)"
-        return f"cannot read: {exc.strerror or exc}"
+        check_image(path)
+    except ImageLoadError as exc:
+        return str(exc)
     except Exception as exc:  # any parser error is the file's fault, never the run's
         return f"cannot read: {exc}"
     return None
@@ -382,10 +372,6 @@ class DecodedImages:
     failed: dict[int, str]  # index -> reason; those slots are zeros and must not be used
     key: str
     on_disk: bool = False
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.array([i for i in range(len(self.array)) if i not in self.failed], dtype=np.int64)
 
 
 class ImageCache:

@@ -10,7 +10,7 @@ import numpy as np
 from .device import select_device
 from .inference import Classifier
 from .rundata import load_run_data
-from .runs import record
+from .runs import record, skipped_files
 from .storage import Run, Workspace
 
 
@@ -65,7 +65,7 @@ def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
     metrics = compute_metrics(y, probs, data.classes)
     metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": clf.meta["epoch"],
                     "best_val_acc": clf.meta["best"]["val_acc"] if "best" in clf.meta else None,
-                    "tta": clf.tta, "skipped": [{"path": p, "reason": r} for p, r in run.skipped()]})
+                    "tta": clf.tta, "skipped": skipped_files(run.skipped())})
     _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes)
     tmp = run.eval_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(metrics, indent=2))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,36 +61,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def open_image(source) -> Image.Image:
-    """Open a path, bytes, or file object (or pass a PIL image through) as upright RGB.
-
-    Raises ImageLoadError with a readable reason for anything unusable.
-    """
-    if isinstance(source, Image.Image):
-        try:
-            return _to_rgb(ImageOps.exif_transpose(source) or source)
-        except Exception as exc:  # pragma: no cover - exotic in-memory images
-            raise ImageLoadError(f"cannot convert image: {exc}") from exc
+def _file(source):
+    """What Image.open reads for a path, bytes or file object; an empty or unreachable file is refused."""
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise ImageLoadError("empty file (0 bytes)")
-        fp = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            if path.stat().st_size == 0:
-                raise ImageLoadError("empty file (0 bytes)")
-        except FileNotFoundError:
-            raise ImageLoadError("file not found") from None
-        except PermissionError:
-            raise ImageLoadError("permission denied") from None
-        except OSError as exc:
-            raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from None
-        fp = path
-    else:
-        fp = source
+        return io.BytesIO(source)
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
     try:
-        with Image.open(fp, formats=ALLOWED_FORMATS) as img:
+        if path.stat().st_size == 0:
+            raise ImageLoadError("empty file (0 bytes)")
+    except FileNotFoundError:
+        raise ImageLoadError("file not found") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied") from None
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from None
+    return path
+
+
+@contextmanager
+def _opened(source):
+    """The image opened lazily (its header read, no pixels decoded) after the checks the header allows; any
+    error inside the block, decoding included, becomes an ImageLoadError with a readable reason."""
+    try:
+        with Image.open(_file(source), formats=ALLOWED_FORMATS) as img:
             w, h = img.size
             if w < 1 or h < 1:
                 raise ImageLoadError("image has no pixels")
@@ -97,14 +95,7 @@ def open_image(source) -> Image.Image:
                 raise ImageLoadError(
                     f"image too large ({w}x{h} pixels, limit {MAX_PIXELS:,}): refused as a possible "
                     "decompression bomb")
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # policy: first frame of animations and multi-page files
-            img.load()
-            upright = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(upright)
-            if rgb is img:
-                rgb = img.copy()
-            return rgb
+            yield img
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -122,6 +113,40 @@ def open_image(source) -> Image.Image:
         raise ImageLoadError(f"cannot decode image: {msg}") from None
     except MemoryError:
         raise ImageLoadError("image too large to decode in memory") from None
+
+
+def check_image(source) -> None:
+    """The cheap check of a dataset scan: header only, nothing decoded. ImageLoadError says why not."""
+    with _opened(source):
+        pass
+
+
+def open_image(source) -> Image.Image:
+    """Open a path, bytes, or file object (or pass a PIL image through) as upright RGB.
+
+    Raises ImageLoadError with a readable reason for anything unusable.
+    """
+    if isinstance(source, Image.Image):
+        try:
+            return _to_rgb(ImageOps.exif_transpose(source) or source)
+        except Exception as exc:  # pragma: no cover - exotic in-memory images
+            raise ImageLoadError(f"cannot convert image: {exc}") from exc
+    with _opened(source) as img:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # policy: first frame of animations and multi-page files
+        img.load()
+        rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+        return img.copy() if rgb is img else rgb
+
+
+def skip_kind(reason: str) -> str:
+    """The kind of a reason given above: empty, not an image, too many pixels, truncated, or unreadable."""
+    text = reason.lower()
+    for kind, words in (("empty", ("empty file", "no pixels")), ("not an image", ("not a recognised",)),
+                        ("too many pixels", ("too large", "decompression bomb")), ("truncated", ("truncated",))):
+        if any(w in text for w in words):
+            return kind
+    return "unreadable"
 
 
 def resize_to_array(img: Image.Image, hw: tuple[int, int]) -> np.ndarray:

@@ -8,6 +8,7 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -58,6 +59,92 @@ def _entry_parts(name: str) -> list[str] | None:
     return parts
 
 
+@dataclass
+class Limits:
+    entries: int = MAX_ENTRIES
+    total: int = MAX_TOTAL_BYTES
+    file: int = MAX_FILE_BYTES
+    ratio: float = MAX_RATIO
+
+
+def _open_zip(source) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(source)
+    except zipfile.BadZipFile:
+        raise ImportError_("not a zip file, or the zip is truncated or corrupt") from None
+    except OSError as exc:
+        raise ImportError_(f"cannot read the zip: {exc.strerror or exc}") from None
+
+
+def _image_entries(zf: zipfile.ZipFile, limits: Limits, skipped: list):
+    """(info, safe path parts) of each image entry; every other entry is skipped with its reason (hidden files
+    and macOS resource forks silently). An encrypted zip or one with too many entries is refused whole."""
+    infos = zf.infolist()
+    if len(infos) > limits.entries:
+        raise ImportError_(f"the zip has {len(infos):,} entries; the limit is {limits.entries:,}")
+    for info in infos:
+        if info.is_dir():
+            continue
+        parts = _entry_parts(info.filename)
+        if parts is None:
+            skipped.append((info.filename, "unsafe path (outside the dataset folder)"))
+        elif any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            continue
+        elif stat.S_ISLNK(info.external_attr >> 16):
+            skipped.append((info.filename, "symbolic link (not followed)"))
+        elif info.flag_bits & 0x1:
+            raise ImportError_("the zip is encrypted; export it without a password")
+        elif parts[-1].lower().endswith(".zip"):
+            skipped.append((info.filename, "nested zip (not extracted; import it separately)"))
+        elif not is_image_name(parts[-1]):
+            skipped.append((info.filename, "not an image file"))
+        elif info.file_size > limits.file:
+            raise ImportError_(f"{info.filename} would be {info.file_size:,} bytes; the per-file limit "
+                               f"is {limits.file:,}")
+        else:
+            yield info, parts
+
+
+def _stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits, spent: list[int], write) -> None:
+    """Copy one entry to `write` in blocks, counting the bytes actually extracted (the sizes a zip declares can
+    lie) against the per-file, ratio and total limits; spent[0] carries the total across entries."""
+    size = 0
+    try:
+        with zf.open(info) as src:
+            while block := src.read(CHUNK):
+                size += len(block)
+                spent[0] += len(block)
+                if size > limits.file:
+                    raise ImportError_(f"{info.filename} is larger than the per-file limit ({limits.file:,} bytes)")
+                if size > max(info.compress_size, 1) * limits.ratio and size > CHUNK:
+                    raise ImportError_(f"{info.filename} expands more than {limits.ratio}x: "
+                                       "refused as a possible zip bomb")
+                if spent[0] > limits.total:
+                    raise ImportError_(f"the zip expands past the total limit ({limits.total:,} bytes)")
+                write(block)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise ImportError_(f"the zip is truncated or corrupt at {info.filename} ({exc})") from None
+    except RuntimeError as exc:  # zipfile raises RuntimeError for encrypted members
+        raise ImportError_(f"cannot extract {info.filename}: {exc}") from None
+
+
+def read_zip_images(source, max_images: int = 500, limits: Limits | None = None):
+    """The images of an uploaded zip in memory, for prediction: ([(entry name, bytes)], skipped, more), where
+    `more` counts images beyond max_images. The same checks as an import; ImportError_ refuses the whole zip."""
+    limits = limits or Limits(total=2 * 2**30)
+    skipped: list[tuple[str, str]] = []
+    images, more, spent = [], 0, [0]
+    with _open_zip(source) as zf:
+        for info, _ in _image_entries(zf, limits, skipped):
+            if len(images) >= max_images:
+                more += 1
+                continue
+            buf = io.BytesIO()
+            _stream(zf, info, limits, spent, buf.write)
+            images.append((info.filename, buf.getvalue()))
+    return images, skipped, more
+
+
 def import_zip(source, datasets_dir: str | Path, name: str | None = None,
                max_entries: int = MAX_ENTRIES, max_total: int = MAX_TOTAL_BYTES,
                max_file: int = MAX_FILE_BYTES, max_ratio: float = MAX_RATIO) -> ImportResult:
@@ -65,78 +152,26 @@ def import_zip(source, datasets_dir: str | Path, name: str | None = None,
 
     Entries that are unsafe or not images are skipped and listed; limits breached abort the whole import.
     """
+    limits = Limits(max_entries, max_total, max_file, max_ratio)
     datasets_dir = Path(datasets_dir)
     datasets_dir.mkdir(parents=True, exist_ok=True)
-    display = name or Path(getattr(source, "name", str(source))).stem
-    final_name = safe_name(display)
+    final_name = safe_name(name or Path(getattr(source, "name", str(source))).stem)
     target = datasets_dir / final_name
     n = 2
     while target.exists():
         target = datasets_dir / f"{final_name}-{n}"
         n += 1
-    try:
-        zf = zipfile.ZipFile(source)
-    except zipfile.BadZipFile:
-        raise ImportError_("not a zip file, or the zip is truncated or corrupt") from None
-    except OSError as exc:
-        raise ImportError_(f"cannot read the zip: {exc.strerror or exc}") from None
+    zf = _open_zip(source)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=datasets_dir))
     skipped: list[tuple[str, str]] = []
-    written = 0
-    total = 0
+    written, spent = 0, [0]
     try:
         with zf:
-            infos = zf.infolist()
-            if len(infos) > max_entries:
-                raise ImportError_(f"the zip has {len(infos):,} entries; the limit is {max_entries:,}")
-            for info in infos:
-                if info.is_dir():
-                    continue
-                parts = _entry_parts(info.filename)
-                if parts is None:
-                    skipped.append((info.filename, "unsafe path (outside the dataset folder)"))
-                    continue
-                if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-                    continue  # hidden files and macOS resource forks: silently ignored
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    skipped.append((info.filename, "symbolic link (not followed)"))
-                    continue
-                if info.flag_bits & 0x1:
-                    raise ImportError_("the zip is encrypted; export it without a password")
-                if parts[-1].lower().endswith(".zip"):
-                    skipped.append((info.filename, "nested zip (not extracted; import it separately)"))
-                    continue
-                if not is_image_name(parts[-1]):
-                    skipped.append((info.filename, "not an image file"))
-                    continue
-                if info.file_size > max_file:
-                    raise ImportError_(f"{info.filename} would be {info.file_size:,} bytes; the per-file limit "
-                                       f"is {max_file:,}")
+            for info, parts in _image_entries(zf, limits, skipped):
                 dest = tmp.joinpath(*parts)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                size = 0
-                try:
-                    with zf.open(info) as src, open(dest, "wb") as out:
-                        while True:
-                            block = src.read(CHUNK)
-                            if not block:
-                                break
-                            size += len(block)
-                            total += len(block)
-                            if size > max_file:
-                                raise ImportError_(f"{info.filename} is larger than the per-file limit "
-                                                   f"({max_file:,} bytes)")
-                            if size > max(info.compress_size, 1) * max_ratio and size > CHUNK:
-                                raise ImportError_(f"{info.filename} expands more than {max_ratio}x: "
-                                                   "refused as a possible zip bomb")
-                            if total > max_total:
-                                raise ImportError_(f"the zip expands past the total limit ({max_total:,} bytes)")
-                            out.write(block)
-                except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-                    raise ImportError_(f"the zip is truncated or corrupt at {info.filename} ({exc})") from None
-                except RuntimeError as exc:  # zipfile raises RuntimeError for encrypted members
-                    raise ImportError_(f"cannot extract {info.filename}: {exc}") from None
+                with open(dest, "wb") as out:
+                    _stream(zf, info, limits, spent, out.write)
                 written += 1
         if written == 0:
             raise ImportError_("the zip holds no image files")

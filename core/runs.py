@@ -192,13 +192,27 @@ def prepare_resume(ws: Workspace, run_id: str, epochs: int | None = None) -> Run
     return run
 
 
-def last_config(ws: Workspace, data: str) -> TrainConfig | None:
-    """The config of the newest training run on this dataset (cross-validations aside), to offer it again."""
+def last_run(ws: Workspace, data: str) -> Run | None:
+    """The newest training run on this dataset (cross-validations aside)."""
     for row in ws.list_runs():
         try:
-            cfg = ws.run(row["id"]).config()
+            run = ws.run(row["id"])
+            cfg = run.config()
         except (KeyError, OSError, ValueError):
-            continue  # a run folder removed or half-written: not a config to offer
+            continue  # a run folder removed or half-written
         if cfg.data == data and cfg.extra.get("kind") != "crossval":
-            return cfg
+            return run
     return None
+
+
+def last_config(ws: Workspace, data: str) -> TrainConfig | None:
+    """The config of the newest training run on this dataset, to offer it again."""
+    run = last_run(ws, data)
+    return run.config() if run else None
+
+
+def skipped_files(skipped) -> list[dict]:
+    """(path, reason) pairs as {"path", "kind", "reason"}: kind is empty, not an image, too many pixels,
+    truncated or unreadable."""
+    from .images import skip_kind
+    return [{"path": p, "kind": skip_kind(r), "reason": r} for p, r in skipped]

@@ -4,6 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from core import runs
 from core.data import DatasetError, load_dataset, stratified_split
 from core.images import ImageLoadError, load_array
 from core.imports import ImportError_, import_zip
@@ -76,7 +77,7 @@ total = sum(counts.values())
 c1, c2, c3 = st.columns(3)
 c1.metric("Images", f"{total:,}")
 c2.metric("Classes", len(ds.classes))
-c3.metric("Skipped files", len(ds.skipped))
+c3.metric("Skipped files", len(ds.skipped), help="Files the scan found unusable; the list is at the bottom.")
 
 frame = pd.DataFrame({"class": list(counts), "images": list(counts.values())})
 fig = px.bar(frame, x="class", y="images", text="images", title="Images per class")
@@ -118,6 +119,12 @@ if duplicates:
     with st.expander("Identical files"):
         st.dataframe(pd.DataFrame({"files": [" | ".join(g) for g in duplicates]}), hide_index=True)
 
-if ds.skipped:
-    st.subheader("Skipped files")
-    st.dataframe(pd.DataFrame(ds.skipped, columns=["file", "reason"]), hide_index=True)
+# Files the scan skipped, and those only training found unusable (a good header over broken pixels).
+last = runs.last_run(ws, source)
+scanned = {p for p, _ in ds.skipped}
+skipped = ds.skipped + [s for s in (last.skipped() if last else []) if s[0] not in scanned]
+if skipped:
+    st.subheader(f"Skipped files ({len(skipped)})")
+    st.caption("Left out of training, each with the reason." + (f" Includes what run {last.id} could not decode."
+                                                                 if len(skipped) > len(ds.skipped) else ""))
+    st.dataframe(pd.DataFrame(runs.skipped_files(skipped)), hide_index=True, key="skipped_table")

@@ -4,13 +4,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.config import TrainConfig
-from core.curation import export_dataset, read_label_issues
-from core.images import ImageLoadError
+from core.curation import crossval_config, export_dataset, read_label_issues
+from core.images import ImageLoadError, load_array
 from core.labels import LabelStore
 from core.predict import get_predictor
 from pages import _ui
-
 
 
 @st.cache_data(max_entries=4, show_spinner="Predicting the pool…")
@@ -86,8 +84,7 @@ elif queue_kind == "Likely label errors":
             if jm.active() is not None:
                 st.warning("A job is running; start this when it ends.")
             else:
-                cfg = TrainConfig(data=source, weights="none", epochs=int(epochs), image_size=int(size),
-                                  batch_size=min(32, max(2, len(ds.samples) // 4)))
+                cfg = crossval_config(source, len(ds.samples), int(epochs), int(size))
                 try:
                     rid = jm.submit_crossval(cfg, int(folds), request_id=uuid.uuid4().hex)
                     st.session_state["train_run"] = rid
@@ -122,14 +119,13 @@ if todo:
     if model_id is not None:
         predictor = get_predictor(ws, model_id)
         try:
-            out = predictor.explain(item["path"])
+            out = predictor.explain(item["path"], top_k=3)
             left.image([out["rgb"], out["overlay"]], caption=["image", f"Grad-CAM for {out['label']}"], width=320)
-            suggestions = predictor.predict(item["path"], top_k=3)[0].get("top", [])
+            suggestions = out["top"]
         except ImageLoadError as exc:
             left.error(f"cannot open: {exc}")
     else:
         try:
-            from core.images import load_array
             left.image(load_array(item["path"], (320, 320)))
         except ImageLoadError as exc:
             left.error(f"cannot open: {exc}")

@@ -1,12 +1,10 @@
-import io
-import zipfile
-
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from core.explain import METHODS
-from core.images import ImageLoadError, is_image_name
+from core.images import ImageLoadError
+from core.imports import ImportError_, read_zip_images
 from core.predict import get_predictor
 from pages import _ui
 
@@ -31,25 +29,22 @@ if not uploads:
 
 
 def _expand(files):
-    """(name, bytes) for each upload; zips are opened in memory (images only, capped)."""
+    """(name, bytes, error) for each upload; a zip gives its images through core's safe reader."""
     for f in files:
-        data = f.getvalue()
-        if f.name.lower().endswith(".zip"):
-            try:
-                with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                    members = [i for i in zf.infolist() if not i.is_dir() and is_image_name(i.filename)
-                               and not i.filename.rsplit("/", 1)[-1].startswith(".") and "__MACOSX" not in i.filename]
-                    for info in members[:MAX_ZIP_IMAGES]:
-                        if info.file_size > 64 * 2**20:
-                            yield info.filename, None, "file too large"
-                            continue
-                        yield f"{f.name}/{info.filename}", zf.read(info), None
-                    if len(members) > MAX_ZIP_IMAGES:
-                        st.warning(f"{f.name}: only the first {MAX_ZIP_IMAGES} images are predicted.")
-            except (zipfile.BadZipFile, RuntimeError, OSError) as exc:
-                yield f.name, None, f"unusable zip: {exc}"
-        else:
-            yield f.name, data, None
+        if not f.name.lower().endswith(".zip"):
+            yield f.name, f.getvalue(), None
+            continue
+        try:
+            images, skipped, more = read_zip_images(f, max_images=MAX_ZIP_IMAGES)
+        except ImportError_ as exc:
+            yield f.name, None, f"unusable zip: {exc}"
+            continue
+        if more:
+            st.warning(f"{f.name}: only the first {MAX_ZIP_IMAGES} images are predicted ({more} more left out).")
+        for entry, reason in skipped:
+            yield f"{f.name}/{entry}", None, reason
+        for entry, data in images:
+            yield f"{f.name}/{entry}", data, None
 
 
 items = list(_expand(uploads))

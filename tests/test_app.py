@@ -77,6 +77,9 @@ def test_datasets_page_registers_a_folder(empty_ws, tmp_path):
     assert not at.exception, at.exception
     assert "Registered parts: 12 images in 2 classes" in texts(at)
     assert at.metric[0].value == "12" and at.metric[2].value == "1"  # images, skipped
+    table = next(d.value for d in at.dataframe if "kind" in d.value.columns)  # every skipped file, named
+    assert table.to_dict("records") == [{"path": str(data / "dot" / "broken.png"), "kind": "not an image",
+                                         "reason": "not a recognised image file (or a format that is not allowed)"}]
 
 
 def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):

@@ -29,6 +29,8 @@ def test_train_evaluate_predict_runs(tmp_path):
     assert "test accuracy" in train.stderr
     # Every skipped file is named with its reason: in the output, the JSON, the run's log and its evaluation.
     skipped = {s["path"]: s["reason"] for s in result["skipped"]}
+    kinds = {s["path"]: s["kind"] for s in result["skipped"]}
+    assert kinds == {str(data / "dot" / "broken.png"): "not an image", str(data / "blank" / "cut.png"): "truncated"}
     assert "not a recognised image" in skipped[str(data / "dot" / "broken.png")]
     assert "truncated" in skipped[str(data / "blank" / "cut.png")]
     log = (ws / "runs" / run_id / "log.txt").read_text()

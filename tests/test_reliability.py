@@ -357,3 +357,20 @@ def test_streamlit_server_settings():
     assert cfg["enableXsrfProtection"] is True
     assert cfg["address"] in ("localhost", "127.0.0.1")
     assert 0 < cfg["maxUploadSize"] <= 4096
+
+
+def test_predict_page_zip_reader_refuses_bombs_and_names_skipped_entries():
+    """Uploads on the Predict page go through core's safe reader: counted sizes, not the ones a zip declares."""
+    from core.imports import Limits, read_zip_images
+    data = _zip(_good_entries() + [("set/notes.txt", b"hi"), ("../evil.png", _png_bytes())])
+    images, skipped, more = read_zip_images(io.BytesIO(data), max_images=4)
+    assert len(images) == 4 and more == 2 and all(b.startswith(b"\x89PNG") for _, b in images)
+    assert dict(skipped) == {"set/notes.txt": "not an image file",
+                             "../evil.png": "unsafe path (outside the dataset folder)"}
+    bomb = _zip([("set/a/bomb.png", b"\0" * (50 * 2**20))])
+    with pytest.raises(ImportError_, match="zip bomb"):
+        read_zip_images(io.BytesIO(bomb))
+    with pytest.raises(ImportError_, match="total limit"):
+        read_zip_images(io.BytesIO(_zip(_good_entries())), limits=Limits(total=200))
+    with pytest.raises(ImportError_, match="not a zip"):
+        read_zip_images(io.BytesIO(b"no zip here"))

@@ -157,12 +157,16 @@ def test_resume_without_a_finished_epoch_is_refused(dot_folder, workspace):
 
 
 def test_diverging_loss_fails_without_a_nan_checkpoint(dot_folder, workspace):
-    run = prepare_run(workspace, tiny_config(dot_folder, lr=1e30, optimizer="sgd", epochs=3))
-    with pytest.raises(TrainingError, match="diverged"):
+    # Epoch 1 trains at 1e-3; the step schedule then multiplies the rate by 1e30, and epoch 2 diverges.
+    run = prepare_run(workspace, tiny_config(dot_folder, optimizer="sgd", epochs=3, schedule="step", step_size=1,
+                                             step_gamma=1e30))
+    with pytest.raises(TrainingError, match="diverged: the loss became (nan|inf) at epoch 2") as err:
         fit(workspace, run)
+    assert "No checkpoint was written for it" in str(err.value)  # the guard's own words: it fired
+    assert [h["epoch"] for h in run.history()] == [1]
     for path in (run.best_path, run.last_path):
-        if path.exists():
-            model_from_checkpoint(path)  # refuses NaN weights, so loading proves they are finite
+        model, meta = model_from_checkpoint(path)  # refuses NaN weights, so loading proves they are finite
+        assert meta["epoch"] == 1
 
 
 def test_job_manager_runs_in_background_and_reports(dot_folder, workspace):
