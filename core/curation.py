@@ -151,6 +151,13 @@ def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
     return {"status": "done", "candidates": n_cand}
 
 
+def least_confident(predictor, paths: list[str]) -> list[tuple[str, float]]:
+    """(path, top probability) of each readable image, least confident first: the label queue that asks the
+    model where it is least sure."""
+    preds = predictor.predict(list(paths), top_k=1)
+    return sorted(((p["path"], p["top"][0]["prob"]) for p in preds if "top" in p), key=lambda t: t[1])
+
+
 def read_label_issues(run: Run) -> list[dict]:
     path = run.dir / "label_issues.json"
     if not path.exists():

@@ -30,11 +30,12 @@ class RunData:
         y = torch.from_numpy(self.labels[idx]).long()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    def batches(self, idx: np.ndarray, batch_size: int, device: torch.device, should_stop=None):
-        """uint8 image batches of the given samples, in order; `should_stop()` raising Stopped is the caller's."""
+    def batches(self, idx: np.ndarray, batch_size: int, device: torch.device, check_stop=None):
+        """uint8 image batches of the given samples, in order. `check_stop()` runs before each batch (it raises
+        data.Stopped when the user asked to stop)."""
         for start in range(0, len(idx), batch_size):
-            if should_stop is not None:
-                should_stop()
+            if check_stop is not None:
+                check_stop()
             yield self.batch(idx[start:start + batch_size], device)[0]
 
     def train_arrays(self):

@@ -177,7 +177,10 @@ def prepare_resume(ws: Workspace, run_id: str, epochs: int | None = None) -> Run
     if not run.last_path.exists():
         raise RunStateError(f"run {run_id} has no finished epoch to resume from; start a new run instead")
     cfg = run.config()
-    done = json.loads(run.last_path.with_suffix(".json").read_text())["epoch"]
+    try:  # the epoch of last.pt, from its sidecar (no torch here); the index if the sidecar is missing
+        done = json.loads(run.last_path.with_suffix(".json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        done = ws.run_row(run_id)["epochs_done"]
     target = epochs or cfg.epochs
     if target <= done:
         raise RunStateError(f"run {run_id} has finished {done} epochs: ask for more than {done} to train on")

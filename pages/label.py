@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.curation import crossval_config, export_dataset, read_label_issues
+from core.curation import crossval_config, export_dataset, least_confident, read_label_issues
 from core.images import ImageLoadError, load_array
 from core.labels import LabelStore
 from core.predict import get_predictor
@@ -13,9 +13,8 @@ from pages import _ui
 
 @st.cache_data(max_entries=4, show_spinner="Predicting the pool…")
 def _least_confident(model_id: str, pool: tuple) -> list[tuple[str, float]]:
-    """(path, top probability) for the pool, least confident first (cached: predicting is the slow part)."""
-    preds = get_predictor(_ui.ws(), model_id).predict(list(pool), top_k=1)
-    return sorted(((p["path"], p["top"][0]["prob"]) for p in preds if "top" in p), key=lambda t: t[1])
+    """Cached: predicting the pool is the slow part."""
+    return least_confident(get_predictor(_ui.ws(), model_id), list(pool))
 
 
 st.title("Label")

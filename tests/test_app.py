@@ -204,3 +204,16 @@ def test_picking_a_dataset_offers_its_last_config(empty_ws, tmp_path):
     assert at.number_input(key="cfg_image_size").value == 48
     assert at.selectbox(key="cfg_optimizer").value == "sgd"
     assert at.selectbox(key="preset").value == "quick look (CPU)"
+
+
+def test_curves_have_whole_epoch_ticks_and_a_fraction_axis():
+    """Seen in the browser: an empty 0-400% accuracy axis before the first epoch, and ticks at epoch 1.5, 2.5."""
+    from pages import _ui
+    empty = _ui.curves_figure([], "acc", "Accuracy")
+    assert tuple(empty.layout.yaxis.range) == (0, 1.02) and empty.layout.yaxis.tickformat == ".0%"
+    assert empty.layout.annotations[0].text == "waiting for the first epoch to finish"
+    rows = [{"epoch": e, "train_acc": 0.5, "val_acc": 0.6, "train_loss": 1.0, "val_loss": 1.1} for e in (1, 2, 3)]
+    fig = _ui.curves_figure(rows, "acc", "Accuracy")
+    assert (fig.layout.xaxis.tick0, fig.layout.xaxis.dtick) == (1, 1) and not fig.layout.annotations
+    long = _ui.curves_figure([{**rows[0], "epoch": e} for e in range(1, 61)], "loss", "Loss")
+    assert long.layout.xaxis.dtick == 6 and long.layout.yaxis.rangemode == "tozero"

@@ -128,3 +128,16 @@ def test_export_as_folders_and_csv(dot_folder, tmp_path, workspace):
     export_dataset(effective, tmp_path / "labels.csv", mode="csv")
     assert load_dataset(str(tmp_path / "labels.csv")).class_counts() == {"blank": 28, "dot": 31}
     assert (dot_folder / "blank").exists() and len(list((dot_folder / "blank").iterdir())) == 30  # untouched
+
+
+def test_least_confident_queue_ranks_by_the_models_top_probability(trained):
+    from core.curation import least_confident
+    from core.predict import get_predictor
+    pred = get_predictor(trained["ws"], trained["run"].id)
+    paths = [r[0] for r in trained["run"].split()["test"]] + ["/no/such/file.png"]
+    ranked = least_confident(pred, paths)
+    assert [p for p, _ in ranked] and "/no/such/file.png" not in [p for p, _ in ranked]
+    probs = [p for _, p in ranked]
+    assert probs == sorted(probs) and len(ranked) == len(paths) - 1
+    top = {r["path"]: r["top"][0]["prob"] for r in pred.predict(paths[:-1], top_k=1)}
+    assert all(abs(top[p] - prob) < 1e-12 for p, prob in ranked)
