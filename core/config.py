@@ -67,7 +67,8 @@ class TrainConfig:
     seed: int = 0
     # --- runtime ---
     device: str = "auto"             # auto: CUDA, else MPS, else CPU
-    amp: str = "auto"                # auto: bf16/fp16 on CUDA, bf16 on CPUs that support it; "off" for fp32
+    amp: str = "auto"                # auto: bf16/fp16 on CUDA; on a CPU bf16 where measured faster (core/device.py).
+                                     # "bf16" forces it where supported, "off" is fp32
     channels_last: bool = True
     num_threads: int = 0             # CPU threads for torch (0: all cores)
     tta: bool = False                # test-time augmentation (flips) at evaluation

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("STUDIO_WORKSPACE", str(ROOT / "test-artifacts" / "default-workspace"))
+# bf16-or-fp32 is measured once per machine (core/device.py); the tests measure afresh, as a cold machine would,
+# and share the result with the processes they start (CLI, studio server).
+os.environ.setdefault("STUDIO_PRECISION_CACHE", str(Path(tempfile.mkdtemp(prefix="studio-precision-")) / "p.json"))
 
 import torch  # noqa: E402
 

@@ -179,3 +179,35 @@ def test_a_failed_run_records_why(dot_folder, workspace):
     assert result == {"status": "failed", "error": "the disk went away"}
     row = workspace.run_row(run.id)
     assert row["status"] == "failed" and row["error"] == "the disk went away"
+
+
+# ------------------------------------------------------------------------------------ precision by measurement
+
+@pytest.fixture
+def fresh_precision(tmp_path, monkeypatch):
+    import core.device as dev
+    monkeypatch.setenv("STUDIO_PRECISION_CACHE", str(tmp_path / "precision.json"))
+    monkeypatch.setattr(dev, "_measured", {})
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    return dev
+
+
+@pytest.mark.parametrize("fp32_s,bf16_s,chosen", [(1.0, 1.02, None), (1.0, 0.42, torch.bfloat16)],
+                         ids=["xeon-like-0.98x", "epyc-like-2.4x"])
+def test_cpu_bf16_only_where_measured_faster(fresh_precision, monkeypatch, fp32_s, bf16_s, chosen):
+    dev, cpu, calls = fresh_precision, torch.device("cpu"), []
+    monkeypatch.setattr(dev, "time_training_steps", lambda: calls.append(1) or {"fp32_s": fp32_s, "bf16_s": bf16_s})
+    assert dev.autocast_dtype(cpu, "auto") == chosen
+    assert dev.autocast_dtype(cpu, "bf16") == torch.bfloat16 and dev.autocast_dtype(cpu, "off") is None
+    monkeypatch.setattr(dev, "_measured", {})  # another process on the same machine: reads the file
+    assert dev.autocast_dtype(cpu, "auto") == chosen and calls == [1]
+    saved = json.loads((dev.precision_cache_path()).read_text())
+    assert [v["speedup"] for v in saved.values()] == [pytest.approx(fp32_s / bf16_s, abs=1e-3)]
+    used = dev.describe_device(cpu).split(", ")[1].split(";")[0]
+    assert used == ("bf16" if chosen else "fp32")
+
+
+def test_the_calibration_times_real_steps():
+    from core.device import time_training_steps
+    t = time_training_steps(size=32, batch=4, steps=1)
+    assert set(t) == {"fp32_s", "bf16_s"} and all(0 < v < 60 for v in t.values())
