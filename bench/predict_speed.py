@@ -5,7 +5,8 @@ to evaluate the ELPV test split, all through the engine's own API (core.predict 
 
 The checkpoint is a resnet18 for the 2 ELPV classes written by the engine's own save_checkpoint (weights
 untrained: speed does not depend on their values). Prints one JSON document with the keys predict_p50_ms,
-predict_p95_ms, gradcam_p50_ms, gradcam_p95_ms, load_s, device, and more.
+predict_p95_ms, onnxruntime_predict_p50_ms (the same images through the exported ONNX file, fp32),
+gradcam_p50_ms, gradcam_p95_ms, load_s, device, and more.
 """
 from __future__ import annotations
 
@@ -88,6 +89,20 @@ def main() -> None:
             predictor.explain(path)
             cams.append(time.perf_counter() - t)
 
+        # The same single-image path through onnxruntime and the exported fp32 graph (decode and resize included).
+        import onnxruntime as ort
+        from core.export import export_run
+        from core.images import load_array
+        session = ort.InferenceSession(export_run(ws, run.id, "onnx", tta=False)["path"],
+                                       providers=["CPUExecutionProvider"])
+        hw = (args.size, args.size)
+        session.run(None, {"images": load_array(images[0], hw)[None]})
+        onnx_single = []
+        for path in images:
+            t = time.perf_counter()
+            session.run(None, {"images": load_array(path, hw)[None]})
+            onnx_single.append(time.perf_counter() - t)
+
         IMAGE_CACHE._mem.clear()
         t = time.perf_counter()
         ev = evaluate_run(ws, run, device=device)
@@ -103,6 +118,9 @@ def main() -> None:
         "load_s": round(load_s, 3),
         "predict_p50_ms": percentile_ms(single, 50),
         "predict_p95_ms": percentile_ms(single, 95),
+        "onnxruntime_predict_p50_ms": percentile_ms(onnx_single, 50),
+        "onnxruntime_predict_p95_ms": percentile_ms(onnx_single, 95),
+        "onnxruntime": ort.__version__,
         "batch_images_per_s": round(batch_ips, 1),
         "batch_size": args.batch,
         "gradcam_p50_ms": percentile_ms(cams, 50),

@@ -19,5 +19,6 @@ Data flow, one module per stage (README "How it fits together"):
     storage.py     the workspace folders and its SQLite index
     jobs.py        background jobs for the studio
     imports.py     zips, read safely
+    export.py      ONNX / TorchScript files with a model card
     cli.py         python -m core ...
 """

@@ -1,4 +1,4 @@
-"""The headless interface: `python -m core train|resume|evaluate|predict|runs|presets`.
+"""The headless interface: `python -m core train|resume|evaluate|predict|export|runs|presets`.
 
 User mistakes (bad paths, bad options, unusable checkpoints) print one line on stderr and exit 2;
 a failed training run exits 1. Tracebacks are only for bugs.
@@ -15,6 +15,7 @@ from .checkpoint import CheckpointError
 from .config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig, parse_overrides
 from .data import DatasetError
 from .evaluate import evaluate_run
+from .export import FORMATS, ExportError, export_run
 from .model import WeightsError
 from .predict import get_predictor
 from .runs import Reporter, RunStateError, TrainingError
@@ -22,7 +23,7 @@ from .storage import Workspace
 from .train import fit
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsError, CheckpointError, KeyError, FileNotFoundError,
-               TrainingError, RunStateError, OSError, ValueError)
+               TrainingError, RunStateError, ExportError, OSError, ValueError)
 
 
 class ProgressBar(Reporter):
@@ -197,6 +198,19 @@ def cmd_predict(args) -> int:
     return 1 if all("error" in r for r in results) else 0
 
 
+def cmd_export(args) -> int:
+    ws = Workspace(args.workspace)
+    out = export_run(ws, args.run, args.format, args.out, tta=args.tta)
+    if args.json:
+        print(json.dumps({"path": out["path"], "card_path": out["card_path"], "card": out["card"]}))
+    else:
+        card = out["card"]
+        print(f"{out['path']}: {args.format}, classes {', '.join(card['classes'])}, input uint8 "
+              f"{card['input']['height']}x{card['input']['width']}x3 RGB, TTA {card['tta']}", file=sys.stderr)
+        print(out["path"])
+    return 0
+
+
 def cmd_runs(args) -> int:
     ws = Workspace(args.workspace)
     runs.mark_interrupted(ws)
@@ -249,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p = add("export", cmd_export, "write a run's model as ONNX or TorchScript with its model card; prints the path")
+    p.add_argument("run")
+    p.add_argument("--format", choices=list(FORMATS), default="onnx")
+    p.add_argument("--out", help="the file to write (default: the run's exports/ folder)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the flip test-time augmentation in the graph (default: as the run was evaluated)")
     p.add_argument("--json", action="store_true")
     p = add("runs", cmd_runs, "list runs")
     p.add_argument("--json", action="store_true")

@@ -1,5 +1,9 @@
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
+
+from core.export import FORMATS, ExportError, export_run
 
 from pages import _ui
 
@@ -75,6 +79,23 @@ if len(selected) == 1:
     if ws.run(rid).eval_path.exists():
         st.page_link("pages/evaluate.py", label="Open its evaluation", icon=":material/fact_check:",
                      query_params={"run": rid})
+    if ws.run(rid).best_path.exists():
+        with st.expander("Export the model"):
+            st.caption("An ONNX or TorchScript file that takes uint8 RGB images resized to the run's input size and "
+                       "returns the studio's probabilities (normalization and, if the run uses it, the flip TTA are "
+                       "inside), with a model card (classes, input, normalization, config, test metrics).")
+            fmt = st.radio("Format", list(FORMATS), horizontal=True, key=f"export_fmt_{rid}")
+            if st.button("Export", key=f"export_{rid}"):
+                try:
+                    with st.spinner("Exporting…"):
+                        st.session_state[f"exported_{rid}"] = export_run(ws, rid, fmt)["path"]
+                except ExportError as exc:
+                    st.error(str(exc))
+            exported = st.session_state.get(f"exported_{rid}")
+            if exported and Path(exported).exists():
+                st.download_button(f"Download {Path(exported).name}", Path(exported).read_bytes(),
+                                   file_name=Path(exported).name, key=f"download_{rid}")
+                st.caption(f"Saved at `{exported}` with its card `{Path(exported).name}.card.json`.")
     log = ws.run(rid).log_path
     with st.expander("Log"):
         st.code(log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)", language=None)

@@ -217,3 +217,15 @@ def test_curves_have_whole_epoch_ticks_and_a_fraction_axis():
     assert (fig.layout.xaxis.tick0, fig.layout.xaxis.dtick) == (1, 1) and not fig.layout.annotations
     long = _ui.curves_figure([{**rows[0], "epoch": e} for e in range(1, 61)], "loss", "Loss")
     assert long.layout.xaxis.dtick == 6 and long.layout.yaxis.rangemode == "tozero"
+
+
+def test_runs_page_exports_a_model(finished_ws, trained):
+    from pathlib import Path
+    rid = trained["run"].id
+    at = open_page("pages/runs.py")
+    at.radio(key=f"export_fmt_{rid}").set_value("torchscript")
+    at.button(key=f"export_{rid}").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    path = Path(at.session_state[f"exported_{rid}"])
+    assert path.suffix == ".pt" and path.exists() and path.with_name(path.name + ".card.json").exists()
+    assert path.is_relative_to(finished_ws)
