@@ -85,3 +85,17 @@ def trained(tmp_path_factory):
     run = prepare_run(ws, cfg)
     result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
     return {"ws": ws, "run": run, "result": result, "data": data, "size": SIZE}
+
+
+def train_small_run(tmp: Path, tta: bool, seed: int):
+    """(workspace, run) of a 48 px run trained to the end, flip-augmented, with or without TTA."""
+    from core import runs
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    from core.train import fit
+    data = write_class_folders(tmp / "dots", per_class=24, size=48, seed=seed)
+    ws = Workspace(tmp / "ws")
+    run = prepare_run(ws, tiny_config(data, image_size=48, epochs=2, tta=tta, hflip=True))
+    result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
+    assert result["status"] == "done", result
+    return ws, run

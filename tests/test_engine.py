@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, write_class_folders
+from conftest import tiny_config, train_small_run, write_class_folders
 from core import runs
 from core.config import TrainConfig
 from core.evaluate import read_predictions
@@ -104,11 +104,7 @@ def test_a_stopped_run_continues_its_own_schedule(dot_folder, workspace):
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tta", "plain"])
 def small_run(request, tmp_path_factory):
-    from core.storage import Workspace
-    tmp = tmp_path_factory.mktemp("inference")
-    data = write_class_folders(tmp / "dots", per_class=24, size=48, seed=3)
-    ws = Workspace(tmp / "ws")
-    run = _train(ws, tiny_config(data, image_size=48, epochs=2, tta=request.param, hflip=True))
+    ws, run = train_small_run(tmp_path_factory.mktemp("inference"), request.param, seed=3)
     return {"ws": ws, "run": run, "tta": request.param}
 
 

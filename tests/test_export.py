@@ -8,23 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config, write_class_folders
-from core import runs
+from conftest import ROOT, tiny_config, train_small_run
 from core.evaluate import read_predictions
 from core.export import ExportError, export_run, read_onnx_card
 from core.inference import Classifier
 from core.runs import prepare_run
-from core.train import fit
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tta-run", "plain-run"])
 def exported(request, tmp_path_factory):
-    from core.storage import Workspace
-    tmp = tmp_path_factory.mktemp("export")
-    data = write_class_folders(tmp / "dots", per_class=20, size=48, seed=7)
-    ws = Workspace(tmp / "ws")
-    run = prepare_run(ws, tiny_config(data, image_size=48, epochs=2, tta=request.param, hflip=True))
-    assert runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())["status"] == "done"
+    ws, run = train_small_run(tmp_path_factory.mktemp("export"), request.param, seed=7)
     clf = Classifier.from_checkpoint(run.best_path)
     clf.amp = None  # the exported graphs are fp32: compare with the inference path in fp32
     images = np.stack([clf.image(r["path"]) for r in read_predictions(run)])
