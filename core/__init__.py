@@ -20,5 +20,7 @@ Data flow, one module per stage (README "How it fits together"):
     jobs.py        background jobs for the studio
     imports.py     zips, read safely
     export.py      ONNX / TorchScript files with a model card
+    portable.py    prediction from an exported ONNX file, without torch
+    errors.py      UserError, the base of every error a user can act on
     cli.py         python -m core ...
 """

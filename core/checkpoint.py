@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 FORMAT = "studio-checkpoint/1"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be written or is not one we can safely load; the message says which."""
 
 

@@ -2,6 +2,9 @@
 
 User mistakes (bad paths, bad options, unusable checkpoints) print one line on stderr and exit 2;
 a failed training run exits 1. Tracebacks are only for bugs.
+
+torch is imported by the commands that use it, not here: `predict --model FILE.onnx` runs where only
+onnxruntime, numpy and Pillow are installed.
 """
 from __future__ import annotations
 
@@ -11,19 +14,13 @@ import sys
 import time
 
 from . import runs
-from .checkpoint import CheckpointError
 from .config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig, parse_overrides
-from .data import DatasetError
-from .evaluate import evaluate_run
-from .export import FORMATS, ExportError, export_run
-from .model import WeightsError
-from .predict import get_predictor
-from .runs import Reporter, RunStateError, TrainingError
+from .errors import UserError
+from .runs import Reporter
 from .storage import Workspace
-from .train import fit
 
-USER_ERRORS = (ConfigError, DatasetError, WeightsError, CheckpointError, KeyError, FileNotFoundError,
-               TrainingError, RunStateError, ExportError, OSError, ValueError)
+USER_ERRORS = (UserError, KeyError, FileNotFoundError, OSError, ValueError)
+EXPORT_FORMATS = ("onnx", "torchscript")  # core/export.py's FORMATS, named here without importing torch
 
 
 class ProgressBar(Reporter):
@@ -117,6 +114,7 @@ def config_from_args(args) -> TrainConfig:
 
 def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, as_json: bool) -> int:
     """The run's life in this process (core/runs.py), the same as a studio job; prints the run id last."""
+    from .train import fit
     try:
         result = runs.execute(ws, run.id, lambda: fit(ws, run, reporter=bar, resume=resume), bar)
     except KeyboardInterrupt:
@@ -161,6 +159,8 @@ def cmd_resume(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .checkpoint import CheckpointError
+    from .evaluate import evaluate_run
     ws = Workspace(args.workspace)
     run = ws.run(args.run)
     if not run.best_path.exists():
@@ -183,11 +183,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    ws = Workspace(args.workspace)
-    predictor = get_predictor(ws, args.run)
-    results = predictor.predict(list(args.images), top_k=args.top_k)
+    if args.model:  # an exported ONNX file: no torch, no workspace
+        from .portable import OnnxPredictor
+        predictor, images = OnnxPredictor(args.model), args.items
+    else:
+        from .predict import get_predictor
+        if len(args.items) < 2:
+            raise ConfigError("images", "give a run id and at least one image (or --model FILE.onnx and images)")
+        predictor, images = get_predictor(Workspace(args.workspace), args.items[0]), args.items[1:]
+    results = predictor.predict(list(images), top_k=args.top_k)
     if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "probs"} for r in results]))
+        print(json.dumps(results))
     else:
         for r in results:
             if "error" in r:
@@ -199,6 +205,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .export import export_run
     ws = Workspace(args.workspace)
     out = export_run(ws, args.run, args.format, args.out, tta=args.tta)
     if args.json:
@@ -259,14 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "evaluate a run's best checkpoint on its test split")
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
-    p = add("predict", cmd_predict, "predict images with a run's best checkpoint")
-    p.add_argument("run")
-    p.add_argument("images", nargs="+")
+    p = add("predict", cmd_predict, "predict images with a run's best checkpoint (RUN_ID IMAGE...) or an exported "
+                                     "ONNX file (--model FILE IMAGE...)")
+    p.add_argument("items", nargs="+", metavar="RUN_ID|IMAGE", help="a run id then images; with --model, images only")
+    p.add_argument("--model", help="an ONNX file from `core export`: predicts without torch")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p = add("export", cmd_export, "write a run's model as ONNX or TorchScript with its model card; prints the path")
     p.add_argument("run")
-    p.add_argument("--format", choices=list(FORMATS), default="onnx")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     p.add_argument("--out", help="the file to write (default: the run's exports/ folder)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="put the flip test-time augmentation in the graph (default: as the run was evaluated)")

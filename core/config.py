@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+from .errors import UserError
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet18-custom")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step", "onecycle")
@@ -17,7 +19,7 @@ EARLY_STOP_METRICS = ("val_acc", "val_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field has a value training cannot use; the message names the field."""
 
     def __init__(self, field_name: str, message: str):

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import UserError
 from .images import ImageLoadError, check_image, is_image_name, load_array
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -30,7 +31,7 @@ BUILTIN = ("elpv", "elpv4")
 UNLABELED = "unlabeled"  # a folder of images waiting for labels (the Label page's queue), not a class
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """The dataset cannot be used as given; the message says what to change."""
 
 

@@ -22,15 +22,16 @@ import torch.nn as nn
 
 from .config import TrainConfig
 from .data import samples_from_split
+from .errors import UserError
 from .model import model_from_checkpoint
+from .portable import CARD_KEY
 from .storage import Run, Workspace
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # cli.EXPORT_FORMATS names the same, without importing torch
 ONNX_OPSET = 18
-CARD_KEY = "model_card"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The model cannot be exported as asked; the message says why. Nothing was written."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA")
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -27,7 +29,7 @@ IMAGE_EXTENSIONS = {
 MAX_PIXELS = 64_000_000  # ~8000x8000; anything larger is refused as a possible decompression bomb
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UserError):
     """The file is not an image we can use; str(error) is a short reason for the user."""
 
 

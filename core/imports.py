@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .errors import UserError
 from .images import is_image_name
 
 MAX_ENTRIES = 100_000
@@ -28,7 +29,7 @@ MAX_RATIO = 200                  # extracted / compressed, per file (images bare
 CHUNK = 1 << 20
 
 
-class ImportError_(Exception):
+class ImportError_(UserError):
     """The zip cannot be imported; the message says why. Nothing was written."""
 
 

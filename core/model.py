@@ -9,9 +9,10 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_checkpoint, safe_torch_load
 from .config import TrainConfig
+from .errors import UserError
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Requested weights cannot be used; the message says how to proceed."""
 
 

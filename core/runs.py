@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
+from .errors import UserError
 from .storage import ACTIVE, Run, Workspace, pid_alive
 
 TRANSITIONS = {
@@ -31,11 +32,11 @@ TRANSITIONS = {
 SCORES = ("epochs_done", "best_val_acc", "test_acc", "label_version")
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """Training cannot go on; the message is for the user."""
 
 
-class RunStateError(RuntimeError):
+class RunStateError(UserError, RuntimeError):
     """The run cannot do that in its present state; the message says why."""
 
 

@@ -1,6 +1,7 @@
 """Export: the ONNX and TorchScript files give the studio's probabilities, carry their model card, and a bad
 request writes nothing."""
 import json
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,37 @@ def test_export_from_the_command_line(trained, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "core", "--workspace", str(trained["ws"].root), "export",
                           "no-such-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_predict_from_onnx_without_torch(exported, tmp_path):
+    """The line-side PC: `core predict --model FILE.onnx` in a process where importing torch fails."""
+    model = tmp_path / "model.onnx"
+    export_run(exported["ws"], exported["run"].id, "onnx", out=model)
+    fake = tmp_path / "no-torch"
+    for name in ("torch", "torchvision"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
+    paths = [r["path"] for r in read_predictions(exported["run"])][:6]
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    env = dict(os.environ, PYTHONPATH=str(fake))
+    proc = subprocess.run([sys.executable, "-m", "core", "predict", "--model", str(model), *paths,
+                           str(tmp_path / "junk.png"), "--top-k", "2", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert "not a recognised image" in results[-1]["error"]
+    want = _studio_probs(exported, exported["tta"])[: len(paths)]
+    got = np.array([[r["probs"]["blank"], r["probs"]["dot"]] for r in results[:-1]])
+    assert np.abs(got - want).max() < 1e-4
+    assert [r["top"][0]["label"] for r in results[:-1]] == [["blank", "dot"][i] for i in want.argmax(1)]
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "not installed on this machine" in check.stderr  # the process really had no torch
+    bad = subprocess.run([sys.executable, "-m", "core", "predict", "--model", str(tmp_path / "junk.png"),
+                          paths[0]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not a usable ONNX model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_cli_names_the_export_formats_without_importing_torch():
+    from core.cli import EXPORT_FORMATS
+    from core.export import FORMATS
+    assert tuple(FORMATS) == EXPORT_FORMATS

@@ -1,0 +1,66 @@
+"""Prediction from an exported ONNX file, without PyTorch: onnxruntime, numpy and Pillow only.
+
+For the line-side PC: the file's model card (core/export.py) says the classes, the input size and whether the
+flips are in the graph; images are opened and resized exactly as the studio does (core/images.py), so the
+probabilities are the studio's fp32 ones. Importing this module never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .images import ImageLoadError, load_array
+
+CARD_KEY = "model_card"  # the metadata key core/export.py writes
+
+
+class PortableModelError(UserError):
+    """The file is not a model exported by the studio, or onnxruntime cannot run it."""
+
+
+class OnnxPredictor:
+    def __init__(self, path: str | Path):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PortableModelError("predicting from an ONNX file needs onnxruntime: pip install onnxruntime") from None
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise PortableModelError(f"model file {path} not found")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for unreadable or invalid graphs
+            raise PortableModelError(f"{path.name} is not a usable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+        card = self.session.get_modelmeta().custom_metadata_map.get(CARD_KEY)
+        if card is None:
+            raise PortableModelError(f"{path.name} has no studio model card: export it with `python -m core export`")
+        self.card = json.loads(card)
+        self.classes: list[str] = self.card["classes"]
+        self.hw = (self.card["input"]["height"], self.card["input"]["width"])
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """N x classes probabilities of N x H x W x 3 uint8 images of the card's size."""
+        return self.session.run(None, {"images": images})[0].astype(np.float64)
+
+    def predict(self, sources, top_k: int = 3, batch_size: int = 32) -> list[dict]:
+        """The same results as core.predict.Predictor.predict: {"path", "top", "probs"} or {"path", "error"}."""
+        results: list[dict | None] = [None] * len(sources)
+        good, arrays = [], []
+        for i, src in enumerate(sources):
+            name = str(src) if isinstance(src, (str, os.PathLike)) else f"image {i + 1}"
+            try:
+                arrays.append(load_array(src, self.hw))
+                good.append((i, name))
+            except ImageLoadError as exc:
+                results[i] = {"path": name, "error": str(exc)}
+        k = max(1, min(top_k, len(self.classes)))
+        for start in range(0, len(arrays), batch_size):
+            for (i, name), p in zip(good[start:start + batch_size], self.probs(np.stack(arrays[start:start + batch_size]))):
+                order = np.argsort(-p)[:k]
+                results[i] = {"path": name, "top": [{"label": self.classes[j], "prob": float(p[j])} for j in order],
+                              "probs": {c: float(p[j]) for j, c in enumerate(self.classes)}}
+        return results  # type: ignore[return-value]
