@@ -46,3 +46,28 @@ class MemoryPeak:
 def environment() -> dict:
     import torch
     return {"torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def untrained_elpv_run(root, size: int):
+    """(workspace, run, test image paths): a run on ELPV's 70/15/15 split whose best.pt is an untrained resnet18
+    written by the engine's own save_checkpoint (speed does not depend on the weights' values)."""
+    import json
+    from pathlib import Path
+
+    from core.checkpoint import save_checkpoint
+    from core.config import TrainConfig
+    from core.data import load_dataset, split_to_json, stratified_split
+    from core.model import build_model
+    from core.storage import Workspace
+    from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    ds = load_dataset("elpv")
+    split = split_to_json(ds, stratified_split(ds, 0.15, 0.15, 42))
+    ws = Workspace(Path(root) / "ws")
+    cfg = TrainConfig(data="elpv", weights="none", image_size=size)
+    run = ws.create_run(cfg, "elpv")
+    run.split_path.write_text(json.dumps(split))
+    meta = {"run_id": run.id, "classes": ds.classes, "config": cfg.to_dict(),
+            "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+            "input_hw": [size, size], "epoch": 1, "metrics": {}, "best": {"val_acc": 0.0}}
+    save_checkpoint(run.best_path, build_model("resnet18", len(ds.classes)).state_dict(), meta)
+    return ws, run, [row[0] for row in split["test"]]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import environment, untrained_elpv_run  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -37,32 +37,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
 
-    from core.checkpoint import save_checkpoint
-    from core.config import TrainConfig
-    from core.data import IMAGE_CACHE, load_dataset, split_to_json, stratified_split
-    from core.evaluate import evaluate_run
-    from core.model import build_model
-    from core.predict import Predictor
-    from core.storage import Workspace
+    from core.data import IMAGE_CACHE
     from core.device import describe_device, select_device
-    from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from core.evaluate import evaluate_run
+    from core.predict import Predictor
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = select_device("auto")
-    ds = load_dataset("elpv")
-    split = split_to_json(ds, stratified_split(ds, 0.15, 0.15, 42))
-    test_paths = [row[0] for row in split["test"]]
 
     with tempfile.TemporaryDirectory() as tmp:
-        ws = Workspace(Path(tmp) / "ws")
-        cfg = TrainConfig(data="elpv", weights="none", image_size=args.size)
-        run = ws.create_run(cfg, "elpv")
-        run.split_path.write_text(json.dumps(split))
-        model = build_model("resnet18", len(ds.classes))
-        meta = {"run_id": run.id, "classes": ds.classes, "config": cfg.to_dict(),
-                "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-                "input_hw": [args.size, args.size], "epoch": 1, "metrics": {}, "best": {"val_acc": 0.0}}
-        save_checkpoint(run.best_path, model.state_dict(), meta)
+        ws, run, test_paths = untrained_elpv_run(tmp, args.size)
 
         t0 = time.perf_counter()
         predictor = Predictor(run.best_path)

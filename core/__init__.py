@@ -21,6 +21,7 @@ Data flow, one module per stage (README "How it fits together"):
     imports.py     zips, read safely
     export.py      ONNX / TorchScript files with a model card
     portable.py    prediction from an exported ONNX file, without torch
+    serve.py       an HTTP JSON API for a model (FastAPI on uvicorn)
     errors.py      UserError, the base of every error a user can act on
     cli.py         python -m core ...
 """

@@ -1,4 +1,4 @@
-"""The headless interface: `python -m core train|resume|evaluate|predict|export|runs|presets`.
+"""The headless interface: `python -m core train|resume|evaluate|predict|export|serve|runs|presets`.
 
 User mistakes (bad paths, bad options, unusable checkpoints) print one line on stderr and exit 2;
 a failed training run exits 1. Tracebacks are only for bugs.
@@ -218,6 +218,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+    print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs); Ctrl+C stops", file=sys.stderr)
+    serve(args.model, Workspace(args.workspace), args.host, args.port, args.max_mb, args.max_files)
+    return 0
+
+
 def cmd_runs(args) -> int:
     ws = Workspace(args.workspace)
     runs.mark_interrupted(ws)
@@ -279,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="put the flip test-time augmentation in the graph (default: as the run was evaluated)")
     p.add_argument("--json", action="store_true")
+    p = add("serve", cmd_serve, "serve a run's model (or an exported .onnx file) as an HTTP JSON API")
+    p.add_argument("model", metavar="RUN_ID|FILE.onnx")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) unless you mean otherwise")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-mb", type=float, default=20, help="largest image file accepted, in MB")
+    p.add_argument("--max-files", type=int, default=32, help="most images in one request")
     p = add("runs", cmd_runs, "list runs")
     p.add_argument("--json", action="store_true")
     add("presets", cmd_presets, "list named training recipes")
