@@ -99,3 +99,12 @@ def train_small_run(tmp: Path, tta: bool, seed: int):
     result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
     assert result["status"] == "done", result
     return ws, run
+
+
+def without_torch(tmp: Path) -> dict:
+    """An environment for a child process in which `import torch` (and torchvision) fails."""
+    fake = tmp / "no-torch"
+    for name in ("torch", "torchvision"):
+        (fake / name).mkdir(parents=True, exist_ok=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
+    return dict(os.environ, PYTHONPATH=str(fake))

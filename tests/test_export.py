@@ -1,7 +1,6 @@
 """Export: the ONNX and TorchScript files give the studio's probabilities, carry their model card, and a bad
 request writes nothing."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config, train_small_run
+from conftest import ROOT, tiny_config, train_small_run, without_torch
 from core.evaluate import read_predictions
 from core.export import ExportError, export_run, read_onnx_card
 from core.inference import Classifier
@@ -94,13 +93,9 @@ def test_predict_from_onnx_without_torch(exported, tmp_path):
     """The line-side PC: `core predict --model FILE.onnx` in a process where importing torch fails."""
     model = tmp_path / "model.onnx"
     export_run(exported["ws"], exported["run"].id, "onnx", out=model)
-    fake = tmp_path / "no-torch"
-    for name in ("torch", "torchvision"):
-        (fake / name).mkdir(parents=True)
-        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
+    env = without_torch(tmp_path)
     paths = [r["path"] for r in read_predictions(exported["run"])][:6]
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    env = dict(os.environ, PYTHONPATH=str(fake))
     proc = subprocess.run([sys.executable, "-m", "core", "predict", "--model", str(model), *paths,
                            str(tmp_path / "junk.png"), "--top-k", "2", "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -3,19 +3,16 @@ import io
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, make_dot_image
+from conftest import ROOT, make_dot_image, without_torch
 from core.evaluate import read_predictions
 from core.predict import Predictor
 
@@ -110,44 +107,21 @@ def test_bad_requests_get_a_reason_and_the_server_lives_on(server, trained):
 
 
 def test_eight_clients_at_once_all_answered(server, trained):
-    """A bounded load test on loopback: 8 concurrent clients x 25 requests against the real server process."""
+    """A bounded load test on loopback: 8 concurrent clients x 25 requests against the real server process, with
+    the client of bench/serve_load.py."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve_load import load
     image = open(read_predictions(trained["run"])[0]["path"], "rb").read()
-    latencies, errors = [], []
-
-    def client():
-        with requests.Session() as session:
-            for _ in range(25):
-                t = time.perf_counter()
-                try:
-                    r = session.post(f"{server}/predict", files={"files": ("a.png", image, "image/png")}, timeout=60)
-                    if r.status_code != 200:
-                        errors.append(r.status_code)
-                except requests.RequestException as exc:
-                    errors.append(repr(exc))
-                latencies.append(time.perf_counter() - t)
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    wall = time.perf_counter() - t0
-    ms = sorted(x * 1000 for x in latencies)
-    print(f"\n8 clients x 25 requests: {len(ms)} answered in {wall:.1f} s, p50 {statistics.median(ms):.0f} ms, "
-          f"p95 {ms[int(0.95 * (len(ms) - 1))]:.0f} ms, errors {len(errors)}")
-    assert len(latencies) == 200 and errors == []
+    row = load(server, [image], clients=8, per_client=25)
+    print(f"\n8 clients x 25 requests: {row}")
+    assert row["requests"] == 200 and row["errors"] == 0
 
 
 def test_serving_an_onnx_file_needs_no_torch(trained, tmp_path):
     from core.export import export_run
     model = tmp_path / "model.onnx"
     export_run(trained["ws"], trained["run"].id, "onnx", out=model)
-    fake = tmp_path / "no-torch"
-    for name in ("torch", "torchvision"):
-        (fake / name).mkdir(parents=True)
-        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
-    proc, url = _start(["serve", str(model)], tmp_path, env=dict(os.environ, PYTHONPATH=str(fake)))
+    proc, url = _start(["serve", str(model)], tmp_path, env=without_torch(tmp_path))
     try:
         path = read_predictions(trained["run"])[0]["path"]
         reply = requests.post(f"{url}/predict", files={"files": ("a.png", open(path, "rb").read())}, timeout=60)
