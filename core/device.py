@@ -161,4 +161,4 @@ def describe_device(device: torch.device | None = None) -> str:
     if m["speedup"] is None:
         return f"CPU ({os.cpu_count()} cores, fp32)"
     used = "bf16" if m["bf16"] else "fp32"
-    return f"CPU ({os.cpu_count()} cores, {used}; bf16 measured {m['speedup']:.2f}x as fast as fp32)"
+    return f"CPU ({os.cpu_count()} cores, {used}: bf16 measured at {m['speedup']:.2f}x the speed of fp32)"

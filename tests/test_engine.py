@@ -199,7 +199,7 @@ def test_cpu_bf16_only_where_measured_faster(fresh_precision, monkeypatch, fp32_
     assert dev.autocast_dtype(cpu, "auto") == chosen and calls == [1]
     saved = json.loads((dev.precision_cache_path()).read_text())
     assert [v["speedup"] for v in saved.values()] == [pytest.approx(fp32_s / bf16_s, abs=1e-3)]
-    used = dev.describe_device(cpu).split(", ")[1].split(";")[0]
+    used = dev.describe_device(cpu).split(", ")[1].split(":")[0]
     assert used == ("bf16" if chosen else "fp32")
 
 
