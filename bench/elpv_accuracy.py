@@ -60,35 +60,6 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15) -> dict
             "classes": classes, **{k: [list(r) for r in v] for k, v in parts.items()}}
 
 
-def calibrate_images_per_s(cfg, device) -> float:
-    """Training images/s of this model at this size on this machine: a few of the engine's own training steps,
-    with the batch's conversion, augmentation and normalization as in a real epoch (the model step alone
-    overestimated the speed by ~10% at 128 px)."""
-    from core.model import build_model
-    from core.device import autocast_dtype
-    from core.train import _step
-    from core.transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
-    model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters())
-    criterion = torch.nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    amp = autocast_dtype(device, cfg.amp)
-    augment = build_train_augment(AugmentSpec.from_config(cfg))
-    normalizer = Normalizer([0.5] * 3, [0.25] * 3)
-    gen = torch.Generator().manual_seed(0)
-    h, w = cfg.input_hw
-    x_u8 = torch.randint(0, 256, (cfg.batch_size, h, w, 3), dtype=torch.uint8, device=device)
-    y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
-    times = []
-    for i in range(8):
-        t = time.perf_counter()
-        x = normalizer.normalize(augment(to_unit(x_u8), gen))
-        _step(model, criterion, opt, scaler, x, y, amp, 1)  # .item() inside syncs a CUDA device too
-        if i >= 2:  # the first steps pick and cache kernels
-            times.append(time.perf_counter() - t)
-    return cfg.batch_size / float(np.mean(times))
-
-
 def main() -> None:
     from core.config import PRESETS, TrainConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -105,6 +76,7 @@ def main() -> None:
 
     from core.cli import ProgressBar
     from core.config import parse_overrides
+    from core.estimate import estimate_seconds, training_images_per_s
     from core.storage import Workspace
     from core.device import describe_device, select_device
     from core.train import fit
@@ -121,9 +93,8 @@ def main() -> None:
         ws = Workspace(Path(tmp) / "ws")
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = TrainConfig.from_dict({**base, "seed": seed})
-            ips = calibrate_images_per_s(cfg, device)
-            # An epoch: training, plus validation (a forward pass, ~1/3 of a training step per image).
-            epoch_s = n_train / ips + n_val / (3 * ips)
+            ips = training_images_per_s(cfg, device)  # the engine's own step, augmentation included
+            epoch_s = estimate_seconds(1, n_train, n_val, 0, ips)  # training plus validation
             cfg.epochs = max(1, int(args.minutes * 60 * 0.9 / epoch_s))  # margin for logging, checkpoints
             cfg.validate()
             run = ws.create_run(cfg, split["dataset"])

@@ -9,6 +9,7 @@ Data flow, one module per stage (README "How it fits together"):
     model.py       ResNet builders, weight loading, a model from a checkpoint
     device.py      device and precision choice
     schedule.py    the learning rate as a pure function of the step
+    estimate.py    how long a run will take here, before it starts
     train.py       train_one_epoch / validate / fit
     checkpoint.py  state_dict + JSON metadata, atomic, weights_only loading
     inference.py   the one path from images to probabilities (precision, TTA)

@@ -139,6 +139,10 @@ def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, a
 def cmd_train(args) -> int:
     ws = Workspace(args.workspace)
     cfg = config_from_args(args)
+    if args.estimate:
+        from .estimate import estimate_run
+        print(estimate_run(ws, cfg.validate()).text())
+        return 0
     run = runs.prepare_run(ws, cfg)
     bar = ProgressBar(quiet=args.quiet)
     for line in [f"run {run.id}: {cfg.arch}, weights {cfg.weights}, {cfg.epochs} epochs, image "
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result (run id, status, scores, skipped files) as JSON")
+    p.add_argument("--estimate", action="store_true",
+                   help="print how long this run would take on this machine (a few timed steps) and train nothing")
     p = add("resume", cmd_resume, "continue a stopped or interrupted run, or train a finished one on; prints the run id last")
     p.add_argument("run")
     p.add_argument("--epochs", type=int, help="train up to this epoch (a finished run gets a new learning-rate cycle "

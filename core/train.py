@@ -216,7 +216,7 @@ def _step_with_oom_retry(t: Trainer, x, y, reporter: Reporter) -> tuple[float, i
     """One step; after a CUDA out-of-memory the batch is split in 2, 4, ... parts (same effective batch)."""
     while True:
         try:
-            return _step(t.model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches)
+            return train_step(t.model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches)
         except torch.OutOfMemoryError:
             t.optimizer.zero_grad(set_to_none=True)
             if t.device.type == "cuda":
@@ -229,7 +229,7 @@ def _step_with_oom_retry(t: Trainer, x, y, reporter: Reporter) -> tuple[float, i
             reporter.log(f"out of memory: batch now processed in {t.micro_batches} parts (same effective batch size)")
 
 
-def _step(model, criterion, optimizer, scaler, x, y, amp, parts: int) -> tuple[float, int]:
+def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int) -> tuple[float, int]:
     optimizer.zero_grad(set_to_none=True)
     loss_total, correct = 0.0, 0
     n = len(y)

@@ -5,6 +5,7 @@ import streamlit as st
 from core import runs
 from core.config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
 from core.data import DatasetError
+from core.estimate import estimate_run
 from core.model import imagenet_weights_file
 from pages import _ui
 
@@ -111,7 +112,10 @@ with st.container(border=True):
         a3.slider("Color jitter", 0.0, 1.0, key="cfg_color_jitter")
         a3.selectbox("Mixed precision", ["auto", "bf16", "fp16", "off"], key="cfg_amp")
     queue_ok = st.checkbox("Queue after the running job if one is running", key="queue_ok")
-    start = st.button("Start training", type="primary")
+    b1, b2 = st.columns([1, 5])
+    start = b1.button("Start training", type="primary")
+    estimate = b2.button("Estimate the time", help="Times a few training steps at these settings on this machine "
+                                                   "(seconds); nothing is trained.")
 st.session_state[SETTINGS] = {k: v for k, v in st.session_state.items()
                               if k.startswith("cfg_") or k in ("preset", "weights_file", "queue_ok", "train_dataset")}
 
@@ -123,13 +127,31 @@ if st.session_state.get("cfg_weights") == "imagenet" and not imagenet_weights_fi
 if "request_id" not in st.session_state:
     st.session_state["request_id"] = uuid.uuid4().hex
 
-if start:
+def _config() -> TrainConfig:
     values = {k[4:]: v for k, v in st.session_state.items() if k.startswith("cfg_")}
     values["data"] = sources[dataset_name]
     if st.session_state.get("weights_file", "").strip():
         values["weights"] = st.session_state["weights_file"].strip()
     values["extra"] = {"preset": st.session_state["preset"], "dataset_name": dataset_name}
-    cfg = TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values)
+
+
+if estimate:
+    if jm.active() is not None:
+        st.warning("A job is training: timing steps now would measure a shared CPU. Estimate when it ends.")
+    else:
+        try:
+            with st.spinner("Timing a few training steps…"):
+                cfg = _config().validate()
+                st.session_state["estimate"] = (cfg.to_dict(), estimate_run(ws, cfg).text())
+        except (ConfigError, DatasetError) as exc:
+            st.error(f"Cannot estimate: {exc}")
+shown_estimate = st.session_state.get("estimate")
+if shown_estimate and shown_estimate[0] == _config().to_dict():  # only while the settings are the ones timed
+    st.info(f"Estimated time: {shown_estimate[1]}.")
+
+if start:
+    cfg = _config()
     busy = jm.active()
     if busy is not None and not queue_ok:
         st.warning(f"Run {busy.run_id} is {busy.status}; one job trains at a time. Tick 'Queue after the running "

@@ -229,3 +229,20 @@ def test_runs_page_exports_a_model(finished_ws, trained):
     path = Path(at.session_state[f"exported_{rid}"])
     assert path.suffix == ".pt" and path.exists() and path.with_name(path.name + ".card.json").exists()
     assert path.is_relative_to(finished_ws)
+
+
+def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=10, size=16)
+    Workspace(empty_ws).register_dataset("parts", str(data))
+    at = open_page("pages/train.py")
+    at.selectbox(key="train_dataset").set_value("parts")
+    at.selectbox(key="cfg_weights").set_value("none")
+    at.number_input(key="cfg_image_size").set_value(32)
+    at.number_input(key="cfg_batch_size").set_value(4).run()
+    next(b for b in at.button if b.label == "Estimate the time").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert any(i.value.startswith("Estimated time: about ") for i in at.info)
+    at.number_input(key="cfg_epochs").set_value(20).run()  # other settings: the old estimate is not shown
+    assert not any(i.value.startswith("Estimated time") for i in at.info)
+    assert Workspace(empty_ws).list_runs() == []

@@ -100,3 +100,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_estimate_trains_nothing(tmp_path):
+    data = write_class_folders(tmp_path / "dots", per_class=10, size=16)
+    ws = tmp_path / "ws"
+    proc = cli("train", "--data", data, "--weights", "none", "--image-size", 32, "--batch-size", 4, "--estimate", ws=ws)
+    assert proc.stdout.startswith("about ") and "on this machine" in proc.stdout
+    assert json.loads(cli("runs", "--json", ws=ws).stdout) == []

@@ -236,7 +236,7 @@ def test_truncated_and_mismatched_checkpoints(trained, tmp_path):
 
 def test_out_of_memory_halves_the_batch_then_fails_clearly(dot_folder, workspace, monkeypatch):
     import core.train as train_mod
-    real_step = train_mod._step
+    real_step = train_mod.train_step
     calls = {"n": 0}
 
     def flaky(model, criterion, optimizer, scaler, x, y, amp, parts):
@@ -251,12 +251,12 @@ def test_out_of_memory_halves_the_batch_then_fails_clearly(dot_folder, workspace
         def log(self, message):
             self.lines.append(message)
 
-    monkeypatch.setattr(train_mod, "_step", flaky)
+    monkeypatch.setattr(train_mod, "train_step", flaky)
     run = prepare_run(workspace, tiny_config(dot_folder, epochs=1))
     result = fit(workspace, run, Logs())
     assert result["status"] == "done"
     assert sum("processed in 2 parts" in line for line in Logs.lines) == 1  # halved once, then kept
-    monkeypatch.setattr(train_mod, "_step", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: (_ for _ in ()).throw(
         torch.OutOfMemoryError("simulated CUDA out of memory")))
     run2 = prepare_run(workspace, tiny_config(dot_folder, epochs=1))
     with pytest.raises(TrainingError, match="out of GPU memory"):

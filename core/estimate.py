@@ -1,0 +1,98 @@
+"""How long a training run will take on this machine, said before it starts.
+
+The engine's own training step (batch conversion, augmentation, normalization, forward, backward, update) is timed
+for a few batches at the config's image size, batch size, architecture and precision; the decoder is timed on a
+few of the dataset's files. The estimate is then arithmetic (`estimate_seconds`, a pure function): training and
+validation images per epoch, the final evaluation, and the first decode unless the images are already cached.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data import load_dataset, stratified_split
+from .device import autocast_dtype, select_device
+from .images import ImageLoadError, load_array
+from .labels import LabelStore
+from .model import build_model
+from .train import train_step
+from .transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
+
+EVAL_COST = 1 / 3  # a forward pass per image costs about a third of a training step's (forward + backward)
+
+
+def training_images_per_s(cfg: TrainConfig, device: torch.device | None = None, steps: int = 4) -> float:
+    """Training images per second of the engine's step at this config's size, batch, model and precision."""
+    device = device or select_device(cfg.device)
+    model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    amp = autocast_dtype(device, cfg.amp)
+    augment = build_train_augment(AugmentSpec.from_config(cfg))
+    normalizer = Normalizer([0.5] * 3, [0.25] * 3)
+    gen = torch.Generator().manual_seed(0)
+    h, w = cfg.input_hw
+    x_u8 = torch.randint(0, 256, (cfg.batch_size, h, w, 3), dtype=torch.uint8, device=device)
+    y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        x = normalizer.normalize(augment(to_unit(x_u8), gen))
+        train_step(model, torch.nn.CrossEntropyLoss(), opt, scaler, x, y, amp, 1)  # .item() inside syncs CUDA too
+        if i >= 2:  # the first steps pick and cache kernels
+            times.append(time.perf_counter() - t)
+    return cfg.batch_size / float(np.median(times))
+
+
+def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], sample: int = 16) -> float:
+    """Seconds to open and resize one of these files (the median over a sample)."""
+    times = []
+    for path in paths[:: max(1, len(paths) // sample)][:sample]:
+        t = time.perf_counter()
+        try:
+            load_array(path, hw)
+        except ImageLoadError:
+            continue
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) if times else 0.0
+
+
+def estimate_seconds(epochs: int, n_train: int, n_val: int, n_test: int, images_per_s: float,
+                     decode_s_per_image: float = 0.0, tta: bool = False, workers: int = 1) -> float:
+    """Wall-clock seconds of a run: the first decode of every image (on `workers` threads; 0 when cached), each
+    epoch's training and validation, and the final evaluation (three passes with TTA)."""
+    decode = (n_train + n_val + n_test) * decode_s_per_image / max(workers, 1)
+    epoch = n_train / images_per_s + n_val * EVAL_COST / images_per_s
+    final = n_test * EVAL_COST * (3 if tta else 1) / images_per_s
+    return decode + epochs * epoch + final
+
+
+@dataclass
+class Estimate:
+    seconds: float
+    images_per_s: float
+    decode_s_per_image: float
+    counts: dict
+
+    def text(self) -> str:
+        minutes = self.seconds / 60
+        when = f"about {minutes:.0f} minutes" if minutes >= 1.5 else f"about {self.seconds:.0f} seconds"
+        return (f"{when} on this machine ({self.images_per_s:.0f} training images/s measured; "
+                f"{self.counts['train']} training, {self.counts['val']} validation, {self.counts['test']} test images)")
+
+
+def estimate_run(ws, cfg: TrainConfig) -> Estimate:
+    """The estimate for a config, from its dataset's split (with the label store's labels) and timed steps."""
+    import os
+    ds = LabelStore(ws).apply(load_dataset(cfg.data))
+    split = stratified_split(ds, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    counts = {part: len(idx) for part, idx in split.items()}
+    ips = training_images_per_s(cfg)
+    decode = decode_seconds_per_image([s.path for s in ds.samples], cfg.input_hw)
+    seconds = estimate_seconds(cfg.epochs, counts["train"], counts["val"], counts["test"], ips, decode, cfg.tta,
+                               workers=min(8, os.cpu_count() or 1))
+    return Estimate(seconds, ips, decode, counts)
