@@ -29,6 +29,17 @@ def texts(at: AppTest) -> str:
     return "\n".join(str(p) for p in parts)
 
 
+def train_page(epochs: int, image_size: int = 32, batch_size: int = 8) -> AppTest:
+    """The Train page on the registered dataset "parts", from scratch, with these numbers set (not started)."""
+    at = open_page("pages/train.py")
+    at.selectbox(key="train_dataset").set_value("parts")
+    at.selectbox(key="cfg_weights").set_value("none")
+    at.number_input(key="cfg_epochs").set_value(epochs)
+    at.number_input(key="cfg_image_size").set_value(image_size)
+    at.number_input(key="cfg_batch_size").set_value(batch_size).run()
+    return at
+
+
 @pytest.fixture
 def empty_ws(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_WORKSPACE", str(tmp_path / "ws"))
@@ -86,12 +97,7 @@ def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):
     from core.storage import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=20, size=32)
     Workspace(empty_ws).register_dataset("parts", str(data))
-    at = open_page("pages/train.py")
-    at.selectbox(key="train_dataset").set_value("parts")
-    at.selectbox(key="cfg_weights").set_value("none")
-    at.number_input(key="cfg_epochs").set_value(2)
-    at.number_input(key="cfg_image_size").set_value(32)
-    at.number_input(key="cfg_batch_size").set_value(8)
+    at = train_page(epochs=2)
     at.button[0].click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
@@ -119,12 +125,7 @@ def test_second_start_while_training_is_refused(empty_ws, tmp_path):
     Workspace(empty_ws).register_dataset("parts", str(data))
 
     def start(epochs):
-        at = open_page("pages/train.py")
-        at.selectbox(key="train_dataset").set_value("parts")
-        at.selectbox(key="cfg_weights").set_value("none")
-        at.number_input(key="cfg_epochs").set_value(epochs)
-        at.number_input(key="cfg_image_size").set_value(32)
-        at.number_input(key="cfg_batch_size").set_value(8)
+        at = train_page(epochs)
         at.button[0].click().run()
         return at
 
@@ -235,11 +236,7 @@ def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):
     from core.storage import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=10, size=16)
     Workspace(empty_ws).register_dataset("parts", str(data))
-    at = open_page("pages/train.py")
-    at.selectbox(key="train_dataset").set_value("parts")
-    at.selectbox(key="cfg_weights").set_value("none")
-    at.number_input(key="cfg_image_size").set_value(32)
-    at.number_input(key="cfg_batch_size").set_value(4).run()
+    at = train_page(epochs=10, batch_size=4)
     next(b for b in at.button if b.label == "Estimate the time").click().run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
     assert any(i.value.startswith("Estimated time: about ") for i in at.info)
