@@ -71,3 +71,11 @@ def untrained_elpv_run(root, size: int):
             "input_hw": [size, size], "epoch": 1, "metrics": {}, "best": {"val_acc": 0.0}}
     save_checkpoint(run.best_path, build_model("resnet18", len(ds.classes)).state_dict(), meta)
     return ws, run, [row[0] for row in split["test"]]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test or benchmark starts)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
-from _common import environment, untrained_elpv_run  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import environment, free_port, untrained_elpv_run  # noqa: E402
 
 
 def load(url: str, images: list[bytes], clients: int, per_client: int) -> dict:
@@ -72,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws, run, test_paths = untrained_elpv_run(tmp, args.size)
         images = [Path(p).read_bytes() for p in test_paths[:64]]
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "core", "--workspace", str(ws.root), "serve", run.id,
                                  "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,19 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import environment  # noqa: E402
+from _common import environment, free_port  # noqa: E402
 
 TITLES = {"/": "Image classifier studio", "/train": "Train", "/datasets": "Datasets", "/runs": "Runs"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def one_start(browser, path: str) -> dict:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, STUDIO_WORKSPACE=tempfile.mkdtemp(prefix="studio-start-"))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),

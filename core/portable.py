@@ -47,20 +47,35 @@ class OnnxPredictor:
         return self.session.run(None, {"images": images})[0].astype(np.float64)
 
     def predict(self, sources, top_k: int = 3, batch_size: int = 32) -> list[dict]:
-        """The same results as core.predict.Predictor.predict: {"path", "top", "probs"} or {"path", "error"}."""
-        results: list[dict | None] = [None] * len(sources)
-        good, arrays = [], []
-        for i, src in enumerate(sources):
-            name = str(src) if isinstance(src, (str, os.PathLike)) else f"image {i + 1}"
-            try:
-                arrays.append(load_array(src, self.hw))
-                good.append((i, name))
-            except ImageLoadError as exc:
-                results[i] = {"path": name, "error": str(exc)}
-        k = max(1, min(top_k, len(self.classes)))
-        for start in range(0, len(arrays), batch_size):
-            for (i, name), p in zip(good[start:start + batch_size], self.probs(np.stack(arrays[start:start + batch_size]))):
-                order = np.argsort(-p)[:k]
-                results[i] = {"path": name, "top": [{"label": self.classes[j], "prob": float(p[j])} for j in order],
-                              "probs": {c: float(p[j]) for j, c in enumerate(self.classes)}}
-        return results  # type: ignore[return-value]
+        """The same results as core.predict.Predictor.predict."""
+        return predict_sources(sources, lambda src: load_array(src, self.hw), self.probs, self.classes, top_k,
+                               batch_size)
+
+
+def ranked(p: np.ndarray, classes: list[str], k: int) -> dict:
+    """{"top": the k likeliest [{"label", "prob"}], "probs": {label: p}} of one probability row."""
+    order = np.argsort(-p)[:k]
+    return {"top": [{"label": classes[j], "prob": float(p[j])} for j in order],
+            "probs": {c: float(p[j]) for j, c in enumerate(classes)}}
+
+
+def predict_sources(sources, image, probs, classes: list[str], k: int = 3, batch_size: int = 32) -> list[dict]:
+    """One result per source (path, bytes, or PIL image): {"path", "top", "probs"}, or {"path", "error"} for
+    anything that is not a usable image. `image(source)` gives the model's uint8 picture, `probs(N x H x W x 3
+    uint8 array)` the probability rows; both predictors (torch and ONNX) share this loop."""
+    if not isinstance(sources, (list, tuple)):
+        sources = [sources]
+    results: list[dict | None] = [None] * len(sources)
+    good, arrays = [], []
+    for i, src in enumerate(sources):
+        name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", f"image {i + 1}")
+        try:
+            arrays.append(image(src))
+            good.append((i, name))
+        except ImageLoadError as exc:
+            results[i] = {"path": name, "error": str(exc)}
+    k = max(1, min(k, len(classes)))
+    for start in range(0, len(arrays), batch_size):
+        for (i, name), p in zip(good[start:start + batch_size], probs(np.stack(arrays[start:start + batch_size]))):
+            results[i] = {"path": name, **ranked(p, classes, k)}
+    return results  # type: ignore[return-value]

@@ -3,7 +3,6 @@ so a file gets the probabilities its run's evaluation gave it, TTA and precision
 from __future__ import annotations
 
 import copy
-import os
 import threading
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import numpy as np
 import torch
 
 from .explain import heatmap, overlay
-from .images import ImageLoadError
 from .inference import Classifier
+from .portable import predict_sources, ranked
 from .storage import Workspace
 
 
@@ -36,28 +35,8 @@ class Predictor:
     def predict(self, sources, top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """One result per source (path, bytes, or PIL image): {"path", "top": [{"label", "prob"}],
         "probs": {label: p}} or {"path", "error"} for anything that is not a usable image."""
-        if not isinstance(sources, (list, tuple)):
-            sources = [sources]
-        results: list[dict | None] = [None] * len(sources)
-        good, arrays = [], []
-        for i, src in enumerate(sources):
-            name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", f"image {i + 1}")
-            try:
-                arrays.append(self.image(src))
-                good.append((i, name))
-            except ImageLoadError as exc:
-                results[i] = {"path": name, "error": str(exc)}
-        k = max(1, min(top_k, len(self.classes)))
-        for start in range(0, len(arrays), batch_size):
-            probs = self.classifier.probs(torch.from_numpy(np.stack(arrays[start:start + batch_size])))
-            for (i, name), p in zip(good[start:start + batch_size], probs):
-                results[i] = {"path": name, **self._top(p, k)}
-        return results  # type: ignore[return-value]
-
-    def _top(self, p: np.ndarray, k: int) -> dict:
-        order = np.argsort(-p)[:k]
-        return {"top": [{"label": self.classes[j], "prob": float(p[j])} for j in order],
-                "probs": {c: float(p[j]) for j, c in enumerate(self.classes)}}
+        return predict_sources(sources, self.image, lambda x: self.classifier.probs(torch.from_numpy(x)),
+                               self.classes, top_k, batch_size)
 
     def explain(self, source, target: int | str | None = None, method: str = "gradcam", top_k: int = 3) -> dict:
         """Grad-CAM for one image: {"rgb", "heatmap", "overlay", "target", "label", "prob", "top", "probs"}."""
@@ -71,7 +50,7 @@ class Predictor:
         with self._cam_lock:
             heat = heatmap(self._cam_model, x, target, method)
         return {"rgb": rgb, "heatmap": heat, "overlay": overlay(rgb, heat), "target": target,
-                "label": self.classes[target], "prob": float(p[target]), **self._top(p, top_k)}
+                "label": self.classes[target], "prob": float(p[target]), **ranked(p, self.classes, top_k)}
 
 
 _PREDICTORS: dict[tuple, Predictor] = {}

@@ -153,9 +153,7 @@ def execute(ws: Workspace, run_id: str, work, reporter: Reporter) -> dict:
         reporter.log(f"failed: {message}")
         transition(ws, run_id, "failed", error=message)
         return {"status": "failed", "error": message}
-    transition(ws, run_id, result["status"])
-    if result.get("test_acc") is not None:
-        record(ws, run_id, test_acc=result["test_acc"])
+    transition(ws, run_id, result["status"])  # the test accuracy was recorded by the evaluation itself
     return result
 
 

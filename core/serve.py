@@ -38,15 +38,11 @@ def load_model(source: str, ws: Workspace | None = None) -> ServedModel:
         from .portable import OnnxPredictor
         predictor = OnnxPredictor(source)
         return ServedModel(predictor, predictor.card, gradcam=False)
+    from .export import model_card
     from .predict import get_predictor
     ws = ws or Workspace()
     predictor = get_predictor(ws, source)
-    meta = predictor.meta
-    ev = ws.run(source).evaluation() or {}
-    card = {"format": "run", "run_id": source, "classes": meta["classes"], "checkpoint_epoch": meta["epoch"],
-            "input": {"height": meta["input_hw"][0], "width": meta["input_hw"][1], "channels": "RGB"},
-            "normalization": meta["normalization"], "tta": bool(meta["config"].get("tta")),
-            "test_metrics": {k: ev.get(k) for k in ("split", "n", "accuracy", "macro_f1")} if ev else None}
+    card = model_card(ws.run(source), predictor.meta, "run", predictor.classifier.tta)  # the card an export carries
     return ServedModel(predictor, card, gradcam=True)
 
 

@@ -108,3 +108,11 @@ def without_torch(tmp: Path) -> dict:
         (fake / name).mkdir(parents=True, exist_ok=True)
         (fake / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
     return dict(os.environ, PYTHONPATH=str(fake))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test or benchmark starts)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

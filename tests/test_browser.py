@@ -6,7 +6,6 @@ image with its Grad-CAM), and predict an uploaded image. Screenshots go to test-
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, make_dot_image, write_class_folders
+from conftest import ROOT, free_port, make_dot_image, write_class_folders
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -25,15 +24,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.
                                 reason="Debian's chromium is not installed (the README test command installs it)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def studio(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, STUDIO_WORKSPACE=str(tmp_path / "ws"))
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),

@@ -2,7 +2,6 @@
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,13 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, make_dot_image, without_torch
+from conftest import ROOT, free_port, make_dot_image, without_torch
 from core.evaluate import read_predictions
 from core.predict import Predictor
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(args, tmp_path, env=None):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / f"serve-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "core", *args, "--port", str(port), "--max-mb", "1",
                              "--max-files", "4"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
