@@ -31,16 +31,22 @@ def main() -> None:
     from core.storage import Workspace
     from core.train import fit
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", default="seed defaults", choices=list(PRESETS))
+    ap.add_argument("--recipe", default="classic", choices=["auto", *PRESETS],
+                    help="auto: the studio's default, chosen for ELPV on this machine (its own size and epochs)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    values = {**PRESETS[args.recipe], "data": "elpv", "weights": "none", "image_size": 128, "epochs": 3}
-    cfg = TrainConfig.from_dict({**values, **parse_overrides(args.set)}).validate()
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp) / "ws")
         t = time.perf_counter()
-        est = estimate_run(ws, cfg)
+        if args.recipe == "auto":
+            from core.recipe import auto_recipe
+            recipe = auto_recipe(ws, "elpv", fixed=parse_overrides(args.set))
+            cfg, est = recipe.config, recipe.estimate
+        else:
+            values = {**PRESETS[args.recipe], "data": "elpv", "weights": "none", "image_size": 128, "epochs": 3}
+            cfg = TrainConfig.from_dict({**values, **parse_overrides(args.set)}).validate()
+            est = estimate_run(ws, cfg)
         estimate_took = time.perf_counter() - t
         IMAGE_CACHE._mem.clear()  # the estimate assumes a first run: nothing decoded yet
         run = runs.prepare_run(ws, cfg)

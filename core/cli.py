@@ -93,26 +93,38 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of class sub-folders, a CSV of path,label, or elpv/elpv4")
     for flag, dest, options in CONFIG_FLAGS:
         p.add_argument(flag, dest=dest, default=None, **options)
-    p.add_argument("--preset", help="a named recipe to start from (see `python -m core presets`)")
+    p.add_argument("--recipe", "--preset", dest="recipe", default="auto",
+                   help="auto (default: chosen for this dataset on this machine, with a time estimate) or a named "
+                        "recipe to start from (see `python -m core presets`), e.g. classic")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other config field, e.g. --set rotation=15 --set vflip=true")
 
 
-def config_from_args(args) -> TrainConfig:
-    """TrainConfig's defaults, then the preset, then the flags the user typed, then --set."""
-    values: dict = {}
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise ConfigError("preset", f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        values.update(PRESETS[args.preset])
-        values["extra"] = {"preset": args.preset}
-    values["data"] = args.data
-    values.update({dest: getattr(args, dest) for _, dest, _ in CONFIG_FLAGS if getattr(args, dest) is not None})
+def typed_values(args) -> dict:
+    """The config fields the user typed (flags and --set); they win over any recipe."""
+    values = {dest: getattr(args, dest) for _, dest, _ in CONFIG_FLAGS if getattr(args, dest) is not None}
     values.update(parse_overrides(args.set))
+    return values
+
+
+def config_from_args(args) -> TrainConfig:
+    """For a named recipe: TrainConfig's defaults, then the recipe, then the flags the user typed, then --set.
+    (The auto recipe needs the dataset and the machine: see `auto_from_args`.)"""
+    if args.recipe not in PRESETS:
+        raise ConfigError("recipe", f"unknown recipe {args.recipe!r}; choose auto or one of {', '.join(PRESETS)}")
+    values: dict = {**PRESETS[args.recipe], "extra": {"preset": args.recipe}, "data": args.data}
+    values.update(typed_values(args))
     return TrainConfig.from_dict(values)
 
 
-def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, as_json: bool) -> int:
+def auto_from_args(ws: Workspace, args):
+    """The auto recipe for --data on this machine, with what the user typed fixed (core/recipe.py)."""
+    from .recipe import auto_recipe
+    return auto_recipe(ws, args.data, fixed=typed_values(args))
+
+
+def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, as_json: bool,
+                         extra: dict | None = None) -> int:
     """The run's life in this process (core/runs.py), the same as a studio job; prints the run id last."""
     from .train import fit
     try:
@@ -130,7 +142,7 @@ def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, a
         print(json.dumps({"run_id": run.id, "status": result["status"], "error": result.get("error"),
                           "epochs_done": result.get("epochs_done"), "best_val_acc": result.get("best_val_acc"),
                           "test_acc": result.get("test_acc"),
-                          "skipped": runs.skipped_files(skipped)}))
+                          "skipped": runs.skipped_files(skipped), **(extra or {})}))
     else:
         print(run.id)
     return 1 if result["status"] == "failed" else 0
@@ -138,18 +150,30 @@ def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, a
 
 def cmd_train(args) -> int:
     ws = Workspace(args.workspace)
-    cfg = config_from_args(args)
+    recipe = None
+    if args.recipe == "auto":
+        recipe = auto_from_args(ws, args)
+        cfg = recipe.config
+    else:
+        cfg = config_from_args(args)
     if args.estimate:
         from .estimate import estimate_run
-        print(estimate_run(ws, cfg.validate()).text())
+        estimate = recipe.estimate if recipe else estimate_run(ws, cfg.validate())
+        print(estimate.text())
+        if recipe:
+            print(f"auto recipe: {recipe.why}")
         return 0
     run = runs.prepare_run(ws, cfg)
     bar = ProgressBar(quiet=args.quiet)
+    if recipe:  # said once the config is known to be usable, before the first epoch
+        bar.log(f"auto recipe: {recipe.why}")
+        bar.log(f"estimate: {recipe.estimate.text()}")
     for line in [f"run {run.id}: {cfg.arch}, weights {cfg.weights}, {cfg.epochs} epochs, image "
                  f"{cfg.input_hw[0]}x{cfg.input_hw[1]}, batch {cfg.batch_size}"] + run.log_path.read_text().splitlines():
         bar.log(line.split(" ", 1)[-1] if line[:2].isdigit() else line)  # the log's lines without their time
     bar.run = run
-    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json)
+    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json,
+                                extra={"recipe": recipe.summary()} if recipe else None)
 
 
 def cmd_resume(args) -> int:
@@ -248,8 +272,10 @@ def cmd_runs(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    print("auto: chosen for the dataset on this machine (image size, epochs, batch, schedule, precision); "
+          "the default")
     for name, over in PRESETS.items():
-        print(f"{name}: {json.dumps(over) if over else '(the seed defaults)'}")
+        print(f"{name}: {json.dumps(over) if over else '(the seed notebooks: Adam 1e-3, 10 epochs, batch 32, 224 px)'}")
     return 0
 
 

@@ -44,6 +44,9 @@ class TrainConfig:
     rotation: float = 0.0            # max degrees of random rotation (seeds: 10-15)
     rot90: bool = False              # random multiples of 90 degrees (for square, orientation-free parts)
     crop_scale_min: float = 1.0      # random resized crop keeps this fraction of the area at least (1.0: off)
+    progressive_start: float = 1.0   # progressive resizing (fast.ai, FFCV): the first epochs train at this fraction
+                                     # of the image size, growing to the full size by 3/4 of the epochs; validation
+                                     # and test always run at the full size (1.0: off)
     color_jitter: float = 0.0        # brightness/contrast/saturation strength (0: off)
     # --- model ---
     arch: str = "resnet18"           # resnet18 | resnet34 | resnet50 | resnet18-custom (hand-built, [2,2,2,2])
@@ -120,6 +123,7 @@ class TrainConfig:
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(0 <= self.rotation <= 180, "rotation", "must be between 0 and 180 degrees")
         need(0.05 <= self.crop_scale_min <= 1, "crop_scale_min", "must be between 0.05 and 1")
+        need(0.25 <= self.progressive_start <= 1, "progressive_start", "must be between 0.25 and 1 (1: off)")
         need(0 <= self.color_jitter <= 1, "color_jitter", "must be between 0 and 1")
         need(self.early_stop_patience >= 0, "early_stop_patience", "must be 0 (off) or more")
         need(self.early_stop_metric in EARLY_STOP_METRICS, "early_stop_metric",
@@ -165,9 +169,11 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-# Named recipes the studio offers; each is a set of overrides on TrainConfig.
+# Named recipes the studio offers; each is a set of overrides on TrainConfig. ("auto", the default, is chosen per
+# dataset and machine by core/recipe.py, so it is not a fixed set.) "classic" is TrainConfig's own defaults: the
+# seed notebooks' recipe.
 PRESETS: dict[str, dict] = {
-    "seed defaults": {},
+    "classic": {},
     "quick look (CPU)": {"image_size": 128, "epochs": 5, "batch_size": 64},
     # Small grayscale inspection sets (ELPV solar cells, X-ray, EL, weld radiographs) trained from scratch:
     # the part has no "up", so all 8 flips/90-degree turns are valid views of the same defect; mean/std of the

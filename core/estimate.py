@@ -19,6 +19,7 @@ from .device import autocast_dtype, select_device
 from .images import ImageLoadError, load_array
 from .labels import LabelStore
 from .model import build_model
+from .schedule import mean_pixel_fraction
 from .train import train_step
 from .transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
 
@@ -62,11 +63,13 @@ def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], sample: int 
 
 
 def estimate_seconds(epochs: int, n_train: int, n_val: int, n_test: int, images_per_s: float,
-                     decode_s_per_image: float = 0.0, tta: bool = False, workers: int = 1) -> float:
+                     decode_s_per_image: float = 0.0, tta: bool = False, workers: int = 1,
+                     train_pixels: float = 1.0) -> float:
     """Wall-clock seconds of a run: the first decode of every image (on `workers` threads; 0 when cached), each
-    epoch's training and validation, and the final evaluation (three passes with TTA)."""
+    epoch's training and validation, and the final evaluation (three passes with TTA). `train_pixels`: the
+    training pixels relative to the full size (below 1 with progressive resizing; schedule.mean_pixel_fraction)."""
     decode = (n_train + n_val + n_test) * decode_s_per_image / max(workers, 1)
-    epoch = n_train / images_per_s + n_val * EVAL_COST / images_per_s
+    epoch = n_train * train_pixels / images_per_s + n_val * EVAL_COST / images_per_s
     final = n_test * EVAL_COST * (3 if tta else 1) / images_per_s
     return decode + epochs * epoch + final
 
@@ -94,5 +97,5 @@ def estimate_run(ws, cfg: TrainConfig) -> Estimate:
     ips = training_images_per_s(cfg)
     decode = decode_seconds_per_image([s.path for s in ds.samples], cfg.input_hw)
     seconds = estimate_seconds(cfg.epochs, counts["train"], counts["val"], counts["test"], ips, decode, cfg.tta,
-                               workers=min(8, os.cpu_count() or 1))
+                               workers=min(8, os.cpu_count() or 1), train_pixels=mean_pixel_fraction(cfg))
     return Estimate(seconds, ips, decode, counts)

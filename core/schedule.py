@@ -67,3 +67,36 @@ def apply_lr(optimizer, lr: float, momentum: float | None) -> None:
             group["betas"] = (momentum, *group["betas"][1:])
         elif "momentum" in group:
             group["momentum"] = momentum
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progressive resizing: the training image size as a pure function of the epoch
+
+PROGRESSIVE_FULL_AT = 0.75  # fraction of the epochs by which training reaches the full size
+SIZE_STEP = 16              # sizes move in steps of 16 px (whole feature-map cells after ResNet's stride 32 / 2)
+
+
+def train_hw_at(cfg, epoch: int) -> tuple[int, int]:
+    """(height, width) training batches are resized to in `epoch` (1-based): `cfg.progressive_start` of the full
+    size in the first epoch, growing linearly to the full size at PROGRESSIVE_FULL_AT of the epochs (counted from
+    `cfg.schedule_start_epoch`, like the learning rate), the full size after that and whenever it is off."""
+    h, w = cfg.input_hw
+    start = getattr(cfg, "progressive_start", 1.0)
+    if start >= 1.0:
+        return h, w
+    first = min(cfg.schedule_start_epoch, cfg.epochs - 1) + 1
+    full_at = first + max(1, round(PROGRESSIVE_FULL_AT * (cfg.epochs - first + 1))) - 1
+    pct = 1.0 if epoch >= full_at else max(0.0, (epoch - first) / max(full_at - first, 1))
+    scale = start + (1.0 - start) * pct
+
+    def side(n: int) -> int:
+        return min(n, max(SIZE_STEP, int(round(n * scale / SIZE_STEP)) * SIZE_STEP))
+    return side(h), side(w)
+
+
+def mean_pixel_fraction(cfg) -> float:
+    """The training pixels of the run's epochs relative to training every epoch at the full size (for estimates)."""
+    h, w = cfg.input_hw
+    first = min(cfg.schedule_start_epoch, cfg.epochs - 1) + 1
+    fracs = [(lambda hw: hw[0] * hw[1] / (h * w))(train_hw_at(cfg, e)) for e in range(first, cfg.epochs + 1)]
+    return sum(fracs) / len(fracs)

@@ -24,7 +24,7 @@ from .inference import forward_probs
 from .model import build_model
 from .rundata import RunData, load_run_data
 from .runs import Reporter, TrainingError, record
-from .schedule import apply_lr, epoch_batches, lr_at
+from .schedule import apply_lr, epoch_batches, lr_at, train_hw_at
 from .storage import Run, Workspace
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, Normalizer, build_train_augment, to_unit
 
@@ -191,6 +191,7 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
     bs = t.cfg.batch_size
     batches = [order[i * bs:(i + 1) * bs] for i in range(t.steps_per_epoch)]  # a last batch of one is left out
     lr_first = lr_at(t.cfg, (epoch - 1) * t.steps_per_epoch, t.steps_per_epoch)[0]
+    hw = train_hw_at(t.cfg, epoch)  # smaller than the full size in early epochs with progressive resizing
     total_loss, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
     for b, idx in enumerate(batches):
@@ -199,6 +200,8 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
         apply_lr(t.optimizer, *lr_at(t.cfg, (epoch - 1) * t.steps_per_epoch + b, t.steps_per_epoch))
         x_u8, y = t.data.batch(idx, t.device)
         x = t.normalizer.normalize(t.augment(to_unit(x_u8), t.gen))
+        if x.shape[-2:] != hw:
+            x = nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
         loss_sum, n_correct = _step_with_oom_retry(t, x, y, reporter)
         if not math.isfinite(loss_sum):
             raise TrainingError(f"training diverged: the loss became {loss_sum} at epoch {epoch}, batch {b + 1}. "
@@ -209,6 +212,7 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
         reporter.batch(epoch, b + 1, len(batches), seen / max(time.perf_counter() - t0, 1e-9))
     seconds = time.perf_counter() - t0
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr_first,
+            "train_size": hw[0],
             "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
 
 

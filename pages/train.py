@@ -6,7 +6,10 @@ from core import runs
 from core.config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
 from core.data import DatasetError
 from core.estimate import estimate_run
+from core.labels import LabelStore
 from core.model import imagenet_weights_file
+from core.recipe import auto_recipe
+from core.storage import Workspace
 from pages import _ui
 
 st.title("Train")
@@ -21,8 +24,32 @@ sources = {d["name"]: d["source"] for d in datasets}
 SETTINGS = "train_settings"
 
 
+RECIPES = ["auto", *PRESETS]
+
+
+@st.cache_data(show_spinner="Choosing settings for this dataset on this machine (a few timed steps)…",
+               max_entries=32)
+def _auto(ws_root: str, source: str, label_version: int) -> dict:
+    """The auto recipe (core/recipe.py), kept per dataset and label version: its timing is taken once."""
+    recipe = auto_recipe(Workspace(ws_root), source)
+    return {"values": recipe.config.to_dict(), "why": recipe.why, "estimate": recipe.estimate.text()}
+
+
+def _auto_for(name: str) -> dict | None:
+    source = sources[name]
+    try:
+        return _auto(str(ws.root), source, LabelStore(ws).version(source))
+    except (ConfigError, DatasetError, OSError) as exc:
+        st.session_state["auto_error"] = f"The auto recipe could not look at {name}: {exc}"
+        return None
+
+
 def _defaults(preset: str) -> dict:
     values = TrainConfig().to_dict()
+    if preset == "auto":
+        auto = _auto_for(st.session_state["train_dataset"])
+        if auto is not None:
+            return {**auto["values"], "extra": {}}
     values.update(PRESETS.get(preset, {}))
     if values["weights"] == "imagenet" and not imagenet_weights_file(values["arch"]).exists():
         values["weights"] = "none"  # offline machines cannot download them; say so below
@@ -42,23 +69,24 @@ def _offer_last_config() -> None:
     """The settings last used with the picked dataset, when it has been trained before."""
     cfg = runs.last_config(ws, sources[st.session_state["train_dataset"]])
     if cfg is None:
+        if st.session_state.get("preset") == "auto":  # auto depends on the dataset: choose again for this one
+            _apply_preset()
         return
     values = cfg.to_dict()
     weights = str(values["weights"])
     if weights not in ("imagenet", "none"):
         st.session_state["weights_file"], values["weights"] = weights, "none"
-    st.session_state["preset"] = cfg.extra.get("preset", "seed defaults") if cfg.extra.get("preset") in PRESETS \
-        else "seed defaults"
+    st.session_state["preset"] = cfg.extra["preset"] if cfg.extra.get("preset") in RECIPES else "classic"
     _set_widgets({k: v for k, v in values.items() if k not in ("data", "extra", "schedule_start_epoch")})
 
 
 for key, value in st.session_state.get(SETTINGS, {}).items():
     st.session_state.setdefault(key, value)
 if "cfg_epochs" not in st.session_state:  # the first visit in this browser session
-    st.session_state["preset"] = "seed defaults"
-    _apply_preset()
     current = st.session_state.get("dataset")
     st.session_state["train_dataset"] = current if current in names else names[0]
+    st.session_state["preset"] = "auto"
+    _apply_preset()
     _offer_last_config()
 if st.session_state.get("train_dataset") not in names:
     st.session_state["train_dataset"] = names[0]
@@ -67,9 +95,21 @@ top1, top2 = st.columns([2, 1])
 dataset_name = top1.selectbox("Dataset", names, key="train_dataset", on_change=_offer_last_config,
                               help="Picking a dataset you trained before offers the settings of its last run again.")
 st.session_state["dataset"] = dataset_name
-top2.selectbox("Recipe", list(PRESETS), key="preset", on_change=_apply_preset,
-               help="A named set of defaults. 'seed defaults' are the classic recipe: Adam, lr 1e-3, 10 epochs, "
-                    "batch 32, 224 px, ImageNet normalization.")
+top2.selectbox("Recipe", RECIPES, key="preset", on_change=_apply_preset,
+               help="'auto' picks image size, epochs, batch, schedule and precision for this dataset on this machine "
+                    "and says why. 'classic' is the seed notebooks' recipe: Adam, lr 1e-3, 10 epochs, batch 32, "
+                    "224 px, ImageNet normalization (use 'Estimate the time' to see what it costs here).")
+auto_error = st.session_state.pop("auto_error", None)
+if auto_error:
+    st.warning(f"{auto_error}. The classic settings are shown instead.")
+elif st.session_state["preset"] == "auto":
+    auto = _auto_for(dataset_name)
+    if auto is not None:
+        changed = [k for k, v in auto["values"].items()
+                   if k not in ("data", "extra") and st.session_state.get(f"cfg_{k}", v) != v]
+        when = (auto["estimate"] if not changed else
+                f"you changed {', '.join(changed)}: 'Estimate the time' times your settings")
+        st.info(f"**Auto**: {when}. Why: {auto['why']}.", icon=":material/auto_awesome:")
 
 with st.container(border=True):
     c1, c2, c3, c4 = st.columns(4)

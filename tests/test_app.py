@@ -198,7 +198,10 @@ def test_picking_a_dataset_offers_its_last_config(empty_ws, tmp_path):
                                 optimizer="sgd", extra={"preset": "quick look (CPU)"}))
     at = open_page("pages/train.py")
     at.selectbox(key="train_dataset").set_value("first").run()
-    assert at.number_input(key="cfg_epochs").value == 10  # never trained: the recipe's settings stay
+    # Never trained: the auto recipe's settings for it, said with its estimate and reasons.
+    assert at.selectbox(key="preset").value == "auto"
+    assert at.number_input(key="cfg_image_size").value == 64 and at.selectbox(key="cfg_weights").value == "none"
+    assert any(i.value.startswith("**Auto**: about") and "Why: 64 px" in i.value for i in at.info)
     at.selectbox(key="train_dataset").set_value("second").run()
     assert not at.exception, at.exception
     assert at.number_input(key="cfg_epochs").value == 3
@@ -242,4 +245,10 @@ def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):
     assert any(i.value.startswith("Estimated time: about ") for i in at.info)
     at.number_input(key="cfg_epochs").set_value(20).run()  # other settings: the old estimate is not shown
     assert not any(i.value.startswith("Estimated time") for i in at.info)
+    assert any("you changed" in i.value and "epochs" in i.value for i in at.info)  # nor auto's estimate
+    at.selectbox(key="preset").set_value("classic").run()  # the classic recipe, one click away
+    assert (at.number_input(key="cfg_image_size").value, at.number_input(key="cfg_epochs").value) == (224, 10)
+    assert not any("**Auto**" in i.value for i in at.info)
+    at.selectbox(key="preset").set_value("auto").run()
+    assert any(i.value.startswith("**Auto**: about") for i in at.info)
     assert Workspace(empty_ws).list_runs() == []

@@ -25,6 +25,9 @@ def test_train_evaluate_predict_runs(tmp_path):
     result = json.loads(train.stdout)
     run_id = result["run_id"]
     assert result["status"] == "done" and 0 <= result["test_acc"] <= 1
+    # The auto recipe by default, with what was typed kept, and said before training.
+    assert "3 epochs (as set)" in result["recipe"]["why"] and result["recipe"]["estimate_seconds"] > 0
+    assert "auto recipe:" in train.stderr and "estimate: about" in train.stderr
     assert "epoch 3/3" in train.stderr and "1 files skipped" in train.stderr
     assert "test accuracy" in train.stderr
     # Every skipped file is named with its reason: in the output, the JSON, the run's log and its evaluation.
@@ -78,8 +81,9 @@ def test_typed_flags_win_over_a_preset_even_at_their_default():
     assert (defaults.epochs, defaults.lr, defaults.weights, defaults.normalization) == (10, 1e-3, "imagenet", "imagenet")
     assert (cfg.image_size, cfg.optimizer, cfg.schedule) == (preset["image_size"], "adamw", "onecycle")  # not typed
     assert cfg.extra["preset"] == "small grayscale inspection"
-    plain = config_from_args(build_parser().parse_args(["train", "--data", "x"]))
-    assert plain.to_dict() == TrainConfig(data="x").to_dict()
+    classic = config_from_args(build_parser().parse_args(["train", "--data", "x", "--recipe", "classic"]))
+    assert classic.to_dict() == TrainConfig(data="x", extra={"preset": "classic"}).to_dict()
+    assert build_parser().parse_args(["train", "--data", "x"]).recipe == "auto"  # the default
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
@@ -107,4 +111,8 @@ def test_train_estimate_trains_nothing(tmp_path):
     ws = tmp_path / "ws"
     proc = cli("train", "--data", data, "--weights", "none", "--image-size", 32, "--batch-size", 4, "--estimate", ws=ws)
     assert proc.stdout.startswith("about ") and "on this machine" in proc.stdout
+    assert "auto recipe:" in proc.stdout and "32 px" in proc.stdout  # typed flags win over auto's choices
+    classic = cli("train", "--data", data, "--recipe", "classic", "--weights", "none", "--batch-size", 4,
+                  "--estimate", ws=ws)
+    assert classic.stdout.startswith("about ") and "auto recipe" not in classic.stdout
     assert json.loads(cli("runs", "--json", ws=ws).stdout) == []

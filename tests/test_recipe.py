@@ -1,0 +1,71 @@
+"""The auto recipe (core/recipe.py): its rules as pure functions of the facts, then the whole thing on a small set."""
+import pytest
+
+from conftest import write_class_folders
+from core.recipe import (BUDGET_S, EPOCH_RANGE, STEPS, DataFacts, MachineFacts, auto_recipe, choose_epochs,
+                         choose_settings)
+
+CPU_SCRATCH = MachineFacts("cpu", "bf16", imagenet_weights=False)
+GPU_PRETRAINED = MachineFacts("gpu", "bf16", imagenet_weights=True)
+ELPV_LIKE = DataFacts(n_train=1675, n_val=295, n_test=654, classes=2, side=300, grayscale=True)
+
+
+def test_from_scratch_on_a_cpu_trains_small_with_the_datas_own_statistics():
+    values, why = choose_settings(ELPV_LIKE, CPU_SCRATCH)
+    assert values["image_size"] == 128 and values["weights"] == "none"
+    assert values["normalization"] == "dataset" and values["schedule"] == "onecycle"
+    assert values["progressive_start"] == 0.5 and any("from 50% of the size up" in w for w in why)
+    assert values["batch_size"] == 32 and values["lr"] == pytest.approx(2e-3)
+    assert any("300 px" in w for w in why) and any("from scratch" in w for w in why)
+
+
+def test_pretrained_on_a_gpu_keeps_imagenet_size_and_statistics_and_scales_the_rate():
+    big = DataFacts(5000, 800, 800, 5, side=640, grayscale=False)
+    values, _ = choose_settings(big, GPU_PRETRAINED)
+    assert values["image_size"] == 224 and values["weights"] == "imagenet"
+    assert values["normalization"] == "imagenet" and values["progressive_start"] == 1.0
+    assert values["batch_size"] == 64 and values["lr"] == pytest.approx(1e-3 * 2 ** 0.5, rel=1e-3)
+
+
+def test_never_upsamples_past_the_cap_nor_shrinks_below_the_minimum():
+    tiny_images = DataFacts(400, 50, 50, 2, side=40, grayscale=False)
+    assert choose_settings(tiny_images, CPU_SCRATCH)[0]["image_size"] == 64
+    odd = DataFacts(400, 50, 50, 2, side=100, grayscale=False)
+    assert choose_settings(odd, CPU_SCRATCH)[0]["image_size"] == 96  # a multiple of 16, not above the images
+    few = DataFacts(20, 5, 5, 2, side=300, grayscale=False)
+    assert choose_settings(few, CPU_SCRATCH)[0]["batch_size"] == 5  # a few batches per epoch even on 20 images
+
+
+def test_epochs_follow_a_step_count_within_their_range():
+    lo, hi = EPOCH_RANGE["scratch"]
+    epochs, why = choose_epochs(ELPV_LIKE, CPU_SCRATCH, batch=32, epoch_seconds=20)
+    assert epochs == -(-STEPS["scratch"] // 53) == 13 and "steps" in why  # 1675 images: 53 steps per epoch
+    small = DataFacts(60, 10, 10, 2, 300, False)
+    assert choose_epochs(small, CPU_SCRATCH, 32, 1)[0] == hi
+    huge = DataFacts(40000, 5000, 5000, 2, 300, False)
+    assert choose_epochs(huge, CPU_SCRATCH, 32, 1)[0] == lo
+
+
+def test_epochs_are_capped_to_fit_the_budget_but_not_below_the_minimum():
+    budget = BUDGET_S["cpu"]
+    epochs, why = choose_epochs(ELPV_LIKE, CPU_SCRATCH, 32, epoch_seconds=budget / 7, fixed_seconds=0)
+    assert epochs == 7 and "capped" in why
+    epochs, _ = choose_epochs(ELPV_LIKE, CPU_SCRATCH, 32, epoch_seconds=budget, fixed_seconds=0)
+    assert epochs == EPOCH_RANGE["scratch"][0]
+
+
+def test_auto_recipe_on_a_small_set_keeps_what_the_user_set(tmp_path):
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=12, size=40)
+    ws = Workspace(tmp_path / "ws")
+    recipe = auto_recipe(ws, str(data), fixed={"epochs": 2, "amp": "off", "weights": "none"})
+    cfg = recipe.config
+    assert cfg.epochs == 2 and cfg.amp == "off" and cfg.weights == "none"  # fixed fields win
+    assert cfg.image_size == 64 and cfg.extra["preset"] == "auto"  # 40 px images: the minimum size
+    assert recipe.precision == "fp32" and "fp32 asked for" in recipe.why
+    assert recipe.data.side == 40 and recipe.data.n_train + recipe.data.n_val + recipe.data.n_test == 24
+    assert recipe.estimate.seconds > 0 and recipe.estimate.images_per_s > 0
+    assert "2 epochs (as set)" in recipe.why and "set by you: amp, epochs, weights" in recipe.why
+    free = auto_recipe(ws, str(data))
+    lo, hi = EPOCH_RANGE["scratch"]
+    assert lo <= free.config.epochs <= hi and free.config.validate() is free.config
