@@ -88,6 +88,8 @@ if "cfg_epochs" not in st.session_state:  # the first visit in this browser sess
     st.session_state["preset"] = "auto"
     _apply_preset()
     _offer_last_config()
+for key, value in TrainConfig().to_dict().items():  # a field added since these settings were kept
+    st.session_state.setdefault(f"cfg_{key}", value)
 if st.session_state.get("train_dataset") not in names:
     st.session_state["train_dataset"] = names[0]
 
@@ -150,6 +152,9 @@ with st.container(border=True):
         a3.slider("Rotation (degrees)", 0.0, 180.0, key="cfg_rotation")
         a3.slider("Random crop: min area kept", 0.05, 1.0, key="cfg_crop_scale_min", help="1.0: no cropping.")
         a3.slider("Color jitter", 0.0, 1.0, key="cfg_color_jitter")
+        a3.slider("Progressive resizing: first epochs at", 0.25, 1.0, key="cfg_progressive_start",
+                  help="Early epochs train on images shrunk to this fraction of the size, growing to the full size by "
+                       "3/4 of the epochs; validation and test always use the full size. 1.0: off.")
         a3.selectbox("Mixed precision", ["auto", "bf16", "fp16", "off"], key="cfg_amp")
     queue_ok = st.checkbox("Queue after the running job if one is running", key="queue_ok")
     b1, b2 = st.columns([1, 5])

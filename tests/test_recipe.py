@@ -69,3 +69,31 @@ def test_auto_recipe_on_a_small_set_keeps_what_the_user_set(tmp_path):
     free = auto_recipe(ws, str(data))
     lo, hi = EPOCH_RANGE["scratch"]
     assert lo <= free.config.epochs <= hi and free.config.validate() is free.config
+
+
+def test_progressive_resizing_is_a_pure_function_of_the_epoch():
+    from core.config import TrainConfig
+    from core.schedule import mean_pixel_fraction, train_hw_at
+    cfg = TrainConfig(data="x", image_size=64, epochs=4, progressive_start=0.5)
+    assert [train_hw_at(cfg, e) for e in range(1, 5)] == [(32, 32), (48, 48), (64, 64), (64, 64)]
+    assert mean_pixel_fraction(cfg) == pytest.approx((0.25 + 0.5625 + 1 + 1) / 4)
+    assert train_hw_at(TrainConfig(data="x", image_size=64, epochs=4), 1) == (64, 64)  # off by default
+    # An extended run's added epochs grow again from the start size, like its new learning-rate cycle.
+    extended = TrainConfig(data="x", image_size=64, epochs=8, progressive_start=0.5, schedule_start_epoch=4)
+    assert [train_hw_at(extended, e)[0] for e in range(5, 9)] == [32, 48, 64, 64]
+
+
+def test_a_progressive_run_trains_small_first_and_keeps_the_full_size_for_its_model(tmp_path):
+    from core import runs
+    from core.inference import Classifier
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    from core.train import fit
+    from conftest import tiny_config
+    data = write_class_folders(tmp_path / "dots", per_class=16, size=48)
+    ws = Workspace(tmp_path / "ws")
+    run = prepare_run(ws, tiny_config(data, image_size=64, epochs=4, batch_size=8, progressive_start=0.5))
+    result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
+    assert result["status"] == "done", result
+    assert [row["train_size"] for row in result["history"]] == [32, 48, 64, 64]
+    assert Classifier.from_checkpoint(run.best_path).hw == (64, 64)  # the model is for full-size images
