@@ -257,7 +257,8 @@ def main() -> None:
     stem = Path(args.out) / (f"time_to_accuracy{'-quick' if args.quick else ''}-{s['precision']}-"
                              f"{'cuda' if device.type == 'cuda' else 'cpu'}-{doc['date']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    doc["curves"] = save_curves(doc, stem)
+    doc["curves"] = [os.path.relpath(f, ROOT) if Path(f).resolve().is_relative_to(ROOT) else f
+                     for f in save_curves(doc, stem)]
     print(json.dumps(doc, indent=2))
 
 
