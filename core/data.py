@@ -434,6 +434,11 @@ class Stopped(Exception):
     """Raised inside long loops when the user asked to stop."""
 
 
+def decode_workers() -> int:
+    """Threads that decode images into the cache (PIL releases the GIL while decoding)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def _decode_into(arr, paths, hw, progress, should_stop) -> dict[int, str]:
     failed: dict[int, str] = {}
     done = 0
@@ -448,8 +453,7 @@ def _decode_into(arr, paths, hw, progress, should_stop) -> dict[int, str]:
         except Exception as exc:  # a decoder bug must not take the run down
             return i, f"cannot decode image: {exc}"
 
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for start in range(0, len(paths), chunk):
             if should_stop and should_stop():
                 raise Stopped()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import load_dataset, stratified_split
+from .data import decode_workers, load_dataset, stratified_split
 from .device import autocast_dtype, select_device
 from .images import ImageLoadError, load_array
 from .labels import LabelStore
@@ -88,14 +88,29 @@ class Estimate:
                 f"{self.counts['train']} training, {self.counts['val']} validation, {self.counts['test']} test images)")
 
 
-def estimate_run(ws, cfg: TrainConfig) -> Estimate:
-    """The estimate for a config, from its dataset's split (with the label store's labels) and timed steps."""
-    import os
+def dataset_parts(ws, cfg: TrainConfig) -> tuple[dict, list[str], int]:
+    """(images per split part, every image's path, class count) of the config's dataset as a new run would split
+    it, with the label store's labels."""
     ds = LabelStore(ws).apply(load_dataset(cfg.data))
     split = stratified_split(ds, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    counts = {part: len(idx) for part, idx in split.items()}
+    return {part: len(idx) for part, idx in split.items()}, [s.path for s in ds.samples], len(ds.classes)
+
+
+def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_per_image: float) -> float:
+    """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads."""
+    return estimate_seconds(cfg.epochs, counts["train"], counts["val"], counts["test"], images_per_s,
+                            decode_s_per_image, cfg.tta, workers=decode_workers(),
+                            train_pixels=mean_pixel_fraction(cfg))
+
+
+def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:
+    """Time the training step and the decoder for this config, and estimate its run."""
     ips = training_images_per_s(cfg)
-    decode = decode_seconds_per_image([s.path for s in ds.samples], cfg.input_hw)
-    seconds = estimate_seconds(cfg.epochs, counts["train"], counts["val"], counts["test"], ips, decode, cfg.tta,
-                               workers=min(8, os.cpu_count() or 1), train_pixels=mean_pixel_fraction(cfg))
-    return Estimate(seconds, ips, decode, counts)
+    decode = decode_seconds_per_image(paths, cfg.input_hw)
+    return Estimate(run_seconds(cfg, counts, ips, decode), ips, decode, counts)
+
+
+def estimate_run(ws, cfg: TrainConfig) -> Estimate:
+    """The estimate for a config, from its dataset's split (with the label store's labels) and timed steps."""
+    counts, paths, _ = dataset_parts(ws, cfg)
+    return measure(cfg, counts, paths)

@@ -16,10 +16,10 @@ not of epochs, is what a one-cycle run needs, so the epochs follow from the trai
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .config import TrainConfig
-from .estimate import Estimate, decode_seconds_per_image, estimate_seconds, training_images_per_s
+from .estimate import Estimate, dataset_parts, estimate_seconds, measure, run_seconds
 
 # One-cycle optimizer steps a run needs, and the epoch range they may turn into. From scratch: 650 steps of 32 with
 # progressive resizing reached the classic recipe's best validation accuracy on ELPV in 2.8 minutes (500 steps
@@ -61,10 +61,12 @@ class AutoRecipe:
     config: TrainConfig
     why: str
     estimate: Estimate
-    precision: str
     data: DataFacts
     machine: MachineFacts
-    fixed: dict = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return self.machine.precision
 
     def summary(self) -> dict:
         return {"why": self.why, "estimate_seconds": round(self.estimate.seconds, 1), "precision": self.precision,
@@ -140,12 +142,12 @@ def image_facts(paths: list[str], sample: int = 24) -> tuple[int, bool]:
 
 
 def machine_facts(cfg: TrainConfig) -> MachineFacts:
+    import torch
+
     from .device import autocast_dtype, cpu_bf16_measurement, select_device
     from .model import imagenet_weights_file
     device = select_device(cfg.device)
-    dtype = autocast_dtype(device, cfg.amp)
-    precision = {None: "fp32"}.get(dtype, str(dtype).replace("torch.", "").replace("bfloat16", "bf16")
-                                   .replace("float16", "fp16"))
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device, cfg.amp)]
     note = ""
     if device.type == "cpu":
         if cfg.amp == "off":
@@ -162,18 +164,11 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     """The auto recipe for a dataset (a registered source) on this machine. `split` (the JSON a run stores)
     gives the part sizes; by default the config's own split of the dataset with the label store's labels.
     `fixed` holds fields the user set themselves: they win over every choice here (and are timed as set)."""
-    import os
-
-    from .data import load_dataset, samples_from_split, stratified_split
-    from .labels import LabelStore
+    from .data import decode_workers, samples_from_split
     fixed = dict(fixed or {})
     base = TrainConfig.from_dict({"data": source, **fixed})
     if split is None:
-        ds = LabelStore(ws).apply(load_dataset(source))
-        parts = stratified_split(ds, base.val_fraction, base.test_fraction, base.split_seed)
-        counts = {p: len(idx) for p, idx in parts.items()}
-        paths = [s.path for s in ds.samples]
-        n_classes = len(ds.classes)
+        counts, paths, n_classes = dataset_parts(ws, base)
     else:
         counts = {p: len(split.get(p, [])) for p in ("train", "val", "test")}
         paths = [s.path for p in ("train", "val", "test") for s in samples_from_split(split, p)]
@@ -186,23 +181,15 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     values, why = choose_settings(data, machine)
     cfg = TrainConfig.from_dict({**base.to_dict(), **values, **fixed, "extra": {"preset": "auto"}}).validate()
 
-    def timed(c: TrainConfig) -> tuple[float, float, float, float]:
-        ips = training_images_per_s(c)
-        decode = decode_seconds_per_image(paths, c.input_hw)
-        workers = min(8, os.cpu_count() or 1)
-        epoch_s = estimate_seconds(1, data.n_train, data.n_val, 0, ips)
-        fixed_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, ips, decode, c.tta, workers)
-        return ips, decode, epoch_s, fixed_s
-
-    ips, decode, epoch_s, fixed_s = timed(cfg)
+    timing = measure(cfg, counts, paths)  # the step and the decoder, timed at the chosen size
     if "epochs" in fixed:
-        epochs, epochs_why = cfg.epochs, f"{cfg.epochs} epochs (as set)"
+        epochs_why = f"{cfg.epochs} epochs (as set)"
     else:
-        epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, fixed_s)
-        cfg.epochs = epochs
-    from .schedule import mean_pixel_fraction
-    seconds = fixed_s + estimate_seconds(cfg.epochs, data.n_train, data.n_val, 0, ips,
-                                         train_pixels=mean_pixel_fraction(cfg))
+        epoch_s = estimate_seconds(1, data.n_train, data.n_val, 0, timing.images_per_s)
+        once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
+                                  timing.decode_s_per_image, cfg.tta, decode_workers())       # the final evaluation
+        cfg.epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
+    seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image)
     # The reasons describe the config that will run: a field the user set is said to be theirs.
     if {"image_size", "image_height", "image_width"} & fixed.keys():
         why[0] = f"{cfg.input_hw[0]}x{cfg.input_hw[1]} px (as set)" if cfg.image_height else f"{cfg.image_size} px (as set)"
@@ -214,5 +201,5 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if fixed:
         why.append("set by you: " + ", ".join(sorted(k for k in fixed if k not in ("data", "extra"))))
     cfg.validate()
-    estimate = Estimate(seconds, ips, decode, counts)
-    return AutoRecipe(cfg, "; ".join(why), estimate, machine.precision, data, machine, fixed)
+    estimate = Estimate(seconds, timing.images_per_s, timing.decode_s_per_image, counts)
+    return AutoRecipe(cfg, "; ".join(why), estimate, data, machine)
