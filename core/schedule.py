@@ -27,6 +27,11 @@ def epoch_batches(n_images: int, batch_size: int) -> int:
     return max(n, 1)
 
 
+def cycle_first_epoch(cfg) -> int:
+    """The first epoch (1-based) of the run's current cycle: 1, or the one after an extension's start."""
+    return min(cfg.schedule_start_epoch, cfg.epochs - 1) + 1
+
+
 def _cos_anneal(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
@@ -34,7 +39,7 @@ def _cos_anneal(start: float, end: float, pct: float) -> float:
 def lr_at(cfg, step: int, steps_per_epoch: int) -> tuple[float, float | None]:
     """(learning rate, momentum or None) for the optimizer step `step` (0-based, counted from the run's first
     epoch). The momentum is set only by one-cycle; None leaves the optimizer's own."""
-    start_epoch = min(cfg.schedule_start_epoch, cfg.epochs - 1)
+    start_epoch = cycle_first_epoch(cfg) - 1
     total = max(1, (cfg.epochs - start_epoch) * steps_per_epoch)
     t = min(max(step - start_epoch * steps_per_epoch, 0), total - 1)
     if cfg.schedule == "cosine":
@@ -81,10 +86,10 @@ def train_hw_at(cfg, epoch: int) -> tuple[int, int]:
     size in the first epoch, growing linearly to the full size at PROGRESSIVE_FULL_AT of the epochs (counted from
     `cfg.schedule_start_epoch`, like the learning rate), the full size after that and whenever it is off."""
     h, w = cfg.input_hw
-    start = getattr(cfg, "progressive_start", 1.0)
+    start = cfg.progressive_start
     if start >= 1.0:
         return h, w
-    first = min(cfg.schedule_start_epoch, cfg.epochs - 1) + 1
+    first = cycle_first_epoch(cfg)
     full_at = first + max(1, round(PROGRESSIVE_FULL_AT * (cfg.epochs - first + 1))) - 1
     pct = 1.0 if epoch >= full_at else max(0.0, (epoch - first) / max(full_at - first, 1))
     scale = start + (1.0 - start) * pct
@@ -97,6 +102,5 @@ def train_hw_at(cfg, epoch: int) -> tuple[int, int]:
 def mean_pixel_fraction(cfg) -> float:
     """The training pixels of the run's epochs relative to training every epoch at the full size (for estimates)."""
     h, w = cfg.input_hw
-    first = min(cfg.schedule_start_epoch, cfg.epochs - 1) + 1
-    fracs = [(lambda hw: hw[0] * hw[1] / (h * w))(train_hw_at(cfg, e)) for e in range(first, cfg.epochs + 1)]
-    return sum(fracs) / len(fracs)
+    epochs = range(cycle_first_epoch(cfg), cfg.epochs + 1)
+    return sum(eh * ew for eh, ew in (train_hw_at(cfg, e) for e in epochs)) / (h * w * len(epochs))
