@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from _common import environment  # noqa: E402
 from elpv_accuracy import paper_split  # noqa: E402
-from train_speed import link_split_as_image_folders  # noqa: E402
+from train_speed import accuracy, link_split_as_image_folders  # noqa: E402
 
 CLASSIC = {"image_size": 224, "batch_size": 32, "lr": 1e-3, "epochs": 10}
 # --quick checks that both pipelines run and the figures come out, in about 2 minutes; its ratio is not a result
@@ -115,16 +115,6 @@ def run_classic(split: dict, tmp: Path, epochs: int, seed: int) -> dict:
             "curve": curve, "best_val_acc": best_acc, "best_epoch": best_epoch,
             "minutes_to_target": curve[best_epoch - 1]["minutes"], "minutes_total": curve[-1]["minutes"],
             "test_acc": test_acc}
-
-
-def accuracy(model, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
-    return correct / max(total, 1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -94,15 +94,20 @@ def train_reference(split: dict, tmp: Path, epochs: int, batch_size: int, size: 
             seen += len(y)
         t1 = time.perf_counter()
         train_s += t1 - t0
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in val_dl:
-                correct += (model(x).argmax(1) == y).sum().item()
-                total += len(y)
-        val_acc = correct / max(total, 1)
+        val_acc = accuracy(model, val_dl)
         epoch_s.append(time.perf_counter() - t0)
     return {"images_per_s": seen / train_s, "seconds_per_epoch": float(np.mean(epoch_s)), "val_acc": val_acc}
+
+
+def accuracy(model, loader) -> float:
+    """Top-1 accuracy of a model over a DataLoader, in eval mode (the notebooks' validation loop)."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return correct / max(total, 1)
 
 
 def train_engine(ws, data: str, split: dict, epochs: int, batch_size: int, size: int, seed: int) -> dict:
