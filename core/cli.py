@@ -207,6 +207,49 @@ def cmd_evaluate(args) -> int:
     print("confusion matrix (rows: true, columns: predicted):")
     for c, row in zip(m["classes"], m["confusion_matrix"]):
         print(f"  {c:<{width}} " + " ".join(f"{v:6d}" for v in row))
+    print(f"calibration: temperature {m['temperature']:.3f} (fitted on validation), expected calibration error "
+          f"{m['ece_before']:.4f} -> {m['ece_after']:.4f} on {m['split']}")
+    return 0
+
+
+def cmd_decide(args) -> int:
+    from .decide import decide_run
+    from .evaluate import write_decisions
+    ws = Workspace(args.workspace)
+    run = ws.run(args.run)
+    try:
+        cost = json.loads(args.cost_matrix) if args.cost_matrix else None
+    except json.JSONDecodeError:
+        raise ConfigError("cost_matrix", 'must be JSON rows, cost[true][decided], e.g. "[[0,1],[10,0]]"') from None
+    r = decide_run(run, args.positive, args.cost_miss, args.cost_false_alarm, cost, args.target_accuracy,
+                   args.review_budget)
+    write_decisions(run)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    t, a = r["test"]["rule"], r["test"]["argmax"]
+    part = r["part"]
+    if r["threshold"] is not None:
+        print(f"threshold: {args.positive} when p({args.positive}) >= {r['threshold']:.4f} (chosen on validation)")
+    print(f"{part} cost: {r['test_cost']:g} with the rule, {r['test_cost_argmax']:g} with argmax "
+          f"({r['test']['n']} images)")
+    if r["test"]["n"]:
+        print(f"{part} accuracy {t['accuracy']:.4f}, precision {t['precision']:.4f}, recall {t['recall']:.4f} "
+              f"(argmax: {a['accuracy']:.4f}, {a['precision']:.4f}, {a['recall']:.4f})")
+    band = r["band"]
+    if band is None:
+        print("review band: " + ("none asked" if r["band_reachable"] else
+                                 "the target accuracy is not reached on validation at any coverage"))
+    elif band.get("margin", band.get("min_confidence")) == 0:
+        print(f"review band: none needed, every validation image stays automatic; on {part}: accuracy "
+              f"{r['band_accuracy']:.4f}")
+    else:
+        what = (f"p({args.positive}) in [{band['p_low']:.4f}, {band['p_high']:.4f})" if "p_low" in band
+                else f"confidence < {band['min_confidence']:.4f}")
+        print(f"review band: {what} goes to a person; on {part}: coverage {r['coverage']:.1%}, accuracy of the "
+              f"automatic decisions {r['band_accuracy']:.4f}" if r["band_accuracy"] is not None else
+              f"review band: {what}; on {part} every image goes to a person")
+    print(f"saved with run {run.id}: Predict, `core predict`, exports and the predictions CSV now decide with it")
     return 0
 
 
@@ -228,7 +271,8 @@ def cmd_predict(args) -> int:
                 print(f"{r['path']}: error: {r['error']}")
             else:
                 tops = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
-                print(f"{r['path']}: {tops}")
+                verdict = f"{r['decision']['verdict']}  " if "decision" in r else ""
+                print(f"{r['path']}: {verdict}{tops}")
     return 1 if all("error" in r for r in results) else 0
 
 
@@ -304,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = add("evaluate", cmd_evaluate, "evaluate a run's best checkpoint on its test split")
     p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p = add("decide", cmd_decide, "choose and save a decision rule for a run: a cost-minimizing threshold and a "
+                                   "review band, chosen on validation and scored on test")
+    p.add_argument("run")
+    p.add_argument("--positive", help="the class a miss of which costs --cost-miss (two-class runs: the 'fail' class)")
+    p.add_argument("--cost-miss", type=float, default=1.0, help="cost of calling a positive image negative")
+    p.add_argument("--cost-false-alarm", type=float, default=1.0, help="cost of calling a negative image positive")
+    p.add_argument("--cost-matrix", help="several classes: JSON list of rows, cost[true][decided] (overrides the two costs)")
+    band = p.add_mutually_exclusive_group()
+    band.add_argument("--target-accuracy", type=float,
+                      help="send the least certain images to a person until the rest reach this accuracy (0-1)")
+    band.add_argument("--review-budget", type=float, help="the largest share of images a person reviews (0-1)")
     p.add_argument("--json", action="store_true")
     p = add("predict", cmd_predict, "predict images with a run's best checkpoint (RUN_ID IMAGE...) or an exported "
                                      "ONNX file (--model FILE IMAGE...)")

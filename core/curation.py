@@ -158,6 +158,16 @@ def least_confident(predictor, paths: list[str]) -> list[tuple[str, float]]:
     return sorted(((p["path"], p["top"][0]["prob"]) for p in preds if "top" in p), key=lambda t: t[1])
 
 
+def review_band(predictor, paths: list[str]) -> list[tuple[str, float]]:
+    """(path, decision margin) of each readable image that the model's decision rule sends to a person, nearest the
+    decision boundary first: the images the rule will not decide alone. Empty without a rule or a band."""
+    if predictor.rule is None or predictor.rule.band is None:
+        return []
+    preds = predictor.predict(list(paths), top_k=1)
+    hits = [(p["path"], p["decision"]["margin"]) for p in preds if "decision" in p and p["decision"]["review"]]
+    return sorted(hits, key=lambda t: t[1])
+
+
 def read_label_issues(run: Run) -> list[dict]:
     path = run.dir / "label_issues.json"
     if not path.exists():

@@ -7,11 +7,17 @@ import os
 
 import numpy as np
 
+from .decide import Scores, calibrate, calibrate_run, load_rule, refit_saved_rule
 from .device import select_device
+from .errors import UserError
 from .inference import Classifier
 from .rundata import load_run_data
 from .runs import record, skipped_files
 from .storage import Run, Workspace
+
+
+class EvaluationError(UserError):
+    """The run cannot be evaluated (its images are gone, or it has no held-out part); the message says why."""
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -53,20 +59,32 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
 
 def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
     """Evaluate the run's best checkpoint on its saved test split (val if it has no test split), through the
-    one inference path with the run's precision and TTA. Writes eval.json and predictions.csv, records the
-    test accuracy, returns the metrics."""
-    clf = Classifier.from_checkpoint(run.best_path, device or select_device(run.config().device))
+    one inference path with the run's precision and TTA. Fits the calibration temperature on the validation part
+    (decide.py keeps it and the raw scores), refits a saved decision rule, writes eval.json and predictions.csv
+    with calibrated probabilities, records the test accuracy, returns the metrics."""
+    clf = Classifier.from_checkpoint(run.best_path, device or select_device(run.config().device))  # raw: T = 1
     if data is None:
         data = load_run_data(ws, run, clf.hw, clf.device, parts=("val", "test"))
     part = "test" if len(data.parts.get("test", [])) else "val"
-    idx = data.parts[part]
-    probs = clf.probs_of_batches(data.batches(idx, 64, clf.device))
+    if not len(data.parts.get(part, [])):
+        gone = len(data.skipped)
+        raise EvaluationError(f"run {run.id} has no test or validation image that can be read "
+                              f"({gone} could not be, e.g. {data.skipped[0][0]}: {data.skipped[0][1]})" if gone else
+                              f"run {run.id} has no test or validation images to evaluate on")
+    idx, val_idx = data.parts[part], data.parts.get("val", np.zeros(0, dtype=np.int64))
+    raw = clf.probs_of_batches(data.batches(idx, 64, clf.device))
+    val_raw = raw if part == "val" else clf.probs_of_batches(data.batches(val_idx, 64, clf.device))
     y = data.labels[idx]
+    cal = calibrate_run(run, Scores(data.classes, val_raw, data.labels[val_idx], raw, y, part))
+    rule = refit_saved_rule(run)
+    probs = calibrate(raw, cal["temperature"])
     metrics = compute_metrics(y, probs, data.classes)
     metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": clf.meta["epoch"],
                     "best_val_acc": clf.meta["best"]["val_acc"] if "best" in clf.meta else None,
-                    "tta": clf.tta, "skipped": skipped_files(run.skipped())})
-    _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes)
+                    "tta": clf.tta, "skipped": skipped_files(run.skipped()),
+                    "temperature": cal["temperature"], "ece_before": cal["ece_before"], "ece_after": cal["ece_after"],
+                    "loss_uncalibrated": cal["nll_before"]})
+    _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes, rule)
     tmp = run.eval_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run.eval_path)
@@ -74,16 +92,19 @@ def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
     return metrics
 
 
-def _write_predictions(run: Run, paths, y, probs, classes) -> None:
+def _write_predictions(run: Run, paths, y, probs, classes, rule=None) -> None:
+    """The per-image table: calibrated probabilities, and the saved rule's decision when there is one."""
     pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    verdicts = rule.verdicts(probs) if rule is not None and len(probs) else [""] * len(paths)
     p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0) if len(y) else np.zeros(0)
     tmp = run.predictions_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "true", "predicted", "confidence", "loss", "correct"] + [f"p_{c}" for c in classes])
+        w.writerow(["path", "true", "predicted", "confidence", "loss", "correct", "decision"]
+                   + [f"p_{c}" for c in classes])
         for i, path in enumerate(paths):
             w.writerow([path, classes[y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}",
-                        f"{-np.log(p_true[i]):.6f}", int(pred[i] == y[i])]
+                        f"{-np.log(p_true[i]):.6f}", int(pred[i] == y[i]), verdicts[i]]
                        + [f"{p:.6f}" for p in probs[i]])
     os.replace(tmp, run.predictions_path)
 
@@ -98,7 +119,21 @@ def read_predictions(run: Run) -> list[dict]:
         r["confidence"] = float(r["confidence"])
         r["loss"] = float(r["loss"])
         r["correct"] = r["correct"] == "1"
+        r.setdefault("decision", "")  # tables written before decisions existed
     return rows
+
+
+def write_decisions(run: Run) -> None:
+    """Rewrite the predictions table's decision column after the rule changed (no model needed: the table holds
+    the calibrated probabilities)."""
+    rows = read_predictions(run)
+    if not rows:
+        return
+    rule = load_rule(run)
+    classes = run.split()["classes"]
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    y = np.array([classes.index(r["true"]) for r in rows])
+    _write_predictions(run, [r["path"] for r in rows], y, probs, classes, rule)
 
 
 def gallery(run: Run, true: str | None = None, predicted: str | None = None) -> list[dict]:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .config import TrainConfig
 from .data import samples_from_split
+from .decide import load_rule
 from .errors import UserError
 from .model import model_from_checkpoint
 from .portable import CARD_KEY
@@ -36,13 +37,14 @@ class ExportError(UserError):
 
 
 class PortableClassifier(nn.Module):
-    """uint8 N x H x W x 3 RGB -> probabilities, with the run's normalization and optional flip TTA: the fp32
-    twin of core/inference.py's forward_probs, as one graph."""
+    """uint8 N x H x W x 3 RGB -> probabilities, with the run's normalization, optional flip TTA and calibration
+    temperature: the fp32 twin of core/inference.py's Classifier.probs, as one graph."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: bool):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: bool, temperature: float = 1.0):
         super().__init__()
         self.model = model.eval()
         self.tta = tta
+        self.temperature = float(temperature)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -51,6 +53,8 @@ class PortableClassifier(nn.Module):
         probs = self.model(x).softmax(1)
         if self.tta:
             probs = (probs + self.model(x.flip(3)).softmax(1) + self.model(x.flip(2)).softmax(1)) / 3
+        if self.temperature != 1.0:  # decide.calibrate: softmax(log p / T)
+            probs = (probs.clamp_min(1e-12).log() / self.temperature).softmax(1)
         return probs
 
 
@@ -83,6 +87,8 @@ def model_card(run: Run, meta: dict, fmt: str, tta: bool) -> dict:
         "normalization": meta["normalization"], "tta": "mean of the image and its horizontal and vertical flips"
                                                            if tta else "none",
         "output": {"name": "probabilities", "dtype": "float32", "shape": "N x classes, softmax, in class order"},
+        "temperature": run.temperature(),  # already applied inside the graph
+        "rule": rule.to_dict() if (rule := load_rule(run)) else None,  # core.decide.Rule: pass / fail / review
         "config": cfg.to_dict(),
         "test_metrics": {k: ev.get(k) for k in ("split", "n", "accuracy", "macro_f1", "loss")} if ev else None,
         "dataset_sha256": dataset_hash(run),
@@ -103,7 +109,8 @@ def export_run(ws: Workspace, run_id: str, fmt: str = "onnx", out: str | Path | 
     tta = TrainConfig.from_dict(meta["config"]).tta if tta is None else tta
     out = Path(out).expanduser() if out else run.dir / "exports" / f"{run_id}{FORMATS[fmt]}"
     card = model_card(run, meta, fmt, tta)
-    portable = PortableClassifier(model.float(), meta["normalization"]["mean"], meta["normalization"]["std"], tta)
+    portable = PortableClassifier(model.float(), meta["normalization"]["mean"], meta["normalization"]["std"], tta,
+                                  run.temperature())
     example = torch.zeros(2, *meta["input_hw"], 3, dtype=torch.uint8)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import torch
 
 from .model import model_from_checkpoint
 from .config import TrainConfig
+from .decide import calibrate
 from .device import autocast, autocast_dtype
 from .images import load_array
 from .transforms import Normalizer
@@ -35,9 +36,10 @@ def forward_probs(model, x_u8: torch.Tensor, normalizer: Normalizer, amp: torch.
 
 class Classifier:
     """A trained model with everything its inference needs: classes, input size, normalization, precision,
-    TTA. Plain forward passes do not change the model, so threads may share one Classifier."""
+    TTA, and the run's calibration temperature (1.0: the raw softmax). Plain forward passes do not change the
+    model, so threads may share one Classifier."""
 
-    def __init__(self, model, meta: dict, device: torch.device | None = None):
+    def __init__(self, model, meta: dict, device: torch.device | None = None, temperature: float = 1.0):
         cfg = TrainConfig.from_dict(meta["config"])
         self.meta = meta
         self.classes: list[str] = meta["classes"]
@@ -46,17 +48,19 @@ class Classifier:
         self.device = device or torch.device("cpu")
         self.amp = autocast_dtype(self.device, cfg.amp)
         self.tta = cfg.tta
+        self.temperature = temperature
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device | None = None) -> "Classifier":
+    def from_checkpoint(cls, path: str | Path, device: torch.device | None = None,
+                        temperature: float = 1.0) -> "Classifier":
         model, meta = model_from_checkpoint(path)
-        return cls(model, meta, device)
+        return cls(model, meta, device, temperature)
 
     def probs(self, x_u8: torch.Tensor) -> np.ndarray:
         """N x classes float64 probabilities of a NxHxWx3 uint8 batch."""
         p = forward_probs(self.model, x_u8.to(self.device), self.normalizer, self.amp, self.tta)
-        return p.cpu().numpy().astype(np.float64)
+        return calibrate(p.cpu().numpy().astype(np.float64), self.temperature)
 
     def probs_of_batches(self, batches) -> np.ndarray:
         """Probabilities of uint8 batches (an iterable), concatenated in order."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .decide import Rule
 from .errors import UserError
 from .images import ImageLoadError, load_array
 
@@ -41,6 +42,7 @@ class OnnxPredictor:
         self.card = json.loads(card)
         self.classes: list[str] = self.card["classes"]
         self.hw = (self.card["input"]["height"], self.card["input"]["width"])
+        self.rule = Rule.from_dict(self.card["rule"]) if self.card.get("rule") else None
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         """N x classes probabilities of N x H x W x 3 uint8 images of the card's size."""
@@ -49,7 +51,7 @@ class OnnxPredictor:
     def predict(self, sources, top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """The same results as core.predict.Predictor.predict."""
         return predict_sources(sources, lambda src: load_array(src, self.hw), self.probs, self.classes, top_k,
-                               batch_size)
+                               batch_size, self.rule)
 
 
 def ranked(p: np.ndarray, classes: list[str], k: int) -> dict:
@@ -59,10 +61,20 @@ def ranked(p: np.ndarray, classes: list[str], k: int) -> dict:
             "probs": {c: float(p[j]) for j, c in enumerate(classes)}}
 
 
-def predict_sources(sources, image, probs, classes: list[str], k: int = 3, batch_size: int = 32) -> list[dict]:
-    """One result per source (path, bytes, or PIL image): {"path", "top", "probs"}, or {"path", "error"} for
-    anything that is not a usable image. `image(source)` gives the model's uint8 picture, `probs(N x H x W x 3
-    uint8 array)` the probability rows; both predictors (torch and ONNX) share this loop."""
+def decision(rule, p: np.ndarray) -> dict:
+    """{"verdict": pass / fail / review (or the class / review with several classes), "class": the rule's class,
+    "review": bool} of one probability row."""
+    decided, margin, review = rule.decide(p[None])
+    return {"verdict": rule.verdicts(p[None])[0], "class": rule.classes[int(decided[0])], "review": bool(review[0]),
+            "margin": float(margin[0])}
+
+
+def predict_sources(sources, image, probs, classes: list[str], k: int = 3, batch_size: int = 32,
+                    rule=None) -> list[dict]:
+    """One result per source (path, bytes, or PIL image): {"path", "top", "probs"} (and "decision" with a decision
+    rule), or {"path", "error"} for anything that is not a usable image. `image(source)` gives the model's uint8
+    picture, `probs(N x H x W x 3 uint8 array)` the probability rows; both predictors (torch and ONNX) share this
+    loop."""
     if not isinstance(sources, (list, tuple)):
         sources = [sources]
     results: list[dict | None] = [None] * len(sources)
@@ -78,4 +90,6 @@ def predict_sources(sources, image, probs, classes: list[str], k: int = 3, batch
     for start in range(0, len(arrays), batch_size):
         for (i, name), p in zip(good[start:start + batch_size], probs(np.stack(arrays[start:start + batch_size]))):
             results[i] = {"path": name, **ranked(p, classes, k)}
+            if rule is not None:
+                results[i]["decision"] = decision(rule, p)
     return results  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decide import Rule, load_rule
 from .explain import heatmap, overlay
 from .inference import Classifier
 from .portable import predict_sources, ranked
@@ -17,11 +18,13 @@ from .storage import Workspace
 
 class Predictor:
     """Thread-safe: plain predictions share one model (no_grad forward passes do not mutate it);
-    Grad-CAM runs on a separate fp32 copy under a lock, because it hooks into the model."""
+    Grad-CAM runs on a separate fp32 copy under a lock, because it hooks into the model. Probabilities are
+    calibrated with the run's temperature; with a decision rule, each result also says pass / fail / review."""
 
-    def __init__(self, checkpoint: str | Path):
+    def __init__(self, checkpoint: str | Path, temperature: float = 1.0, rule: Rule | None = None):
         self.checkpoint = Path(checkpoint)
-        self.classifier = Classifier.from_checkpoint(self.checkpoint, torch.device("cpu"))
+        self.classifier = Classifier.from_checkpoint(self.checkpoint, torch.device("cpu"), temperature)
+        self.rule = rule
         self.classes: list[str] = self.classifier.classes
         self.hw = self.classifier.hw
         self.meta = self.classifier.meta
@@ -34,9 +37,9 @@ class Predictor:
 
     def predict(self, sources, top_k: int = 3, batch_size: int = 32) -> list[dict]:
         """One result per source (path, bytes, or PIL image): {"path", "top": [{"label", "prob"}],
-        "probs": {label: p}} or {"path", "error"} for anything that is not a usable image."""
+        "probs": {label: p}, "decision" (with a rule)} or {"path", "error"} for anything that is not a usable image."""
         return predict_sources(sources, self.image, lambda x: self.classifier.probs(torch.from_numpy(x)),
-                               self.classes, top_k, batch_size)
+                               self.classes, top_k, batch_size, self.rule)
 
     def explain(self, source, target: int | str | None = None, method: str = "gradcam", top_k: int = 3) -> dict:
         """Grad-CAM for one image: {"rgb", "heatmap", "overlay", "target", "label", "prob", "top", "probs"}."""
@@ -58,14 +61,16 @@ _PREDICTORS_LOCK = threading.Lock()
 
 
 def get_predictor(ws: Workspace, run_id: str) -> Predictor:
-    """A cached Predictor for a run's best checkpoint (reloaded when the file changes)."""
-    path = ws.run(run_id).best_path
+    """A cached Predictor for a run's best checkpoint, temperature and rule (reloaded when one of them changes)."""
+    run = ws.run(run_id)
+    path = run.best_path
     if not path.exists():
         raise FileNotFoundError(f"run {run_id} has no best checkpoint yet (no epoch finished)")
-    key = (str(path), path.stat().st_mtime_ns)
+    key = (str(path), path.stat().st_mtime_ns,
+           *(p.stat().st_mtime_ns if p.exists() else 0 for p in (run.calibration_path, run.rule_path)))
     with _PREDICTORS_LOCK:
         if key not in _PREDICTORS:
             for old in [k for k in _PREDICTORS if k[0] == key[0]]:
                 del _PREDICTORS[old]
-            _PREDICTORS[key] = Predictor(path)
+            _PREDICTORS[key] = Predictor(path, run.temperature(), load_rule(run))
         return _PREDICTORS[key]

@@ -1,6 +1,7 @@
 """An HTTP JSON API for a model, for the inspection software that calls it: FastAPI on uvicorn.
 
-    POST /predict   one or more images (multipart field "files"); ?top_k=3&gradcam=false
+    POST /predict   one or more images (multipart field "files"); ?top_k=3&gradcam=false; each result has the
+                    calibrated probabilities and, when the run has a decision rule (`core decide`), its "decision"
     GET  /health    {"status": "ok"}
     GET  /model     the model card (classes, input, normalization, TTA, test metrics)
     GET  /docs      OpenAPI documentation (FastAPI's)

@@ -95,6 +95,12 @@ class Run:
     def predictions_path(self) -> Path: return self.dir / "predictions.csv"
     @property
     def skipped_path(self) -> Path: return self.dir / "skipped.json"
+    @property
+    def scores_path(self) -> Path: return self.dir / "scores.npz"          # raw val/test probabilities (decide.py)
+    @property
+    def calibration_path(self) -> Path: return self.dir / "calibration.json"  # the fitted temperature (decide.py)
+    @property
+    def rule_path(self) -> Path: return self.dir / "rule.json"              # the chosen decision rule (decide.py)
 
     def config(self):
         from .config import TrainConfig
@@ -140,6 +146,16 @@ class Run:
         if not self.eval_path.exists():
             return None
         return json.loads(self.eval_path.read_text())
+
+    def calibration(self) -> dict | None:
+        if not self.calibration_path.exists():
+            return None
+        return json.loads(self.calibration_path.read_text())
+
+    def temperature(self) -> float:
+        """The temperature every probability of this run is shown with (1.0 until it has been calibrated)."""
+        cal = self.calibration()
+        return float(cal["temperature"]) if cal else 1.0
 
     def log(self, line: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")

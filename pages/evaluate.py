@@ -8,7 +8,7 @@ from core.explain import METHODS
 from core.images import ImageLoadError
 from core.labels import LabelStore
 from core.predict import get_predictor
-from pages import _ui
+from pages import _decide, _ui
 
 st.title("Evaluate")
 ws = _ui.ws()
@@ -153,6 +153,9 @@ else:
             st.session_state[f"sel_{p}"] = False
 
     a2.button("Assign", disabled=not selected, key="bulk_assign", on_click=_bulk_assign, args=(selected, target))
+
+_decide.calibration_section(ws, run)
+_decide.decide_section(ws, run)
 
 st.download_button("Download per-image predictions (CSV)", run.predictions_path.read_bytes(),
                    file_name=f"{run_id}-predictions.csv", mime="text/csv")

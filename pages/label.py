@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.curation import crossval_config, export_dataset, least_confident, read_label_issues
+from core.curation import crossval_config, export_dataset, least_confident, read_label_issues, review_band
 from core.images import ImageLoadError, load_array
 from core.labels import LabelStore
 from core.predict import get_predictor
@@ -15,6 +15,12 @@ from pages import _ui
 def _least_confident(model_id: str, pool: tuple) -> list[tuple[str, float]]:
     """Cached: predicting the pool is the slow part."""
     return least_confident(get_predictor(_ui.ws(), model_id), list(pool))
+
+
+@st.cache_data(max_entries=4, show_spinner="Deciding the pool…")
+def _review_band(model_id: str, pool: tuple, rule_mtime: int) -> list[tuple[str, float]]:
+    """Cached per saved rule (its file's time): a new rule gives a new queue."""
+    return review_band(get_predictor(_ui.ws(), model_id), list(pool))
 
 
 st.title("Label")
@@ -52,7 +58,7 @@ if model_rows:
 
 # --- the queue ----------------------------------------------------------------------------------------
 issue_runs = [r for r in ws.list_runs() if (ws.run(r["id"]).dir / "label_issues.json").exists()]
-sources = ["Unlabeled images", "Likely label errors", "Least confident predictions"]
+sources = ["Unlabeled images", "Likely label errors", "Least confident predictions", "Review band"]
 queue_kind = st.radio("Queue", sources, horizontal=True, key="queue_kind")
 reviewed = st.session_state.setdefault("reviewed", set())
 
@@ -90,13 +96,21 @@ elif queue_kind == "Likely label errors":
                     st.success(f"Cross-validation {rid} started; follow it on the Train page.")
                 except Exception as exc:  # config or dataset problems: said, not raised
                     st.error(str(exc))
+elif model_id is None:
+    st.info("Train a model first: its least confident predictions come first here.")
+elif queue_kind == "Least confident predictions":
+    pool = tuple((ds.unlabeled or [s.path for s in ds.samples])[:2000])
+    ranked = _least_confident(model_id, pool)
+    queue = [{"path": path, "given": effective.get(path), "confidence": prob} for path, prob in ranked]
 else:
-    if model_id is None:
-        st.info("Train a model first: its least confident predictions come first here.")
+    model_run = ws.run(model_id)
+    if not model_run.rule_path.exists() or get_predictor(ws, model_id).rule.band is None:
+        st.info("This model has no review band: choose one in Evaluate → Decide (\"Send to a person\").")
     else:
         pool = tuple((ds.unlabeled or [s.path for s in ds.samples])[:2000])
-        ranked = _least_confident(model_id, pool)
-        queue = [{"path": path, "given": effective.get(path), "confidence": prob} for path, prob in ranked]
+        ranked = _review_band(model_id, pool, model_run.rule_path.stat().st_mtime_ns)
+        queue = [{"path": path, "given": effective.get(path), "margin": m} for path, m in ranked]
+        st.caption(f"{len(queue)} images the model's decision rule sends to a person, nearest the boundary first.")
 
 todo = [q for q in queue if q["path"] not in reviewed]
 done_n = len(queue) - len(todo)

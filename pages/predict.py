@@ -16,7 +16,13 @@ rows = _ui.require_trained_runs()
 
 run_id = _ui.pick_run("Model (run)", rows, key="predict_run")
 predictor = get_predictor(ws, run_id)
-st.caption(f"Classes: {', '.join(predictor.classes)} · input {predictor.hw[0]}x{predictor.hw[1]}")
+rule = predictor.rule
+st.caption(f"Classes: {', '.join(predictor.classes)} · input {predictor.hw[0]}x{predictor.hw[1]} · "
+           + (f"calibrated (temperature {predictor.classifier.temperature:.2f})"
+              if predictor.classifier.temperature != 1.0 else "not calibrated")
+           + (" · decision rule: " + (f"fail when p({rule.positive}) ≥ {rule.threshold:.3f}" if rule.binary else
+                                      "least expected cost") + (", review band" if rule.band else "")
+              if rule else " · no decision rule (choose one in Evaluate → Decide)"))
 
 uploads = st.file_uploader("Images (or a zip of images)", accept_multiple_files=True, key="predict_files")
 c1, c2, c3 = st.columns(3)
@@ -61,9 +67,11 @@ for name, data, error in items:
 table = []
 for r in results:
     if "error" in r:
-        table.append({"image": r["path"], "prediction": None, "confidence": None, "error": r["error"]})
+        table.append({"image": r["path"], **({"decision": None} if rule else {}), "prediction": None,
+                      "confidence": None, "error": r["error"]})
     else:
-        table.append({"image": r["path"], "prediction": r["top"][0]["label"], "confidence": r["top"][0]["prob"],
+        table.append({"image": r["path"], **({"decision": r["decision"]["verdict"]} if rule else {}),
+                      "prediction": r["top"][0]["label"], "confidence": r["top"][0]["prob"],
                       "error": None, **{f"p_{c}": p for c, p in r["probs"].items()}})
 frame = pd.DataFrame(table)
 ok = sum(1 for r in results if "error" not in r)
@@ -87,6 +95,10 @@ for n, r in enumerate(results[:50]):
                 b.image(out["overlay"], caption=f"Grad-CAM for {out['label']}", width="stretch")
         except ImageLoadError as exc:
             a.error(str(exc))
+        if "decision" in r:
+            verdict = r["decision"]["verdict"]
+            color = {"pass": "green", "fail": "red", "review": "orange"}.get(verdict, "blue")
+            c.markdown(f":{color}-badge[{verdict}]")
         c.markdown(f"**{best['label']}** · {best['prob']:.1%}")
         top = pd.DataFrame(r["top"])
         fig = px.bar(top, x="prob", y="label", orientation="h", range_x=[0, 1], text_auto=".1%")

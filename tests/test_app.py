@@ -79,6 +79,41 @@ def test_evaluate_page_shows_metrics_matrix_and_gallery_filter(finished_ws, trai
     assert "Correct: dot" in texts(at)
 
 
+def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained):
+    from core import decide
+    from core.evaluate import evaluate_run, read_predictions
+    from core.storage import Workspace
+    ws = Workspace(finished_ws)
+    run = ws.run(trained["run"].id)
+    evaluate_run(ws, run)  # this copy's own calibration and scores
+    at = open_page("pages/evaluate.py")
+    assert not at.exception, at.exception
+    temperature = next(m for m in at.metric if m.label == "Temperature")
+    assert temperature.value == f"{run.temperature():.2f}"
+    at.selectbox(key="decide_positive").set_value("dot")
+    at.number_input(key="decide_cost_miss").set_value(10.0)
+    at.radio(key="decide_band_mode").set_value("reach a target accuracy").run()
+    assert not at.exception, at.exception
+    assert "Threshold" in texts(at) and "Review band" in texts(at)
+    assert decide.load_rule(run) is None  # nothing saved until asked
+    at.button(key="decide_save").click().run()
+    assert not at.exception, at.exception
+    rule = decide.load_rule(run)
+    assert rule.positive == "dot" and rule.inputs["cost_miss"] == 10 and rule.target_accuracy == 0.95
+    assert {r["decision"] for r in read_predictions(run)} <= {"pass", "fail", "review"}
+    # the Predict page's caption names the rule; the label queue pulls what a band sends to a person
+    ws.register_dataset("dots", run.split()["source"])
+    rule.band = 50.0  # wide enough that every image is reviewed
+    decide.save_rule(run, rule)
+    label = open_page("pages/label.py")
+    label.radio(key="queue_kind").set_value("Review band").run()
+    assert not label.exception, label.exception
+    n = len(run.split()["train"]) + len(run.split()["val"]) + len(run.split()["test"])
+    assert f"{n} images the model's decision rule sends to a person" in texts(label)
+    at.button(key="decide_clear").click().run()
+    assert decide.load_rule(run) is None and {r["decision"] for r in read_predictions(run)} == {""}
+
+
 def test_datasets_page_registers_a_folder(empty_ws, tmp_path):
     data = write_class_folders(tmp_path / "parts", per_class=6, size=16)
     (data / "dot" / "broken.png").write_bytes(b"junk")

@@ -63,10 +63,11 @@ def test_predict_probabilities_sum_to_one_and_bad_files_reported(trained, tmp_pa
 
 
 def test_predictor_uses_the_evaluation_preprocessing(trained):
-    """Probabilities from the predictor equal the ones the evaluation saved for the same file."""
+    """Probabilities from the predictor equal the ones the evaluation saved for the same file (the run's calibration
+    temperature included)."""
     run = trained["run"]
     rows = read_predictions(run)[:5]
-    pred = Predictor(run.best_path)
+    pred = get_predictor(trained["ws"], run.id)
     results = pred.predict([r["path"] for r in rows])
     for row, res in zip(rows, results):
         # both run under bf16 autocast where supported, but in different batches (oneDNN may pick other kernels)

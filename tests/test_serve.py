@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import ROOT, free_port, make_dot_image, without_torch
 from core.evaluate import read_predictions
-from core.predict import Predictor
+from core.predict import get_predictor
 
 
 def _start(args, tmp_path, env=None):
@@ -66,7 +66,7 @@ def test_predict_health_model_and_gradcam(server, trained):
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]
     assert [r["file"] for r in results] == [os.path.basename(r["path"]) for r in rows]
-    local = Predictor(trained["run"].best_path).predict([r["path"] for r in rows], top_k=2)
+    local = get_predictor(trained["ws"], trained["run"].id).predict([r["path"] for r in rows], top_k=2)
     for got, want in zip(results, local):
         assert got["top"][0]["label"] == want["top"][0]["label"] and len(got["top"]) == 2
         assert abs(got["probs"]["dot"] - want["probs"]["dot"]) < 1e-5  # the same inference path

@@ -1,0 +1,163 @@
+"""The Evaluate page's "Calibration" and "Decide" sections: the arithmetic is core/decide.py's; this draws it."""
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import decide
+from core.evaluate import evaluate_run, write_decisions
+
+BAND_MODES = ["no review band", "reach a target accuracy", "within a review budget"]
+
+
+def reliability_figure(cal: dict):
+    """Accuracy against confidence per bin, before and after the temperature; the diagonal is perfect calibration."""
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="perfect")
+    for name, key in (("before", "reliability_before"), ("after", "reliability_after")):
+        bins = [b for b in cal[key] if b["n"]]
+        fig.add_scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
+                        name=f"{name} (ECE {cal['ece_' + name]:.3f})", text=[f"{b['n']} images" for b in bins],
+                        hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{text}<extra></extra>")
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=10), title="Reliability",
+                      xaxis_title="confidence", yaxis_title="accuracy", legend=dict(orientation="h", y=-0.3))
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def coverage_figure(result: dict):
+    """Accuracy of the automatic decisions against the share of images decided automatically, on both parts, with
+    the chosen band marked."""
+    fig = go.Figure()
+    for part, dash in (("val", "dot"), ("test", "solid")):
+        pts = result["curves"][part]
+        fig.add_scatter(x=[p["coverage"] for p in pts], y=[p["accuracy"] for p in pts], mode="lines",
+                        line=dict(dash=dash), name="validation" if part == "val" else result["part"])
+    if result["band"] is not None and result["coverage"] is not None and result["band_accuracy"] is not None:
+        fig.add_scatter(x=[result["coverage"]], y=[result["band_accuracy"]], mode="markers",
+                        marker=dict(size=12, symbol="x"), name=f"chosen band ({result['part']})")
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=10), title="Coverage and accuracy",
+                      xaxis_title="share decided automatically", yaxis_title="accuracy of those",
+                      legend=dict(orientation="h", y=-0.3))
+    fig.update_xaxes(tickformat=".0%", range=[0, 1.02])
+    fig.update_yaxes(tickformat=".0%")
+    return fig
+
+
+def calibration_section(ws, run) -> dict | None:
+    st.subheader("Calibration")
+    cal = run.calibration()
+    if cal is None:
+        st.info("This run was evaluated before the studio calibrated its probabilities.")
+        if st.button("Calibrate now (evaluates again)", key="calibrate"):
+            with st.spinner("Evaluating and calibrating…"):
+                evaluate_run(ws, run)
+            st.rerun()
+        return None
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Temperature", f"{cal['temperature']:.2f}", help="Fitted on the validation part: probabilities are "
+              "softmax(log p / T). Above 1 the model was over-confident, below 1 under-confident.")
+    c2.metric(f"Calibration error ({cal['evaluated_on']})", f"{cal['ece_after']:.3f}",
+              delta=f"{cal['ece_after'] - cal['ece_before']:+.3f} from {cal['ece_before']:.3f}", delta_color="inverse",
+              help="Expected calibration error: how far, on average, the confidence is from the share actually "
+                   "right (15 confidence bins). 0 is perfect.")
+    c3.metric("Log-loss", f"{cal['nll_after']:.3f}", delta=f"{cal['nll_after'] - cal['nll_before']:+.3f}",
+              delta_color="inverse")
+    if cal.get("note"):
+        st.caption(cal["note"])
+    st.plotly_chart(reliability_figure(cal), key="reliability")
+    return cal
+
+
+def _cost_inputs(classes: list[str], saved: decide.Rule | None) -> dict:
+    inputs = saved.inputs if saved else {}
+    if len(classes) == 2:
+        c1, c2, c3 = st.columns(3)
+        default = inputs.get("positive") or classes[1]
+        positive = c1.selectbox("Positive class (what must not be missed)", classes, index=classes.index(default)
+                                if default in classes else 1, key="decide_positive")
+        miss = c2.number_input(f"Cost of a missed {positive}", 0.0, 1e6, float(inputs.get("cost_miss", 10.0)),
+                               key="decide_cost_miss")
+        fa = c3.number_input("Cost of a false alarm", 0.0, 1e6, float(inputs.get("cost_false_alarm", 1.0)),
+                             key="decide_cost_fa")
+        return {"positive": positive, "cost_miss": miss, "cost_false_alarm": fa}
+    st.caption("Cost of each mistake: rows are the true class, columns the decided class.")
+    default = inputs.get("cost") or decide.cost_matrix(classes).tolist()
+    frame = st.data_editor(pd.DataFrame(default, index=classes, columns=classes), key="decide_cost_matrix")
+    return {"cost": np.asarray(frame.values, dtype=float).tolist()}
+
+
+def decide_section(ws, run) -> None:
+    st.subheader("Decide")
+    st.caption("Turn probabilities into a rule: which images pass, which fail, which go to a person, at the least "
+               "cost. The rule is chosen on the validation part and scored on the test part, which it never saw.")
+    try:
+        scores = decide.load_scores(run)
+    except decide.DecisionError as exc:
+        st.info(str(exc))
+        return
+    saved = decide.load_rule(run)
+    inputs = _cost_inputs(scores.classes, saved)
+    b1, b2 = st.columns([2, 1])
+    saved_mode = (1 if saved and saved.target_accuracy is not None else
+                  2 if saved and saved.review_budget is not None else 0)
+    mode = b1.radio("Send to a person", BAND_MODES, index=saved_mode, horizontal=True, key="decide_band_mode")
+    if mode == BAND_MODES[1]:
+        inputs["target_accuracy"] = b2.number_input("Target accuracy", 0.5, 1.0, saved.target_accuracy if saved and
+                                                    saved.target_accuracy else 0.95, 0.01, key="decide_target")
+    elif mode == BAND_MODES[2]:
+        inputs["review_budget"] = b2.number_input("Largest share reviewed", 0.0, 0.99, saved.review_budget if saved and
+                                                  saved.review_budget is not None else 0.10, 0.01, key="decide_budget")
+    try:
+        result = decide.decide_run(run, save=False, **inputs)
+    except decide.DecisionError as exc:
+        st.error(str(exc))
+        return
+    rule, on, part = decide.Rule.from_dict(result["rule"]), result["test"], result["part"]
+    if rule.threshold is not None:
+        st.markdown(f"**Threshold**: {rule.positive} when p({rule.positive}) ≥ **{rule.threshold:.3f}** "
+                    f"(argmax would use 0.5)")
+    table = pd.DataFrame([{"rule": name, **{k: on[key][k] for k in ("cost", "accuracy", "precision", "recall")}}
+                          for name, key in (("this rule", "rule"), ("argmax", "argmax"))])
+    st.dataframe(table, hide_index=True, column_config={
+        k: st.column_config.NumberColumn(format="%.3f") for k in ("accuracy", "precision", "recall")})
+    st.caption(f"On the {part} part ({on['n']} images), every image decided by the rule, none reviewed. "
+               + ("Precision and recall are the positive class's." if rule.binary else
+                  "Precision and recall are means over the classes."))
+    band = result["band"]
+    if mode != BAND_MODES[0]:
+        if band is None:
+            st.warning("No band reaches this target on the validation part, even sending all but one image to a "
+                       "person: lower the target or improve the model.")
+        elif band.get("margin", band.get("min_confidence")) == 0:
+            st.markdown(f"**Review band**: none needed: the validation part reaches it with every image decided "
+                        f"automatically. On {part}: {on['band_accuracy']:.1%} accuracy.")
+        elif on["band_accuracy"] is None:
+            st.warning(f"This band sends every {part} image to a person.")
+        else:
+            where = (f"p({rule.positive}) in [{band['p_low']:.3f}, {band['p_high']:.3f})" if "p_low" in band
+                     else f"confidence below {band['min_confidence']:.3f}")
+            st.markdown(f"**Review band**: {where} goes to a person. On {part}: **{on['coverage']:.1%}** decided "
+                        f"automatically, at **{on['band_accuracy']:.1%}** accuracy; {on['reviewed']} images reviewed.")
+    m1, m2 = st.columns(2)
+    cm = np.array(on["rule"]["confusion_matrix"])
+    fig = go.Figure(go.Heatmap(z=cm, x=scores.classes, y=scores.classes, colorscale="Blues", text=cm,
+                               texttemplate="%{text}", showscale=False))
+    fig.update_layout(title=f"Confusion matrix at the rule ({part})", xaxis_title="decided", yaxis_title="true",
+                      yaxis_autorange="reversed", height=320, margin=dict(l=10, r=10, t=30, b=10))
+    m1.plotly_chart(fig, key="decide_cm")
+    m2.plotly_chart(coverage_figure(result), key="decide_coverage")
+    s1, s2 = st.columns([1, 3])
+    if s1.button("Save this rule", type="primary", key="decide_save"):
+        decide.decide_run(run, save=True, **inputs)
+        write_decisions(run)
+        st.toast("Saved: Predict, the CLI, exports and the predictions CSV now say pass / fail / review.")
+        st.rerun()
+    if saved is not None:
+        s2.caption("A rule is saved with this run: predictions say " +
+                   ("pass / fail / review." if saved.binary else "the rule's class or review."))
+        if s2.button("Remove the saved rule", key="decide_clear"):
+            decide.clear_rule(run)
+            write_decisions(run)
+            st.rerun()

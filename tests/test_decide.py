@@ -1,0 +1,195 @@
+"""Deciding with a model (core/decide.py): the arithmetic on hand-made probabilities, then one run end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from core import decide
+from conftest import ROOT, tiny_config, write_class_folders
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_threshold_minimizes_the_given_cost():
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    pos = np.array([0, 0, 1, 0, 1, 1], dtype=bool)
+    # a miss costs 10: the cut must keep the 0.3 positive, paying one false alarm (the 0.6 negative)
+    assert decide.best_threshold(p, pos, 10, 1) == pytest.approx(0.25)
+    # a false alarm costs 10: the cut goes above the 0.6 negative, missing the 0.3 positive
+    assert decide.best_threshold(p, pos, 1, 10) == pytest.approx(0.65)
+
+
+def test_threshold_is_the_cheapest_of_all_cuts_on_random_scores():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        p = rng.random(60).round(2)  # ties included
+        pos = rng.random(60) < p
+        miss, fa = rng.uniform(0.1, 10, 2)
+        t = decide.best_threshold(p, pos, miss, fa)
+        cost = lambda t: miss * (pos & (p < t)).sum() + fa * (~pos & (p >= t)).sum()  # noqa: E731
+        brute = min(cost(c) for c in np.concatenate([[0.0, 1.01], p]))
+        assert cost(t) == pytest.approx(brute), trial
+
+
+def test_band_reaches_the_target_accuracy_with_the_most_images_automatic():
+    margin = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    correct = np.array([1, 1, 1, 1, 1, 0, 1, 1, 0, 0], dtype=bool)
+    # the 8 largest margins are 7/8 = 87.5% right, the 9 largest 77.8%; the 5 largest 100%
+    assert decide.choose_band(margin, correct, target_accuracy=0.85) == pytest.approx(0.15)
+    assert decide.choose_band(margin, correct, target_accuracy=1.0) == pytest.approx(0.45)
+    assert decide.choose_band(margin, ~np.ones(10, dtype=bool), target_accuracy=0.5) is None  # never reached
+    # a budget of 30% review: the best accuracy among keeping >= 7 images is 7 of the top... keep 8: 87.5%
+    assert decide.choose_band(margin, correct, review_budget=0.3) == pytest.approx(0.15)
+    assert decide.choose_band(margin, correct, review_budget=0.0) == 0.0  # nothing reviewed
+
+
+def test_temperature_lowers_the_nll_of_overconfident_logits_and_recovers_the_scale():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, (4000, 4))
+    y = np.array([rng.choice(4, p=row) for row in _softmax(z)])
+    overconfident = _softmax(3.0 * z)  # what a model trained too long says: the true logits times 3
+    t = decide.fit_temperature(overconfident, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert decide.nll(decide.calibrate(overconfident, t), y) < decide.nll(overconfident, y) - 0.1
+    assert decide.ece(decide.calibrate(overconfident, t), y) < decide.ece(overconfident, y) / 2
+    np.testing.assert_array_equal(decide.calibrate(overconfident, t).argmax(1), overconfident.argmax(1))
+
+
+def test_temperature_stays_finite_when_validation_is_all_right():
+    probs = np.array([[0.7, 0.3], [0.2, 0.8]] * 10)
+    y = np.array([0, 1] * 10)
+    t = decide.fit_temperature(probs, y)
+    assert 0.05 < t < 1.0  # sharpened, but not to certainty (Platt's targets: 1 - 1/22)
+    assert decide.calibrate(probs, t).max() < 0.99
+
+
+def test_ece_of_hand_made_confidences():
+    right = np.array([[0.8, 0.2]] * 10)
+    y = np.array([0] * 8 + [1] * 2)  # 80% confident, 80% right
+    assert decide.ece(right, y) == pytest.approx(0.0)
+    over = np.array([[0.9, 0.1]] * 10)
+    y = np.array([0] * 5 + [1] * 5)  # 90% confident, 50% right
+    assert decide.ece(over, y) == pytest.approx(0.4)
+
+
+def test_rule_verdicts_binary_and_cost_matrix():
+    rule = decide.Rule(classes=["good", "bad"], cost=decide.cost_matrix(["good", "bad"], "bad", 10, 1).tolist(),
+                       positive="bad", threshold=0.2, band=0.5)
+    probs = np.array([[0.95, 0.05], [0.85, 0.15], [0.7, 0.3], [0.1, 0.9]])
+    # margins |logit p - logit 0.2|: 1.56, 0.35, 0.54, 3.58
+    assert rule.verdicts(probs) == ["pass", "review", "fail", "fail"]
+    lo, hi = rule.band_range()
+    assert lo < 0.2 < hi and lo == pytest.approx(1 / (1 + np.exp(-(np.log(0.25) - 0.5))))
+    three = ["a", "b", "c"]
+    cost = [[0, 1, 1], [20, 0, 1], [1, 1, 0]]  # calling a "b" an "a" is 20 times as bad
+    rule = decide.Rule(classes=three, cost=cost)
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
+    # row 1: expected cost of a = 0.3*20 = 6, of b = 0.6+0.1 = 0.7, of c = 0.9 -> b, though a is likelier
+    assert rule.verdicts(probs) == ["b", "c"]
+
+
+def test_fit_rule_rejects_what_it_cannot_use():
+    probs, y = np.array([[0.6, 0.4]] * 12), np.zeros(12, dtype=int)
+    with pytest.raises(decide.DecisionError, match="not one of"):
+        decide.fit_rule(probs, y, ["a", "b"], positive="c")
+    with pytest.raises(decide.DecisionError, match=">= 0"):
+        decide.fit_rule(probs, y, ["a", "b"], positive="b", cost_miss=-1)
+    with pytest.raises(decide.DecisionError, match="2 x 2"):
+        decide.fit_rule(probs, y, ["a", "b"], cost=[[0, 1, 1]])
+
+
+@pytest.fixture(scope="module")
+def decided_run(tmp_path_factory):
+    """A run that errs now and then (one epoch on small dots), evaluated: scores and temperature stored."""
+    from core import runs
+    from core.evaluate import evaluate_run
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    from core.train import fit
+    tmp = tmp_path_factory.mktemp("decide")
+    data = write_class_folders(tmp / "dots", per_class=60, size=32, seed=5)
+    ws = Workspace(tmp / "ws")
+    run = prepare_run(ws, tiny_config(data, image_size=32, epochs=1))
+    assert runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())["status"] == "done"
+    metrics = evaluate_run(ws, run)
+    return ws, run, metrics, data
+
+
+def test_evaluation_stores_the_calibration_and_shows_calibrated_probabilities(decided_run):
+    ws, run, m, _ = decided_run
+    cal = run.calibration()
+    assert cal["temperature"] == m["temperature"] and cal["n_val"] >= decide.MIN_VAL_FOR_CALIBRATION
+    assert m["ece_before"] >= 0 and m["ece_after"] >= 0
+    assert cal["val_nll_after"] <= cal["val_nll_before"]  # the fit is never worse on what it was fitted on
+    sc = decide.load_scores(run)
+    from core.evaluate import read_predictions
+    rows = read_predictions(run)
+    shown = np.array([[float(r["p_blank"]), float(r["p_dot"])] for r in rows])
+    np.testing.assert_allclose(shown, decide.calibrate(sc.test_probs, cal["temperature"]), atol=2e-6)
+    from core.predict import get_predictor
+    res = get_predictor(ws, run.id).predict([rows[0]["path"]])[0]
+    assert res["probs"]["dot"] == pytest.approx(float(rows[0]["p_dot"]), abs=1e-4)  # Predict says what Evaluate said
+    assert "decision" not in res  # no rule chosen yet
+
+
+def test_decide_cli_saves_a_rule_that_predict_and_the_table_use(decided_run, tmp_path):
+    ws, run, _, data = decided_run
+    env_cmd = [sys.executable, "-m", "core", "--workspace", str(ws.root)]
+    out = subprocess.run(env_cmd + ["decide", run.id, "--positive", "dot", "--cost-miss", "10",
+                                    "--cost-false-alarm", "1", "--target-accuracy", "0.95", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    for key in ("threshold", "test_cost", "test_cost_argmax", "band", "coverage", "band_accuracy"):
+        assert key in r
+    sc = decide.load_scores(run)
+    t = run.temperature()
+    # the saved threshold is the cheapest cut on the calibrated validation scores; its test cost is recomputed here
+    val_p, test_p = decide.calibrate(sc.val_probs, t)[:, 1], decide.calibrate(sc.test_probs, t)[:, 1]
+    assert r["threshold"] == pytest.approx(decide.best_threshold(val_p, sc.val_y == 1, 10, 1))
+    decided = (test_p >= r["threshold"]).astype(int)
+    assert r["test_cost"] == pytest.approx(10 * ((sc.test_y == 1) & (decided == 0)).sum()
+                                           + ((sc.test_y == 0) & (decided == 1)).sum())
+    rule = decide.load_rule(run)
+    assert rule.positive == "dot" and rule.inputs["cost_miss"] == 10
+    from core.evaluate import read_predictions
+    rows = read_predictions(run)
+    assert {r["decision"] for r in rows} <= {"pass", "fail", "review"} and rows[0]["decision"]
+    from core.predict import get_predictor
+    img = next(p for p in (data / "dot").iterdir())
+    res = get_predictor(ws, run.id).predict([str(img)])[0]
+    assert res["decision"]["verdict"] in ("pass", "fail", "review")
+    text = subprocess.run(env_cmd + ["predict", run.id, str(img)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert text.returncode == 0 and res["decision"]["verdict"] in text.stdout
+    bad = subprocess.run(env_cmd + ["decide", run.id, "--positive", "cat"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "not one of blank, dot" in bad.stderr
+    # a re-evaluation chooses the saved rule again from the same inputs
+    from core.evaluate import evaluate_run
+    evaluate_run(ws, run)
+    assert decide.load_rule(run).inputs == rule.inputs
+
+
+def test_an_export_carries_the_temperature_and_the_rule(decided_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ws, run, _, data = decided_run
+    from core.export import export_run
+    from core.portable import OnnxPredictor
+    from core.predict import get_predictor
+    decide.decide_run(run, positive="dot", cost_miss=5, target_accuracy=0.9)
+    out = export_run(ws, run.id, "onnx", tmp_path / "m.onnx")
+    assert out["card"]["temperature"] == run.temperature() and out["card"]["rule"]["positive"] == "dot"
+    images = [str(p) for p in sorted((data / "dot").iterdir())[:4] + sorted((data / "blank").iterdir())[:4]]
+    onnx, studio = OnnxPredictor(out["path"]).predict(images), get_predictor(ws, run.id).predict(images)
+    for a, b in zip(onnx, studio):
+        assert a["probs"]["dot"] == pytest.approx(b["probs"]["dot"], abs=0.02)  # fp32 graph vs the run's precision
+        if abs(b["decision"]["margin"]) > 0.2:  # away from a boundary both decide alike
+            assert a["decision"]["verdict"] == b["decision"]["verdict"]
