@@ -253,6 +253,29 @@ def cmd_decide(args) -> int:
     return 0
 
 
+def cmd_learning_curve(args) -> int:
+    from .learning_curve import as_learning_curve, learning_curve, read_learning_curve
+    ws = Workspace(args.workspace)
+    cfg = as_learning_curve(ws.run(args.run).config(), args.run, epochs=args.epochs)
+    run = runs.prepare_derived(ws, args.run, cfg)
+    bar = ProgressBar(quiet=args.quiet, run=run)
+    try:
+        result = runs.execute(ws, run.id, lambda: learning_curve(ws, run, bar), bar)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+    if result["status"] == "failed":
+        print(f"error: {result['error']}", file=sys.stderr)
+        return 1
+    lc = read_learning_curve(run) or {}
+    if args.json:
+        print(json.dumps({"run_id": run.id, "status": result["status"], **lc}))
+    else:
+        print(*lc.get("advice", ["stopped before the last fraction: no curve"]), sep="\n")
+        print(run.id)
+    return 0
+
+
 def cmd_predict(args) -> int:
     if args.model:  # an exported ONNX file: no torch, no workspace
         from .portable import OnnxPredictor
@@ -360,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     band.add_argument("--target-accuracy", type=float,
                       help="send the least certain images to a person until the rest reach this accuracy (0-1)")
     band.add_argument("--review-budget", type=float, help="the largest share of images a person reviews (0-1)")
+    p.add_argument("--json", action="store_true")
+    p = add("learning-curve", cmd_learning_curve, "train a run's recipe on 25/50/75/100%% of its training images "
+                                                  "and say how many more images each class needs")
+    p.add_argument("run")
+    p.add_argument("--epochs", type=int, help="epochs per fraction (default: the run's); fewer keeps it short")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true")
     p = add("predict", cmd_predict, "predict images with a run's best checkpoint (RUN_ID IMAGE...) or an exported "
                                      "ONNX file (--model FILE IMAGE...)")

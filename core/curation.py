@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .evaluate import read_predictions
-from .runs import record
+from .runs import SubReporter, record
 from .storage import Run, Workspace
 from .train import fit
 
@@ -79,28 +79,6 @@ def as_crossval(cfg: TrainConfig, folds: int) -> TrainConfig:
                                   "extra": {**cfg.extra, "kind": "crossval", "folds": folds}})
 
 
-class _FoldReporter:
-    """Passes a fold's progress to the job's reporter, tagging log lines with the fold."""
-
-    def __init__(self, parent, fold: int, folds: int, epochs: int):
-        self.parent, self.fold, self.folds, self.offset = parent, fold, folds, fold * epochs
-
-    def log(self, message):
-        self.parent.log(f"[fold {self.fold + 1}/{self.folds}] {message}")
-
-    def stage(self, name, done=0, total=0):
-        self.parent.stage(f"fold {self.fold + 1}/{self.folds}: {name}", done, total)
-
-    def batch(self, epoch, batch, batches, images_per_s):
-        self.parent.batch(self.offset + epoch, batch, batches, images_per_s)
-
-    def epoch_end(self, row):
-        self.parent.epoch_end({**row, "epoch": self.offset + row["epoch"], "fold": self.fold + 1})
-
-    def should_stop(self):
-        return self.parent.should_stop()
-
-
 def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
     """Out-of-sample probabilities for the run's train+val images, and their ranked label-issue scores.
     Writes oof.csv and label_issues.json in the run folder. Returns {"status", ...}."""
@@ -121,7 +99,7 @@ def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
         child.write_config(cfg)
         child.split_path.write_text(json.dumps({**split, "train": rest[n_val:], "val": rest[:n_val],
                                                 "test": [rows[i] for i in sorted(held)]}))
-        result = fit(ws, child, _FoldReporter(reporter, f, folds, cfg.epochs))
+        result = fit(ws, child, SubReporter(reporter, f"fold {f + 1}/{folds}", f, cfg.epochs, {"fold": f + 1}))
         if result["status"] != "done" and not child.predictions_path.exists():
             return {"status": "stopped"}
         for r in read_predictions(child):

@@ -46,18 +46,23 @@ def nll(probs: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_temperature(probs: np.ndarray, y: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
-    """The T in [low, high] minimizing the validation cross-entropy of calibrate(probs, T) against targets
-    smoothed as Platt (1999) does, 1 - 1/(n+2) on the true class: with plain one-hot targets a validation part
-    the model gets all right would drive T to 0 (certainty the next image will not bear out); with n in the
-    hundreds the smoothing changes T by little. The loss is convex in 1/T, so a golden-section search over log T
-    finds its minimum. 1.0 when there are too few images to fit."""
+    """The T in [low, high] minimizing the validation NLL of calibrate(probs, T) (Guo et al. 2017). The NLL is
+    convex in 1/T, so a golden-section search over log T finds its minimum. 1.0 when there are too few images.
+
+    When the model gets every validation image right, the NLL falls without end as T -> 0: nothing shows the model
+    over-confident, and nothing bounds how certain it should become. Then T never softens and sharpens only as
+    far as Platt's (1999) targets allow, 1 - 1/(n+2) on the true class: n right answers in a row justify about that
+    much confidence, not certainty."""
     y = np.asarray(y, dtype=np.int64)
     n, k = len(y), (probs.shape[1] if np.ndim(probs) == 2 else 0)
     if n < MIN_VAL_FOR_CALIBRATION or k < 2:
         return 1.0
-    eps = 1.0 / (n + 2)
-    target = np.full((n, k), eps / (k - 1))
-    target[np.arange(n), y] = 1.0 - eps
+    separable = bool(np.all(probs.argmax(1) == y))
+    target = np.zeros((n, k))
+    target[np.arange(n), y] = 1.0
+    if separable:
+        eps = 1.0 / (n + 2)
+        target = target * (1.0 - eps) + (1.0 - target) * eps / (k - 1)
 
     def f(log_t):
         return float(-(target * np.log(np.clip(calibrate(probs, math.exp(log_t)), EPS, 1.0))).sum(1).mean())
@@ -76,6 +81,8 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray, low: float = 0.05, high: f
             d = a + g * (b - a)
             fd = f(d)
     t = math.exp((a + b) / 2)
+    if separable:
+        t = min(t, 1.0)
     return t if f(math.log(t)) < f(0.0) else 1.0  # never worse than leaving the model alone
 
 

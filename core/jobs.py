@@ -159,6 +159,14 @@ class JobManager:
         return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg), cfg.epochs * folds,
                             lambda ws, run, rep: crossval(ws, run, rep, folds=folds))
 
+    def submit_learning_curve(self, run_id: str, epochs: int | None = None, request_id: str | None = None) -> str:
+        """Queue a learning curve of run `run_id`: its recipe on 25/50/75/100% of its training part (core/learning_curve.py).
+        `epochs`: fewer epochs per fraction than the run's, to keep it short on a CPU."""
+        from .learning_curve import as_learning_curve, learning_curve
+        cfg = as_learning_curve(self.ws.run(run_id).config(), run_id, epochs=epochs)
+        return self._submit(cfg, request_id, lambda: runs.prepare_derived(self.ws, run_id, cfg),
+                            cfg.epochs * len(cfg.extra["fractions"]), learning_curve)
+
     def _submit(self, cfg: TrainConfig, request_id: str | None, prepare, epochs: int, work) -> str:
         # The request id is taken before the run is prepared: an identical request arriving meanwhile (a
         # double click, Enter then a click) waits for this one and gets its run instead of making a second.

@@ -55,6 +55,30 @@ class Reporter:
     def should_stop(self) -> bool: return False
 
 
+class SubReporter:
+    """One of several trainings inside a job (a fold, a fraction of the data): passes its progress to the job's
+    reporter with its name on log lines and stages, its epochs after those of the trainings before it, and `tag`
+    added to each epoch's row."""
+
+    def __init__(self, parent: Reporter, name: str, index: int, epochs: int, tag: dict | None = None):
+        self.parent, self.name, self.offset, self.tag = parent, name, index * epochs, tag or {}
+
+    def log(self, message):
+        self.parent.log(f"[{self.name}] {message}")
+
+    def stage(self, name, done=0, total=0):
+        self.parent.stage(f"{self.name}: {name}", done, total)
+
+    def batch(self, epoch, batch, batches, images_per_s):
+        self.parent.batch(self.offset + epoch, batch, batches, images_per_s)
+
+    def epoch_end(self, row):
+        self.parent.epoch_end({**row, "epoch": self.offset + row["epoch"], **self.tag})
+
+    def should_stop(self):
+        return self.parent.should_stop()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Creating a run
 
@@ -86,6 +110,22 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
             f"{len(ds.skipped)} files skipped")
     for path, reason in ds.skipped:
         run.log(f"skipped {path}: {reason}")
+    return run
+
+
+def prepare_derived(ws: Workspace, parent_id: str, cfg: TrainConfig) -> Run:
+    """A new run (queued) over exactly the images and split of run `parent_id`: for jobs that study a run (its
+    learning curve), so that they compare like with like even after labels changed."""
+    cfg.validate()
+    parent = ws.run(parent_id)
+    row = ws.run_row(parent_id)
+    if row is None or not parent.split_path.exists():
+        raise KeyError(f"no run {parent_id!r} with a split in {ws.root}")
+    run = ws.create_run(cfg, row["dataset"])
+    run.split_path.write_text(parent.split_path.read_text())
+    run.write_skipped(parent.skipped())
+    record(ws, run.id, label_version=row.get("label_version"))
+    run.log(f"over the split of run {parent_id}")
     return run
 
 
@@ -202,7 +242,7 @@ def last_run(ws: Workspace, data: str) -> Run | None:
             cfg = run.config()
         except (KeyError, OSError, ValueError):
             continue  # a run folder removed or half-written
-        if cfg.data == data and cfg.extra.get("kind") != "crossval":
+        if cfg.data == data and cfg.extra.get("kind") not in ("crossval", "learning_curve"):
             return run
     return None
 

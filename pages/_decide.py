@@ -161,3 +161,55 @@ def decide_section(ws, run) -> None:
             decide.clear_rule(run)
             write_decisions(run)
             st.rerun()
+
+
+def learning_curve_figure(lc: dict):
+    """Per class: the measured error against its training images (log-log), the fitted power law and its reach to
+    twice today's images."""
+    from core.learning_curve import power_law_at
+    fig = go.Figure()
+    for c, fit in lc["fits"].items():
+        n = [p["per_class"][c]["n_train"] for p in lc["points"]]
+        err = [p["per_class"][c]["error"] for p in lc["points"]]
+        fig.add_scatter(x=n, y=err, mode="markers", name=f"{c} (measured)")
+        if fit:
+            xs = np.geomspace(min(n), 2 * max(n), 30)
+            mid = [power_law_at(fit, x) for x in xs]
+            fig.add_scatter(x=xs, y=[m[0] for m in mid], mode="lines", name=f"{c}: fit, exponent {fit['b']:.2f}",
+                            line=dict(dash="dash"))
+            fig.add_scatter(x=np.concatenate([xs, xs[::-1]]), y=[m[2] for m in mid] + [m[1] for m in mid[::-1]],
+                            fill="toself", opacity=0.15, line=dict(width=0), name=f"{c}: 90% interval",
+                            hoverinfo="skip")
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), title=f"Error on the {lc['held_out']} part",
+                      xaxis_title="training images of the class", yaxis_title="error", xaxis_type="log",
+                      yaxis_type="log", legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def learning_curve_section(ws, run, jm) -> None:
+    from core.learning_curve import FRACTIONS, latest_for, read_learning_curve
+    st.subheader("How many more images")
+    st.caption("A learning curve trains this run's recipe on " + ", ".join(f"{f:.0%}" for f in FRACTIONS) +
+               " of its training images (same validation part), fits a power law per class to the error, and says "
+               "what more images of each class would buy. It runs as a background job.")
+    done = latest_for(ws, run.id)
+    if done is not None:
+        lc = read_learning_curve(done)
+        for line in lc["advice"]:
+            st.markdown(f"- {line}")
+        st.plotly_chart(learning_curve_figure(lc), key="learning_curve")
+        st.caption(f"From learning-curve run {done.id}.")
+    c1, c2 = st.columns([1, 2])
+    epochs = c1.number_input("Epochs per fraction (a budget)", 1, 500, run.config().epochs, key="lc_epochs",
+                             help="Fewer epochs than the run's keep the job short on a CPU; each fraction then "
+                                  "trains less than the run did, so the curve is pessimistic.")
+    if c2.button("Start learning curve", key="lc_start"):
+        if jm.active() is not None:
+            st.warning("A job is running; start this when it ends.")
+        else:
+            try:
+                rid = jm.submit_learning_curve(run.id, int(epochs))
+                st.session_state["train_run"] = rid
+                st.success(f"Learning curve {rid} started; follow it on the Train page.")
+            except Exception as exc:  # config problems: said, not raised
+                st.error(str(exc))

@@ -156,6 +156,7 @@ else:
 
 _decide.calibration_section(ws, run)
 _decide.decide_section(ws, run)
+_decide.learning_curve_section(ws, run, _ui.manager())
 
 st.download_button("Download per-image predictions (CSV)", run.predictions_path.read_bytes(),
                    file_name=f"{run_id}-predictions.csv", mime="text/csv")

@@ -19,8 +19,19 @@ def _duration(r):
     return "-"
 
 
+def _kind(run_id: str) -> str:
+    """training, or a job that studies data or a run (cross-validation, learning curve of run X)."""
+    try:
+        extra = ws.run(run_id).config().extra
+    except (OSError, ValueError):
+        return "?"
+    kind = extra.get("kind", "training").replace("_", " ")
+    return f"{kind} of {extra['of']}" if extra.get("of") else kind
+
+
 frame = pd.DataFrame([{
-    "run": r["id"], "status": f"{_ui.STATUS_ICON.get(r['status'], '')} {r['status']}", "dataset": r["dataset"],
+    "run": r["id"], "kind": _kind(r["id"]), "status": f"{_ui.STATUS_ICON.get(r['status'], '')} {r['status']}",
+    "dataset": r["dataset"],
     "architecture": r["arch"], "weights": r["weights"], "epochs": f"{r['epochs_done']}/{r['epochs']}",
     "best val acc": r["best_val_acc"], "test acc": r["test_acc"], "duration": _duration(r),
     "error": r["error"] or "",

@@ -112,6 +112,16 @@ def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained)
     assert f"{n} images the model's decision rule sends to a person" in texts(label)
     at.button(key="decide_clear").click().run()
     assert decide.load_rule(run) is None and {r["decision"] for r in read_predictions(run)} == {""}
+    # how many more images: a learning-curve job started from the page, its advice shown when done
+    at.number_input(key="lc_epochs").set_value(1)
+    at.button(key="lc_start").click().run()
+    assert not at.exception, at.exception
+    lc_id = at.session_state["train_run"]
+    from pages import _ui
+    assert _ui._manager(str(finished_ws.resolve())).wait(lc_id, timeout=300).status == "done"
+    at.run()
+    assert f"From learning-curve run {lc_id}" in texts(at)
+    assert "more images of dot" in texts(at) or "dot: " in texts(at)
 
 
 def test_datasets_page_registers_a_folder(empty_ws, tmp_path):

@@ -152,6 +152,14 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         assert gallery.count() >= 1
         page.screenshot(path=ARTIFACTS / "3-evaluate.png", full_page=True)
 
+        # 3a. Calibration and Decide: a reliability diagram, a cost-based rule saved with the run
+        expect(page.get_by_role("heading", name="Decide")).to_be_visible()
+        expect(page.get_by_text("Threshold", exact=False).first).to_be_visible()
+        page.get_by_role("button", name="Save this rule").click()
+        expect(page.get_by_text("A rule is saved with this run: predictions say pass / fail / review.")).to_be_visible()
+        page.get_by_role("heading", name="Decide").scroll_into_view_if_needed()
+        page.screenshot(path=ARTIFACTS / "3a-decide.png", full_page=True)
+
         # 3b. Relabel one image from the gallery, and see it in the Label page's history
         page.get_by_role("button", name="Fix label").first.click()
         page.get_by_role("button", name="blank", exact=True).first.click()
@@ -166,5 +174,6 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         expect(page.get_by_text("1 of 1 images predicted")).to_be_visible()
         expect(page.get_by_text(re.compile(r"^dot · \d+(\.\d)?%$"))).to_be_visible()
         expect(page.get_by_text("Grad-CAM for dot")).to_be_visible()
+        expect(page.get_by_text("fail", exact=True).first).to_be_visible()  # the saved rule's verdict for a dot
         page.screenshot(path=ARTIFACTS / "4-predict.png", full_page=True)
         browser.close()

@@ -68,6 +68,8 @@ def test_temperature_stays_finite_when_validation_is_all_right():
     t = decide.fit_temperature(probs, y)
     assert 0.05 < t < 1.0  # sharpened, but not to certainty (Platt's targets: 1 - 1/22)
     assert decide.calibrate(probs, t).max() < 0.99
+    certain = np.array([[0.999, 0.001], [0.002, 0.998]] * 10)
+    assert decide.fit_temperature(certain, y) == 1.0  # all right and sure of it: nothing says soften
 
 
 def test_ece_of_hand_made_confidences():
@@ -93,6 +95,23 @@ def test_rule_verdicts_binary_and_cost_matrix():
     probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
     # row 1: expected cost of a = 0.3*20 = 6, of b = 0.6+0.1 = 0.7, of c = 0.9 -> b, though a is likelier
     assert rule.verdicts(probs) == ["b", "c"]
+
+
+def test_fit_rule_with_several_classes_uses_the_cost_matrix_and_a_confidence_floor():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 300)
+    z = rng.normal(0, 1, (300, 3))
+    z[np.arange(300), y] += 2.0
+    probs = _softmax(2 * z)  # the true posterior of this generator: calibrated
+    rule = decide.fit_rule(probs, y, ["a", "b", "c"], cost=[[0, 1, 1], [5, 0, 1], [1, 1, 0]], target_accuracy=0.95)
+    assert rule.threshold is None and rule.band is not None
+    decided, margin, review = rule.decide(probs)
+    np.testing.assert_array_equal(decided, (probs @ np.array(rule.cost)).argmin(1))
+    assert (decided[~review] == y[~review]).mean() >= 0.95  # reached on the images it was chosen on
+    assert np.all(margin[review] < rule.band) and np.all(margin[~review] >= rule.band)
+    rep = decide.report(rule, probs, y)
+    assert rep["rule"]["cost"] <= rep["argmax"]["cost"]  # Bayes decisions on these (calibrated) scores cost less
+    assert rep["coverage"] == pytest.approx((~review).mean())
 
 
 def test_fit_rule_rejects_what_it_cannot_use():
@@ -193,3 +212,53 @@ def test_an_export_carries_the_temperature_and_the_rule(decided_run, tmp_path):
         assert a["probs"]["dot"] == pytest.approx(b["probs"]["dot"], abs=0.02)  # fp32 graph vs the run's precision
         if abs(b["decision"]["margin"]) > 0.2:  # away from a boundary both decide alike
             assert a["decision"]["verdict"] == b["decision"]["verdict"]
+
+
+# --- how many more images: the learning curve ------------------------------------------------------------------
+
+def test_power_law_fit_recovers_known_parameters():
+    from core.learning_curve import fit_power_law, power_law_at
+    n = np.array([100, 200, 400, 800, 1600])
+    rng = np.random.default_rng(2)
+    err = 0.9 * n ** -0.35 * np.exp(rng.normal(0, 0.01, len(n)))
+    fit = fit_power_law(n, err)
+    assert fit["a"] == pytest.approx(0.9, rel=0.1) and fit["b"] == pytest.approx(0.35, abs=0.02)
+    mid, lo, hi = power_law_at(fit, 3200)
+    assert lo < 0.9 * 3200 ** -0.35 < hi and mid == pytest.approx(0.9 * 3200 ** -0.35, rel=0.05)
+    exact = fit_power_law(n[:4], 0.5 * n[:4] ** -0.5)
+    assert exact["b"] == pytest.approx(0.5) and exact["se_b"] == pytest.approx(0, abs=1e-9)
+
+
+def test_nested_subsets_are_stratified_and_grow_by_adding():
+    from core.learning_curve import nested_subsets
+    rows = [[f"a{i}", "a"] for i in range(40)] + [[f"b{i}", "b"] for i in range(8)]
+    subs = nested_subsets(rows, ["a", "b"], (0.25, 0.5, 1.0), seed=3)
+    assert [sum(r[1] == "a" for r in subs[f]) for f in (0.25, 0.5, 1.0)] == [10, 20, 40]
+    assert [sum(r[1] == "b" for r in subs[f]) for f in (0.25, 0.5, 1.0)] == [2, 4, 8]
+    assert {r[0] for r in subs[0.25]} <= {r[0] for r in subs[0.5]} <= {r[0] for r in subs[1.0]}
+
+
+def test_learning_curve_job_measures_each_fraction_and_advises(decided_run):
+    from core import runs
+    from core.jobs import JobManager
+    from core.learning_curve import latest_for, read_learning_curve
+    ws, run, _, _ = decided_run
+    jm = JobManager(ws)
+    lc_id = jm.submit_learning_curve(run.id, epochs=1)
+    assert jm.wait(lc_id, timeout=300).status == "done", ws.run_row(lc_id)["error"]
+    lc = read_learning_curve(ws.run(lc_id))
+    assert [p["fraction"] for p in lc["points"]] == [0.25, 0.5, 0.75, 1.0]
+    n = [p["n_train"] for p in lc["points"]]
+    assert n == sorted(n) and n[-1] == len(run.split()["train"])
+    assert lc["held_out"] == "test" and len(lc["advice"]) == 2
+    assert latest_for(ws, run.id).id == lc_id
+    assert runs.last_run(ws, run.config().data).id == run.id  # a study of a run is not offered as its recipe
+
+
+def test_learning_curve_cli(decided_run):
+    ws, run, _, _ = decided_run
+    out = subprocess.run([sys.executable, "-m", "core", "--workspace", str(ws.root), "learning-curve", run.id,
+                          "--epochs", "1", "--quiet", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "done" and len(doc["points"]) == 4 and set(doc["fits"]) == {"blank", "dot"}
