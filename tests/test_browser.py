@@ -141,7 +141,7 @@ def test_journey_in_a_real_browser(studio, tmp_path):
 
         # 3. Evaluation: confusion matrix, then a cell of it, then a gallery image with Grad-CAM
         page.get_by_text("Open its evaluation").click()
-        expect(page.get_by_text("Confusion matrix")).to_be_visible()
+        expect(page.get_by_text("Confusion matrix", exact=True)).to_be_visible()
         expect(page.locator(".js-plotly-plot .heatmaplayer").first).to_be_attached()
         expect(page.get_by_text(re.compile(r"^Misclassified \(\d+\)"))).to_be_visible()
         _choose(page, "True class", "dot")
