@@ -191,18 +191,19 @@ class Rule:
         review = margin < self.band if self.band is not None else np.zeros(len(probs), dtype=bool)
         return decided, margin, review
 
-    def verdicts(self, probs: np.ndarray) -> list[str]:
-        """Per row: "review", or for a binary rule "fail" (the positive class) / "pass", else the class name."""
-        decided, _, review = self.decide(probs)
+    def decisions(self, probs: np.ndarray) -> list[dict]:
+        """Per row: {"verdict": "review", or for a binary rule "fail" (the positive class) / "pass", else the class
+        name; "class": the rule's class; "review": bool; "margin"}."""
+        decided, margin, review = self.decide(probs)
         out = []
-        for d, r in zip(decided, review):
-            if r:
-                out.append("review")
-            elif self.binary:
-                out.append("fail" if self.classes[d] == self.positive else "pass")
-            else:
-                out.append(self.classes[d])
+        for d, m, r in zip(decided, margin, review):
+            label = self.classes[int(d)]
+            verdict = "review" if r else ("fail" if label == self.positive else "pass") if self.binary else label
+            out.append({"verdict": verdict, "class": label, "review": bool(r), "margin": float(m)})
         return out
+
+    def verdicts(self, probs: np.ndarray) -> list[str]:
+        return [d["verdict"] for d in self.decisions(probs)]
 
     def band_range(self) -> tuple[float, float] | None:
         """Binary: the p(positive) interval sent to a person."""
@@ -422,11 +423,10 @@ def refit_saved_rule(run) -> Rule | None:
     if old is None:
         return None
     try:
-        decide_run(run, **{k: v for k, v in old.inputs.items()})
+        return Rule.from_dict(decide_run(run, **old.inputs)["rule"])
     except DecisionError:
         clear_rule(run)  # the classes changed under it: a stale rule would decide wrongly
         return None
-    return load_rule(run)
 
 
 def save_rule(run, rule: Rule) -> None:

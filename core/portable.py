@@ -61,14 +61,6 @@ def ranked(p: np.ndarray, classes: list[str], k: int) -> dict:
             "probs": {c: float(p[j]) for j, c in enumerate(classes)}}
 
 
-def decision(rule, p: np.ndarray) -> dict:
-    """{"verdict": pass / fail / review (or the class / review with several classes), "class": the rule's class,
-    "review": bool} of one probability row."""
-    decided, margin, review = rule.decide(p[None])
-    return {"verdict": rule.verdicts(p[None])[0], "class": rule.classes[int(decided[0])], "review": bool(review[0]),
-            "margin": float(margin[0])}
-
-
 def predict_sources(sources, image, probs, classes: list[str], k: int = 3, batch_size: int = 32,
                     rule=None) -> list[dict]:
     """One result per source (path, bytes, or PIL image): {"path", "top", "probs"} (and "decision" with a decision
@@ -88,8 +80,8 @@ def predict_sources(sources, image, probs, classes: list[str], k: int = 3, batch
             results[i] = {"path": name, "error": str(exc)}
     k = max(1, min(k, len(classes)))
     for start in range(0, len(arrays), batch_size):
-        for (i, name), p in zip(good[start:start + batch_size], probs(np.stack(arrays[start:start + batch_size]))):
-            results[i] = {"path": name, **ranked(p, classes, k)}
-            if rule is not None:
-                results[i]["decision"] = decision(rule, p)
+        batch = probs(np.stack(arrays[start:start + batch_size]))
+        decided = rule.decisions(batch) if rule is not None else [None] * len(batch)
+        for (i, name), p, d in zip(good[start:start + batch_size], batch, decided):
+            results[i] = {"path": name, **ranked(p, classes, k), **({"decision": d} if d else {})}
     return results  # type: ignore[return-value]

@@ -150,7 +150,7 @@ def decide_section(ws, run) -> None:
     m2.plotly_chart(coverage_figure(result), key="decide_coverage")
     s1, s2 = st.columns([1, 3])
     if s1.button("Save this rule", type="primary", key="decide_save"):
-        decide.decide_run(run, save=True, **inputs)
+        decide.save_rule(run, rule)  # the rule shown above, not chosen again
         write_decisions(run)
         st.toast("Saved: Predict, the CLI, exports and the predictions CSV now say pass / fail / review.")
         st.rerun()

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.curation import crossval_config, export_dataset, least_confident, read_label_issues, review_band
+from core.decide import load_rule
 from core.images import ImageLoadError, load_array
 from core.labels import LabelStore
 from core.predict import get_predictor
@@ -104,7 +105,8 @@ elif queue_kind == "Least confident predictions":
     queue = [{"path": path, "given": effective.get(path), "confidence": prob} for path, prob in ranked]
 else:
     model_run = ws.run(model_id)
-    if not model_run.rule_path.exists() or get_predictor(ws, model_id).rule.band is None:
+    saved_rule = load_rule(model_run)
+    if saved_rule is None or saved_rule.band is None:
         st.info("This model has no review band: choose one in Evaluate → Decide (\"Send to a person\").")
     else:
         pool = tuple((ds.unlabeled or [s.path for s in ds.samples])[:2000])
