@@ -80,6 +80,8 @@ def run_classic(split: dict, tmp: Path, epochs: int, seed: int) -> dict:
     from torchvision import transforms
     t_start = time.perf_counter()
     torch.manual_seed(seed)
+    # The notebooks' one line of device handling: the model and each batch on CUDA when there is one.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, bs = CLASSIC["image_size"], CLASSIC["batch_size"]
     norm = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     train_tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(),
@@ -92,12 +94,14 @@ def run_classic(split: dict, tmp: Path, epochs: int, seed: int) -> dict:
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=bs)
     model = torchvision.models.resnet18(weights=None)
     model.fc = nn.Linear(model.fc.in_features, len(train_ds.classes))
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=CLASSIC["lr"])
     loss_fn = nn.CrossEntropyLoss()
     curve, best_acc, best_state, best_epoch = [], -1.0, None, 0
     for epoch in range(1, epochs + 1):
         model.train()
         for x, y in train_dl:
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()

@@ -102,10 +102,11 @@ def train_reference(split: dict, tmp: Path, epochs: int, batch_size: int, size: 
 def accuracy(model, loader) -> float:
     """Top-1 accuracy of a model over a DataLoader, in eval mode (the notebooks' validation loop)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
     return correct / max(total, 1)
 

@@ -51,6 +51,11 @@ class ProgressBar(Reporter):
             self._last = time.monotonic()
             self._line(f"{name}: {done}/{total}", final=done >= total and not self._tty)
 
+    def should_stop(self) -> bool:
+        """The studio's Stop reaches a run started here too (core/worker.py's stop request)."""
+        from .worker import stop_requested
+        return self.run is not None and stop_requested(self.run)
+
     def batch(self, epoch: int, batch: int, batches: int, images_per_s: float) -> None:
         if time.monotonic() - self._last < 0.2 and batch < batches:
             return
@@ -86,6 +91,10 @@ CONFIG_FLAGS = [
     ("--split-seed", "split_seed", dict(type=int)),
     ("--device", "device", dict(choices=("auto", "cpu", "cuda", "mps"))),
     ("--amp", "amp", dict(choices=("auto", "bf16", "fp16", "off"))),
+    ("--devices", "devices", dict(type=int, metavar="N",
+                                  help="train on N devices at once, one process each (GPUs; on a CPU, N shares of its "
+                                       "cores): each batch is split across them, so batch size and learning rate "
+                                       "mean the same as on one device")),
 ]
 
 
@@ -149,6 +158,9 @@ def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, a
 
 
 def cmd_train(args) -> int:
+    from .worker import launched_by_torchrun
+    if launched_by_torchrun():
+        return _train_as_rank(args)
     ws = Workspace(args.workspace)
     recipe = None
     if args.recipe == "auto":
@@ -169,11 +181,82 @@ def cmd_train(args) -> int:
         bar.log(f"auto recipe: {recipe.why}")
         bar.log(f"estimate: {recipe.estimate.text()}")
     for line in [f"run {run.id}: {cfg.arch}, weights {cfg.weights}, {cfg.epochs} epochs, image "
-                 f"{cfg.input_hw[0]}x{cfg.input_hw[1]}, batch {cfg.batch_size}"] + run.log_path.read_text().splitlines():
+                 f"{cfg.input_hw[0]}x{cfg.input_hw[1]}, batch {cfg.batch_size}"
+                 + (f", {cfg.devices} devices" if cfg.devices > 1 else "")] + run.log_path.read_text().splitlines():
         bar.log(line.split(" ", 1)[-1] if line[:2].isdigit() else line)  # the log's lines without their time
     bar.run = run
-    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json,
-                                extra={"recipe": recipe.summary()} if recipe else None)
+    extra = {"recipe": recipe.summary()} if recipe else None
+    if cfg.devices > 1:
+        return _train_on_devices(ws, run, resume=False, as_json=args.json, extra=extra)
+    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json, extra=extra)
+
+
+def _train_on_devices(ws: Workspace, run, resume: bool, as_json: bool, extra: dict | None = None) -> int:
+    """Several devices: this process launches the ranks (core/worker.py) and reports as _train_in_foreground."""
+    from .worker import run_job
+    result = run_job(ws, run.id, resume)
+    row = ws.run_row(run.id) or {}
+    status = row.get("status", result.get("status"))
+    if status == "failed":
+        print(f"error: {row.get('error') or result.get('error')}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"run_id": run.id, "status": status, "error": row.get("error"),
+                          "epochs_done": row.get("epochs_done"), "best_val_acc": row.get("best_val_acc"),
+                          "test_acc": row.get("test_acc"), "devices": run.config().devices,
+                          "skipped": runs.skipped_files(run.skipped()), **(extra or {})}))
+    else:
+        print(run.id)
+    return 1 if status == "failed" else 0
+
+
+def _train_as_rank(args) -> int:
+    """`torchrun ... -m core train ...`: rank 0 prepares the run (the recipe, the split) and tells the others
+    its id; then every rank trains its share (core/worker.py). The workspace and the images must be at the same
+    paths on every machine (a shared file system)."""
+    from . import distributed
+    from .worker import run_job
+    ranks = distributed.Ranks.from_env()
+    distributed.start(ranks, args.device or "auto")
+    answer = None
+    if ranks.main:  # the others open the workspace once rank 0 has made it
+        try:
+            ws = Workspace(args.workspace)
+            cfg = auto_from_args(ws, args).config if args.recipe == "auto" else config_from_args(args)
+            cfg.devices = ranks.world
+            answer = {"run": runs.prepare_run(ws, cfg).id}
+        except USER_ERRORS as exc:
+            answer = {"error": str(exc)}
+    answer = distributed.broadcast_object(answer, ranks)
+    if "error" in answer:
+        distributed.stop()
+        if ranks.main:
+            print(f"error: {answer['error']}", file=sys.stderr)
+        return 2
+    ws = Workspace(args.workspace)
+    result = run_job(ws, answer["run"], echo=sys.stderr if ranks.main and not args.quiet else None)
+    if ranks.main:
+        print(json.dumps({"run_id": answer["run"], **{k: result.get(k) for k in ("status", "error", "epochs_done",
+                                                                                "best_val_acc", "test_acc")}})
+              if args.json else answer["run"])
+    return 1 if result.get("status") == "failed" else 0
+
+
+def cmd_job(args) -> int:
+    """Work a queued run: the studio's training process, a multi-device launcher, or one rank (core/worker.py)."""
+    from .worker import run_job
+    ws = Workspace(args.workspace)
+    result = _recorded(run_job)(ws, args.run, args.resume, sys.stderr)
+    return 1 if result.get("status") == "failed" else 0
+
+
+def _recorded(fn):
+    """Under torch.distributed.elastic, a rank's exception goes to the agent's error file, so that the launcher
+    can say which rank failed and why."""
+    from .worker import launched_by_torchrun
+    if not launched_by_torchrun():
+        return fn
+    from torch.distributed.elastic.multiprocessing.errors import record
+    return record(fn)
 
 
 def cmd_resume(args) -> int:
@@ -183,6 +266,8 @@ def cmd_resume(args) -> int:
     bar = ProgressBar(quiet=args.quiet)
     bar.log(run.log_path.read_text().splitlines()[-1].split(" ", 1)[-1])
     bar.run = run
+    if run.config().devices > 1:
+        return _train_on_devices(ws, run, resume=True, as_json=args.json)
     return _train_in_foreground(ws, run, bar, resume=True, as_json=args.json)
 
 
@@ -369,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "over the added epochs, from its last epoch's weights)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = add("job", cmd_job, "train a prepared (queued) run in this process: what the studio starts for each job, "
+                            "and what each rank of a multi-device run runs")
+    p.add_argument("run")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p = add("evaluate", cmd_evaluate, "evaluate a run's best checkpoint on its test split")
     p.add_argument("run")
     p.add_argument("--json", action="store_true")

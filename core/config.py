@@ -17,6 +17,7 @@ NORMALIZATIONS = ("imagenet", "dataset")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("val_acc", "val_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BATCH_NORMS = ("auto", "sync", "local", "frozen")
 
 
 class ConfigError(UserError, ValueError):
@@ -75,7 +76,12 @@ class TrainConfig:
     amp: str = "auto"                # auto: bf16/fp16 on CUDA; on a CPU bf16 where measured faster (core/device.py).
                                      # "bf16" forces it where supported, "off" is fp32
     channels_last: bool = True
-    num_threads: int = 0             # CPU threads for torch (0: all cores)
+    num_threads: int = 0             # CPU threads for torch (0: all cores, shared out among processes)
+    devices: int = 1                 # processes training together (one per GPU; on a CPU each gets a share of the
+                                     # cores). Each batch of batch_size is split across them: batch size, learning
+                                     # rate and schedule mean the same as on one device (core/distributed.py)
+    batch_norm: str = "auto"         # with several devices: auto = sync on GPUs (SyncBatchNorm), local on CPUs;
+                                     # local: each device's own share; frozen: running statistics not updated
     tta: bool = False                # test-time augmentation (flips) at evaluation
     notes: str = ""
     extra: dict = field(default_factory=dict)  # free-form metadata (preset name, ...)
@@ -132,6 +138,10 @@ class TrainConfig:
         need(0 <= self.schedule_start_epoch < self.epochs, "schedule_start_epoch", "must be in [0, epochs)")
         need(self.amp in AMP_MODES, "amp", f"must be one of {AMP_MODES}")
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        need(isinstance(self.devices, int) and 1 <= self.devices <= 64, "devices", "must be between 1 and 64")
+        need(self.batch_size >= self.devices, "batch_size",
+             f"must be at least the number of devices ({self.devices}): each batch is split across them")
+        need(self.batch_norm in BATCH_NORMS, "batch_norm", f"must be one of {BATCH_NORMS}")
         need(bool(str(self.weights).strip()), "weights", "use imagenet, none, or a file path")
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from contextlib import contextmanager
 import json
 import os
 import random
@@ -390,7 +391,8 @@ class ImageCache:
 
     def get(self, paths: list[str], hw: tuple[int, int], cache_dir: str | Path | None = None,
             progress: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> DecodedImages:
+            should_stop: Callable[[], bool] | None = None, on_disk: bool = False) -> DecodedImages:
+        """`on_disk`: memory-mapped from cache_dir whatever the size (shared with other processes)."""
         key = _fingerprint(paths, hw)
         with self._lock:
             if key in self._mem:
@@ -398,7 +400,7 @@ class ImageCache:
                 return self._mem[key]
         n, (h, w) = len(paths), hw
         nbytes = n * h * w * 3
-        disk = cache_dir is not None and nbytes > self.max_bytes
+        disk = cache_dir is not None and (nbytes > self.max_bytes or on_disk)
         if disk:
             decoded = self._from_disk(paths, hw, Path(cache_dir), key, progress, should_stop)
         else:
@@ -415,19 +417,57 @@ class ImageCache:
         cache_dir.mkdir(parents=True, exist_ok=True)
         data_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
         shape = (len(paths), hw[0], hw[1], 3)
-        if data_path.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=shape)
-            return DecodedImages(arr, {int(k): v for k, v in meta["failed"].items()}, key, on_disk=True)
-        tmp = data_path.with_suffix(".u8.tmp")
-        arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-        failed = _decode_into(arr, paths, hw, progress, should_stop)
-        arr.flush()
-        del arr
-        os.replace(tmp, data_path)
-        meta_path.write_text(json.dumps({"failed": failed, "n": len(paths), "hw": list(hw)}))
+        # One process decodes; others asking for the same images meanwhile (ranks of one machine) wait for it.
+        with _file_lock(cache_dir / f"{key}.lock"):
+            if data_path.exists() and meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                os.utime(data_path)  # recently used: evicted last
+                arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=shape)
+                return DecodedImages(arr, {int(k): v for k, v in meta["failed"].items()}, key, on_disk=True)
+            _evict_disk_cache(cache_dir, keep_free=int(np.prod(shape)))
+            tmp = data_path.with_suffix(f".u8.{os.getpid()}.tmp")
+            try:
+                arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+                failed = _decode_into(arr, paths, hw, progress, should_stop)
+                arr.flush()
+                del arr
+                os.replace(tmp, data_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            meta_path.write_text(json.dumps({"failed": failed, "n": len(paths), "hw": list(hw)}))
         arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=shape)
         return DecodedImages(arr, failed, key, on_disk=True)
+
+
+def _disk_cache_limit() -> int:
+    return int(float(os.environ.get("STUDIO_DISK_CACHE_GB", 20)) * 2**30)
+
+
+def _evict_disk_cache(cache_dir: Path, keep_free: int) -> None:
+    """Least recently used decoded sets go until the cache plus `keep_free` bytes fits the limit
+    (STUDIO_DISK_CACHE_GB, default 20). A set another process has open stays readable: unlinking keeps its pages."""
+    files = sorted(cache_dir.glob("*.u8"), key=lambda f: f.stat().st_mtime)
+    total = sum(f.stat().st_size for f in files)
+    while files and total + keep_free > _disk_cache_limit():
+        f = files.pop(0)
+        total -= f.stat().st_size
+        f.unlink(missing_ok=True)
+        f.with_suffix(".json").unlink(missing_ok=True)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; two processes may decode the same set, each writing its own temp file
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class Stopped(Exception):

@@ -1,8 +1,10 @@
 """Background training jobs: one worker thread runs one job at a time; more are queued.
 
-Pages (or any caller) only submit, stop, and read snapshots. The worker never touches any UI. A job's status
-is its run's status, owned by core/runs.py; a snapshot adds the live progress (batch, speed, ETA, log).
-Importing this module does not import torch: the studio starts fast and torch loads with the first job.
+Pages (or any caller) only submit, stop, and read snapshots. Each job trains in a process of its own
+(`python -m core job RUN_ID`, core/worker.py), which the worker thread starts and waits for: a crash there, even
+the out-of-memory killer, fails the run and leaves the studio serving. A job's status is its run's status, owned
+by core/runs.py; a snapshot adds the live progress the training process writes (batch, speed, ETA, log).
+Importing this module does not import torch, and the studio never needs to for training.
 """
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from . import runs
+from . import runs, worker
 from .config import TrainConfig
-from .storage import ACTIVE, Workspace
+from .storage import ACTIVE, Workspace, pid_alive
 
 LOG_LINES = 200
 
@@ -54,68 +56,48 @@ class JobSnapshot:
         return min(1.0, (max(self.epoch - 1, 0) + within) / self.epochs)
 
 
-def _train(ws: Workspace, run, reporter, resume: bool) -> dict:
-    from .train import fit  # torch loads here, on the worker thread, with the first job
-    return fit(ws, run, reporter=reporter, resume=resume)
+def log_tail(run, lines: int = LOG_LINES) -> list[str]:
+    """The last lines of a run's log (read from the end: a log listing thousands of skipped files stays cheap)."""
+    try:
+        with open(run.log_path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
 
 
-class Job(runs.Reporter):
-    def __init__(self, ws: Workspace, run_id: str, epochs: int, work):
+class Job:
+    """One queued run and the process that trains it."""
+
+    def __init__(self, ws: Workspace, run_id: str, epochs: int, resume: bool = False):
         self.ws = ws
-        self.work = work  # work(ws, run, reporter) -> {"status": ...}
         self.run = ws.run(run_id)
+        self.resume = resume
+        self.epochs = epochs
         self.stop_event = threading.Event()
         self.done_event = threading.Event()
-        self._lock = threading.Lock()
-        self._log: deque[str] = deque(maxlen=LOG_LINES)
-        self._snap = JobSnapshot(run_id=run_id, status="queued", epochs=epochs, history=self.run.history())
-        self._batch_times: deque[float] = deque(maxlen=50)
-        self._last_batch_t: float | None = None
+        self.process = None
+        self._start_history = worker.job_history(self.run, resume)
 
-    # --- Reporter (called from the worker thread) ---------------------------------------------------
-    def log(self, message: str) -> None:
-        with self._lock:
-            self._log.append(message)
-        try:
-            self.run.log(message)
-        except OSError:
-            pass
-
-    def stage(self, name: str, done: int = 0, total: int = 0) -> None:
-        with self._lock:
-            self._snap.stage, self._snap.stage_done, self._snap.stage_total = name, done, total
-
-    def batch(self, epoch: int, batch: int, batches: int, images_per_s: float) -> None:
-        now = time.perf_counter()
-        with self._lock:
-            if self._last_batch_t is not None and batch > 1:
-                self._batch_times.append(now - self._last_batch_t)
-            self._last_batch_t = now
-            s = self._snap
-            s.epoch, s.batch, s.batches, s.images_per_s = epoch, batch, batches, images_per_s
-            if self._batch_times:
-                per_batch = sum(self._batch_times) / len(self._batch_times)
-                # Validation costs roughly a third of an epoch's batches; count it in.
-                epoch_cost = per_batch * batches * 1.15
-                s.eta_s = per_batch * (batches - batch) + epoch_cost * (s.epochs - epoch)
-
-    def epoch_end(self, row: dict) -> None:
-        with self._lock:
-            self._snap.history = self._snap.history + [row]
-            self._snap.epoch = row["epoch"]
-
-    def should_stop(self) -> bool:
-        return self.stop_event.is_set()
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        worker.request_stop(self.run)
 
     # --- reading ------------------------------------------------------------------------------------
     def snapshot(self) -> JobSnapshot:
-        """Live progress from the job, status and times from the run's owner."""
+        """Live progress from the training process's files, status and times from the run's owner."""
         row = self.ws.run_row(self.run.id) or {}
-        with self._lock:
-            snap = replace(self._snap, history=list(self._snap.history), log=list(self._log))
-        snap.status = row.get("status", snap.status)
-        snap.error, snap.created = row.get("error"), row.get("created", 0.0)
-        snap.started, snap.finished, snap.test_acc = row.get("started"), row.get("finished"), row.get("test_acc")
+        p = worker.read_progress(self.run) if self.process is not None else {}
+        snap = JobSnapshot(run_id=self.run.id, status=row.get("status", "queued"), stage=p.get("stage", ""),
+                           stage_done=p.get("stage_done", 0), stage_total=p.get("stage_total", 0),
+                           epoch=p.get("epoch", 0), epochs=p.get("epochs", self.epochs), batch=p.get("batch", 0),
+                           batches=p.get("batches", 0), images_per_s=p.get("images_per_s", 0.0),
+                           eta_s=p.get("eta_s"), history=p.get("history", self._start_history),
+                           log=log_tail(self.run), error=row.get("error"), created=row.get("created", 0.0),
+                           started=row.get("started"), finished=row.get("finished"), test_acc=row.get("test_acc"))
         if snap.status not in ACTIVE:
             snap.stage = ""
             snap.eta_s = 0.0 if snap.status == "done" else None
@@ -127,8 +109,23 @@ class Job(runs.Reporter):
             if self.stop_event.is_set():  # stopped while queued: it never starts
                 runs.transition(self.ws, self.run.id, "stopped")
                 return
-            runs.execute(self.ws, self.run.id, lambda: self.work(self.ws, self.run, self), self)
+            (self.run.dir / worker.PROGRESS_FILE).unlink(missing_ok=True)
+            try:
+                self.process = worker.start_process(self.ws, self.run, self.resume)
+            except OSError as exc:
+                runs.transition(self.ws, self.run.id, "failed", error=f"could not start the training process: {exc}")
+                return
+            if self.stop_event.is_set():
+                worker.request_stop(self.run)
+            self.process.wait()
+            worker.finish_process(self.ws, self.run, self.process)
+        except Exception as exc:  # noqa: BLE001 - the worker thread serves the next job whatever happened here
+            try:
+                runs.transition(self.ws, self.run.id, "failed", error=f"{type(exc).__name__}: {exc}")
+            except (runs.RunStateError, KeyError, OSError):
+                pass
         finally:
+            worker.clear_stop(self.run)
             self.done_event.set()
 
 
@@ -149,25 +146,22 @@ class JobManager:
     def submit(self, cfg: TrainConfig, request_id: str | None = None, label_version: int | None = None) -> str:
         """Validate and prepare a run now (errors raise here, nothing starts), then queue it.
         The same request_id twice (a double click, two tabs) gives the same run, not a second job."""
-        return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg, label_version=label_version),
-                            cfg.epochs, lambda ws, run, rep: _train(ws, run, rep, resume=False))
+        return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg, label_version=label_version))
 
     def submit_crossval(self, cfg: TrainConfig, folds: int = 4, request_id: str | None = None) -> str:
         """Queue k-fold cross-validation (out-of-sample probabilities for finding label errors)."""
-        from .curation import as_crossval, crossval  # torch loads with the first job, not at start-up
+        from .curation import as_crossval
         cfg = as_crossval(cfg, folds)
-        return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg), cfg.epochs * folds,
-                            lambda ws, run, rep: crossval(ws, run, rep, folds=folds))
+        return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg))
 
     def submit_learning_curve(self, run_id: str, epochs: int | None = None, request_id: str | None = None) -> str:
         """Queue a learning curve of run `run_id`: its recipe on 25/50/75/100% of its training part (core/learning_curve.py).
         `epochs`: fewer epochs per fraction than the run's, to keep it short on a CPU."""
-        from .learning_curve import as_learning_curve, learning_curve
+        from .learning_curve import as_learning_curve
         cfg = as_learning_curve(self.ws.run(run_id).config(), run_id, epochs=epochs)
-        return self._submit(cfg, request_id, lambda: runs.prepare_derived(self.ws, run_id, cfg),
-                            cfg.epochs * len(cfg.extra["fractions"]), learning_curve)
+        return self._submit(cfg, request_id, lambda: runs.prepare_derived(self.ws, run_id, cfg))
 
-    def _submit(self, cfg: TrainConfig, request_id: str | None, prepare, epochs: int, work) -> str:
+    def _submit(self, cfg: TrainConfig, request_id: str | None, prepare) -> str:
         # The request id is taken before the run is prepared: an identical request arriving meanwhile (a
         # double click, Enter then a click) waits for this one and gets its run instead of making a second.
         with self._lock:
@@ -191,7 +185,7 @@ class JobManager:
             pending = self._requests.get(request_id) if request_id else None
             if request_id:
                 self._requests[request_id] = run.id
-            self._enqueue(Job(self.ws, run.id, epochs, work))
+            self._enqueue(Job(self.ws, run.id, worker.job_epochs(cfg)))
         if isinstance(pending, threading.Event):
             pending.set()
         return run.id
@@ -204,7 +198,7 @@ class JobManager:
             if job is not None and not job.done_event.is_set():
                 raise runs.RunStateError(f"run {run_id} is already {job.snapshot().status}")
         run = runs.prepare_resume(self.ws, run_id, epochs)
-        job = Job(self.ws, run_id, run.config().epochs, lambda ws, r, rep: _train(ws, r, rep, resume=True))
+        job = Job(self.ws, run_id, run.config().epochs, resume=True)
         with self._lock:
             self._enqueue(job)
         return run_id
@@ -215,12 +209,22 @@ class JobManager:
         self._wake.notify_all()
 
     def stop(self, run_id: str) -> bool:
-        """Ask a job to stop: a queued one never starts; a running one stops within one batch."""
+        """Ask a job to stop: a queued one never starts; a running one stops within one batch. A run training in
+        a process this manager did not start (the CLI, a studio restarted meanwhile) is asked through its stop
+        request too."""
         with self._lock:
             job = self._jobs.get(run_id)
         if job is None or job.done_event.is_set():
+            row = self.ws.run_row(run_id)
+            if job is None and row and row["status"] in ("running", "stopping") and pid_alive(row["pid"]):
+                worker.request_stop(self.ws.run(run_id))
+                try:
+                    runs.transition(self.ws, run_id, "stopping")
+                except runs.RunStateError:
+                    pass
+                return True
             return False
-        job.stop_event.set()
+        job.request_stop()
         try:
             runs.transition(self.ws, run_id, "stopping")
         except runs.RunStateError:
@@ -236,12 +240,15 @@ class JobManager:
         if row is None:
             return None
         run = self.ws.run(run_id)
-        log = []
-        if run.log_path.exists():
-            log = run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_LINES:]
-        return JobSnapshot(run_id=run_id, status=row["status"], epoch=row["epochs_done"], epochs=row["epochs"],
-                           history=run.history(), log=log, error=row["error"], created=row["created"],
+        snap = JobSnapshot(run_id=run_id, status=row["status"], epoch=row["epochs_done"], epochs=row["epochs"],
+                           history=run.history(), log=log_tail(run), error=row["error"], created=row["created"],
                            started=row["started"], finished=row["finished"], test_acc=row["test_acc"])
+        if row["status"] in ("running", "stopping"):  # trained by another process (the CLI): its progress file
+            p = worker.read_progress(run)
+            for name in ("stage", "stage_done", "stage_total", "batch", "batches", "images_per_s", "eta_s"):
+                if name in p:
+                    setattr(snap, name, p[name])
+        return snap
 
     def active(self) -> JobSnapshot | None:
         """The running job, else the next queued one, else None."""

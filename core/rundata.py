@@ -45,7 +45,9 @@ class RunData:
 
 
 def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.device, reporter=None,
-                  parts=("train", "val", "test")) -> RunData:
+                  parts=("train", "val", "test"), shared: bool = False) -> RunData:
+    """`shared`: decode into the workspace's disk cache (once, under a lock) and memory-map it, so that other
+    processes (the ranks of a multi-device run, the next run) read the same pages instead of decoding again."""
     split = run.split()
     classes = split["classes"]
     samples, part_of = [], []
@@ -64,15 +66,16 @@ def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.de
     unique = sorted(set(paths))
     row_of = {p: i for i, p in enumerate(unique)}
     rows = np.array([row_of[p] for p in paths], dtype=np.int64)
-    decoded = IMAGE_CACHE.get(unique, hw, ws.cache_dir, progress, reporter.should_stop if reporter else None)
+    decoded = IMAGE_CACHE.get(unique, hw, ws.cache_dir, progress, reporter.should_stop if reporter else None,
+                              on_disk=shared)
     skipped = [(unique[r], reason) for r, reason in sorted(decoded.failed.items())]
     part_arr = np.array(part_of)
     ok = ~np.isin(rows, list(decoded.failed))
     idx = {p: np.nonzero((part_arr == p) & ok)[0] for p in parts}
     images = decoded.array
-    if device.type == "cuda" and not decoded.on_disk:
+    if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if images.nbytes < 0.5 * free:  # keep the whole set resident on the GPU: no host copies per batch
-            images = torch.from_numpy(images).to(device)
+            images = torch.from_numpy(np.asarray(images)).to(device)
     return RunData(classes, images, idx, np.array([s.label for s in samples], dtype=np.int64), paths, rows,
                    skipped)

@@ -21,7 +21,8 @@ from .errors import UserError
 from .storage import ACTIVE, Run, Workspace, pid_alive
 
 TRANSITIONS = {
-    "queued": ("running", "stopped", "interrupted"),  # stopped: asked to stop before it started
+    "queued": ("running", "stopped", "failed", "interrupted"),  # stopped: asked to stop before it started;
+                                                                # failed: its process died before it started
     "running": ("stopping", "done", "stopped", "failed", "interrupted"),
     "stopping": ("stopped", "done", "failed", "interrupted"),
     "done": ("queued",),
@@ -177,9 +178,11 @@ def mark_interrupted(ws: Workspace) -> list[str]:
     return changed
 
 
-def execute(ws: Workspace, run_id: str, work, reporter: Reporter) -> dict:
+def execute(ws: Workspace, run_id: str, work, reporter: Reporter, record_failure: bool = True) -> dict:
     """Run `work()` (training, cross-validation) as the run's life: running, then the status it returns, or
-    failed with the reason. Returns work's result, or {"status": "failed", "error": message}."""
+    failed with the reason. Returns work's result, or {"status": "failed", "error": message}.
+    `record_failure=False`: an exception is logged and raised, for a caller that knows more about it (the
+    launcher of a multi-device run, which learns which rank failed first)."""
     transition(ws, run_id, "running")
     try:
         result = work()
@@ -187,6 +190,9 @@ def execute(ws: Workspace, run_id: str, work, reporter: Reporter) -> dict:
         transition(ws, run_id, "stopped")
         raise
     except Exception as exc:  # the process lives on; the run records why it failed
+        if not record_failure:
+            reporter.log(f"this process stopped with {failure_message(exc)}")
+            raise
         message = failure_message(exc)
         if not isinstance(exc, TrainingError):
             reporter.log(traceback.format_exc(limit=6))

@@ -171,8 +171,15 @@ class Workspace:
             self.runs_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise OSError(f"cannot use workspace {self.root}: {exc.strerror or exc}") from None
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        for attempt in range(10):  # processes opening a new workspace at once (the ranks of a run) race here
+            try:
+                with self._db() as db:
+                    db.executescript(SCHEMA)
+                break
+            except sqlite3.OperationalError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     @property
     def runs_dir(self) -> Path: return self.root / "runs"

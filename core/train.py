@@ -8,6 +8,7 @@ here knows about Streamlit, and nothing here writes a run's status (core/runs.py
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,9 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Stopped, channel_stats
+from . import distributed
 from .device import autocast, autocast_dtype, describe_device, select_device, set_cpu_threads
+from .distributed import SINGLE, Ranks
 from .evaluate import evaluate_run
 from .inference import forward_probs
 from .model import build_model
@@ -43,9 +46,11 @@ class Trainer:
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    gen: torch.Generator
+    gen: torch.Generator     # the shuffling order: the same on every rank
     augment: object
     steps_per_epoch: int
+    ranks: Ranks = SINGLE
+    train_model: nn.Module | None = None  # what the steps call: `model`, or DDP around it on several devices
     micro_batches: int = 1   # >1 after a CUDA out-of-memory: the batch is split, gradients accumulated
     oom_retries: int = 0
 
@@ -62,15 +67,22 @@ class Progress:
         return len(self.history) + 1
 
 
-def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool = False) -> dict:
+def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool = False,
+        ranks: Ranks = SINGLE) -> dict:
     """Train a prepared run to its config's last epoch (or until stopped / early-stopped), then evaluate it.
+    On several devices (`ranks`, core/distributed.py) every rank calls this; rank 0 alone writes.
 
     Returns {"status": "done"|"stopped", ...}. Raises TrainingError (and other exceptions) on failure;
     the caller (core/runs.py's execute) records the failure."""
     reporter = reporter or Reporter()
     cfg = run.config()
-    t = build_trainer(ws, run, cfg, reporter)
+    try:
+        t = build_trainer(ws, run, cfg, reporter, ranks)
+    except Stopped:  # while decoding the images
+        reporter.log("stopped by request before the first epoch")
+        return {"status": "stopped", "epochs_done": 0, "best_val_acc": None, "history": []}
     progress = restore(run, t, reporter) if resume else Progress()
+    main = ranks.main
     status = "done"
     try:
         for epoch in range(progress.next_epoch, cfg.epochs + 1):
@@ -79,12 +91,13 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
             train_m = train_one_epoch(t, epoch, reporter)
             reporter.stage("validating")
             row = {"epoch": epoch, **train_m, **validate(t, "val", reporter), "seconds": time.perf_counter() - t0}
-            improved = update_progress(progress, row, cfg)
-            run.write_history(progress.history)  # before the checkpoints: see restore()
-            save_checkpoints(run, t, progress, row, improved)
-            record(ws, run.id, epochs_done=epoch, best_val_acc=progress.best["val_acc"])
-            reporter.epoch_end(row)
-            reporter.log(epoch_line(row, cfg.epochs, improved))
+            improved = update_progress(progress, row, cfg)  # every rank decides alike: same metrics everywhere
+            if main:
+                run.write_history(progress.history)  # before the checkpoints: see restore()
+                save_checkpoints(run, t, progress, row, improved)
+                record(ws, run.id, epochs_done=epoch, best_val_acc=progress.best["val_acc"])
+                reporter.epoch_end(row)
+                reporter.log(epoch_line(row, cfg.epochs, improved))
             if cfg.early_stop_patience and progress.stale >= cfg.early_stop_patience and epoch < cfg.epochs:
                 reporter.log(f"early stopping: no improvement of {cfg.early_stop_metric} for {progress.stale} epochs")
                 break
@@ -95,7 +108,7 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
         raise TrainingError(f"{exc}. The previous checkpoint is unchanged.") from None
     result = {"status": status, "epochs_done": len(progress.history), "best_val_acc": progress.best["val_acc"],
               "history": progress.history}
-    if run.best_path.exists():
+    if main and run.best_path.exists():
         reporter.stage("evaluating")
         evaluation = evaluate_run(ws, run, data=t.data, device=t.device)
         result["test_acc"] = evaluation["accuracy"]
@@ -108,14 +121,19 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
 # Building and restoring
 
 
-def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter) -> Trainer:
-    torch.manual_seed(cfg.seed)
+def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter, ranks: Ranks = SINGLE) -> Trainer:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     np.random.seed(cfg.seed % 2**32)
-    device = select_device(cfg.device)
-    set_cpu_threads(device, cfg.num_threads)
+    device = distributed.start(ranks, cfg.device) if ranks.distributed else select_device(cfg.device)
+    # Ranks on one machine share its cores.
+    set_cpu_threads(device, cfg.num_threads or max(1, (os.cpu_count() or 1) // ranks.local_world))
     amp = autocast_dtype(device, cfg.amp)
-    reporter.log(f"device {describe_device(device)}; precision {amp or 'fp32'}; channels_last {cfg.channels_last}")
-    data = load_run_data(ws, run, cfg.input_hw, device, reporter)
+    reporter.log(f"device {describe_device(device)}; precision {amp or 'fp32'}; channels_last {cfg.channels_last}"
+                 + (f"; {ranks.world} processes, {cfg.batch_size} images per step split across them, batch norm "
+                    f"{cfg.batch_norm}" if ranks.distributed else ""))
+    # Decoded once into the workspace's disk cache and memory-mapped: shared by the ranks of a machine and by the
+    # next training process on the same images.
+    data = load_run_data(ws, run, cfg.input_hw, device, reporter, shared=True)
     if data.skipped:
         reporter.log(f"{len(data.skipped)} images could not be decoded and are left out:")
         for path, reason in data.skipped:
@@ -130,12 +148,14 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     weight = _class_weights(data).to(device) if cfg.class_weights else None
+    train_model = distributed.wrap(model, ranks, device, cfg.batch_norm)
     return Trainer(cfg=cfg, device=device, amp=amp, data=data, normalizer=Normalizer(list(mean), list(std)),
                    model=model, criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
                    optimizer=build_optimizer(cfg, model),
                    scaler=torch.amp.GradScaler(device.type, enabled=(amp == torch.float16)),
                    gen=torch.Generator().manual_seed(cfg.seed), augment=build_train_augment(AugmentSpec.from_config(cfg)),
-                   steps_per_epoch=epoch_batches(len(data.parts["train"]), cfg.batch_size))
+                   steps_per_epoch=epoch_batches(len(data.parts["train"]), cfg.batch_size), ranks=ranks,
+                   train_model=train_model)
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -181,34 +201,45 @@ def restore(run: Run, t: Trainer, reporter: Reporter) -> Progress:
 
 
 def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
-    t.model.train()
-    if t.cfg.freeze_backbone:  # feature extraction: the frozen backbone keeps its BatchNorm statistics
+    model = t.train_model or t.model
+    model.train()
+    if t.cfg.freeze_backbone or t.cfg.batch_norm == "frozen":  # the running statistics stay as they are
         for m in t.model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     train_idx = t.data.parts["train"]
-    order = train_idx[torch.randperm(len(train_idx), generator=t.gen).numpy()]
+    order = train_idx[torch.randperm(len(train_idx), generator=t.gen).numpy()]  # the same order on every rank
+    # Augmentation draws differ per rank and are a pure function of (seed, epoch, rank): nothing to restore.
+    aug_gen = torch.Generator().manual_seed(t.cfg.seed * 1_000_003 + epoch * 1009 + t.ranks.rank)
     bs = t.cfg.batch_size
     batches = [order[i * bs:(i + 1) * bs] for i in range(t.steps_per_epoch)]  # a last batch of one is left out
     lr_first = lr_at(t.cfg, (epoch - 1) * t.steps_per_epoch, t.steps_per_epoch)[0]
     hw = train_hw_at(t.cfg, epoch)  # smaller than the full size in early epochs with progressive resizing
     total_loss, correct, seen = 0.0, 0, 0
+    stop, several = False, t.ranks.distributed
     t0 = time.perf_counter()
-    for b, idx in enumerate(batches):
-        if reporter.should_stop():
+    for b, global_idx in enumerate(batches):
+        if stop or (not several and reporter.should_stop()):
             raise Stopped()
         apply_lr(t.optimizer, *lr_at(t.cfg, (epoch - 1) * t.steps_per_epoch + b, t.steps_per_epoch))
+        idx = distributed.shard(global_idx, t.ranks)
         x_u8, y = t.data.batch(idx, t.device)
-        x = t.normalizer.normalize(t.augment(to_unit(x_u8), t.gen))
+        x = t.normalizer.normalize(t.augment(to_unit(x_u8), aug_gen))
         if x.shape[-2:] != hw:
             x = nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
-        loss_sum, n_correct = _step_with_oom_retry(t, x, y, reporter)
+        loss_sum, n_correct = _step_with_oom_retry(t, model, x, y, distributed.loss_weight(len(idx), len(global_idx),
+                                                                                        t.ranks), reporter)
+        # One small all-reduce per step on several devices: the batch's loss and hits, and whether any rank was
+        # asked to stop (so that all stop after the same batch).
+        loss_sum, n_correct, stops = distributed.sum_across(
+            [loss_sum, n_correct, float(several and reporter.should_stop())], t.ranks)
+        stop = stops > 0
         if not math.isfinite(loss_sum):
             raise TrainingError(f"training diverged: the loss became {loss_sum} at epoch {epoch}, batch {b + 1}. "
                                 "No checkpoint was written for it; lower the learning rate and try again.")
         total_loss += loss_sum
-        correct += n_correct
-        seen += len(idx)
+        correct += int(n_correct)
+        seen += len(global_idx)
         reporter.batch(epoch, b + 1, len(batches), seen / max(time.perf_counter() - t0, 1e-9))
     seconds = time.perf_counter() - t0
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr_first,
@@ -216,11 +247,11 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
             "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
 
 
-def _step_with_oom_retry(t: Trainer, x, y, reporter: Reporter) -> tuple[float, int]:
+def _step_with_oom_retry(t: Trainer, model, x, y, weight: float, reporter: Reporter) -> tuple[float, int]:
     """One step; after a CUDA out-of-memory the batch is split in 2, 4, ... parts (same effective batch)."""
     while True:
         try:
-            return train_step(t.model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches)
+            return train_step(model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches, weight)
         except torch.OutOfMemoryError:
             t.optimizer.zero_grad(set_to_none=True)
             if t.device.type == "cuda":
@@ -233,7 +264,9 @@ def _step_with_oom_retry(t: Trainer, x, y, reporter: Reporter) -> tuple[float, i
             reporter.log(f"out of memory: batch now processed in {t.micro_batches} parts (same effective batch size)")
 
 
-def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int) -> tuple[float, int]:
+def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int, weight: float = 1.0) -> tuple[float, int]:
+    """One optimizer step on a batch (in `parts` micro-batches). Returns the summed loss and the hits.
+    `weight`: this device's share of the step on several devices (distributed.loss_weight)."""
     optimizer.zero_grad(set_to_none=True)
     loss_total, correct = 0.0, 0
     n = len(y)
@@ -241,7 +274,7 @@ def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int) -> tu
         with autocast(x.device, amp):
             logits = model(xs)
             loss = criterion(logits.float(), ys)
-        scaler.scale(loss * (len(ys) / n)).backward()
+        scaler.scale(loss * (weight * len(ys) / n)).backward()
         loss_total += loss.item() * len(ys)
         correct += (logits.argmax(1) == ys).sum().item()
     scaler.step(optimizer)
@@ -250,12 +283,18 @@ def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int) -> tu
 
 
 def validate(t: Trainer, part: str, reporter: Reporter) -> dict:
-    """Loss and accuracy on a split part, through the one inference path (without TTA: it is for the test)."""
+    """Loss and accuracy on a split part, through the one inference path (without TTA: it is for the test).
+    On several devices each rank scores its share with rank 0's weights and statistics, and all get all scores."""
     idx = t.data.parts[part]
-    probs = torch.cat([forward_probs(t.model, x, t.normalizer, t.amp).cpu()
-                       for x in t.data.batches(idx, max(t.cfg.batch_size, 64), t.device, _stop_check(reporter))])
+    distributed.sync_buffers(t.model, t.ranks)
+    mine = distributed.shard(idx, t.ranks)
+    # A stop inside validation is seen by one process at a time; on several devices it waits for the next batch.
+    check = None if t.ranks.distributed else _stop_check(reporter)
+    probs = [forward_probs(t.model, x, t.normalizer, t.amp).cpu()
+             for x in t.data.batches(mine, max(t.cfg.batch_size, 64), t.device, check)]
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, len(t.data.classes)), dtype=np.float32)
+    p = distributed.gather_rows(p, t.ranks).astype(np.float64)  # in rank order: the order of idx
     y = t.data.labels[idx]
-    p = probs.numpy().astype(np.float64)
     p_true = np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)
     return {f"{part}_loss": float(-np.log(p_true).mean()), f"{part}_acc": float((p.argmax(1) == y).mean())}
 

@@ -3,7 +3,7 @@ import uuid
 import streamlit as st
 
 from core import runs
-from core.config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
+from core.config import ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
 from core.data import DatasetError
 from core.estimate import estimate_run
 from core.labels import LabelStore
@@ -156,6 +156,14 @@ with st.container(border=True):
                   help="Early epochs train on images shrunk to this fraction of the size, growing to the full size by "
                        "3/4 of the epochs; validation and test always use the full size. 1.0: off.")
         a3.selectbox("Mixed precision", ["auto", "bf16", "fp16", "off"], key="cfg_amp")
+        a3.number_input("Devices", 1, 64, key="cfg_devices",
+                        help="Processes training together: one per GPU (on a CPU, each gets a share of the cores). "
+                             "Each batch is split across them, so batch size, learning rate and schedule mean the "
+                             "same as on one device, and N GPUs take the same steps up to N times as fast. On a CPU, "
+                             "one process using every core is usually as fast (bench/ddp_scaling.py).")
+        a3.selectbox("Batch norm across devices", BATCH_NORMS, key="cfg_batch_norm",
+                     help="auto: statistics over the whole batch on GPUs (SyncBatchNorm), each device's own share on "
+                          "CPUs; frozen: running statistics kept as they are (small batches per device).")
     queue_ok = st.checkbox("Queue after the running job if one is running", key="queue_ok")
     b1, b2 = st.columns([1, 5])
     start = b1.button("Start training", type="primary")

@@ -239,11 +239,11 @@ def test_out_of_memory_halves_the_batch_then_fails_clearly(dot_folder, workspace
     real_step = train_mod.train_step
     calls = {"n": 0}
 
-    def flaky(model, criterion, optimizer, scaler, x, y, amp, parts):
+    def flaky(model, criterion, optimizer, scaler, x, y, amp, parts, weight=1.0):
         calls["n"] += 1
         if parts < 2:
             raise torch.OutOfMemoryError("simulated CUDA out of memory")
-        return real_step(model, criterion, optimizer, scaler, x, y, amp, parts)
+        return real_step(model, criterion, optimizer, scaler, x, y, amp, parts, weight)
 
     class Logs(train_mod.Reporter):
         lines = []
@@ -275,11 +275,13 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(dot_folder, workspac
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(ckpt.torch, "save", save)
-    jm = JobManager(workspace)
-    run_id = jm.submit(tiny_config(dot_folder, epochs=3))
-    snap = jm.wait(run_id, timeout=120)
-    assert snap.status == "failed" and "No space left on device" in snap.error
-    assert "previous checkpoint is unchanged" in snap.error
+    # What a job's training process does (core/worker.py), in this process so that torch.save is the patched one.
+    from core.worker import run_job
+    run_id = prepare_run(workspace, tiny_config(dot_folder, epochs=3)).id
+    run_job(workspace, run_id)
+    row = workspace.run_row(run_id)
+    assert row["status"] == "failed" and "No space left on device" in row["error"]
+    assert "previous checkpoint is unchanged" in row["error"]
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     model, meta = model_from_checkpoint(workspace.run(run_id).best_path)
     assert meta["epoch"] == 1

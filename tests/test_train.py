@@ -200,19 +200,15 @@ def test_job_stop_is_honoured_and_queue_runs_one_at_a_time(dot_folder, workspace
     assert jm.wait(second, timeout=120).status == "done"
 
 
-def test_failing_job_reports_its_error_and_the_worker_lives_on(dot_folder, workspace, monkeypatch):
+def test_failing_job_reports_its_error_and_the_worker_lives_on(dot_folder, workspace, tmp_path):
     jm = JobManager(workspace)
-    import core.train as train_mod
-    real = train_mod.build_model
-
-    def broken(*a, **kw):
-        raise RuntimeError("simulated crash in model building")
-    monkeypatch.setattr(train_mod, "build_model", broken)
-    bad = jm.submit(tiny_config(dot_folder, epochs=1))
+    # A weights file that exists (prepare_run accepts it) but holds no state_dict: the training process fails
+    # while building the model, and says why.
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    bad = jm.submit(tiny_config(dot_folder, epochs=1, weights=str(tmp_path / "broken.pth")))
     snap = jm.wait(bad, timeout=60)
-    assert snap.status == "failed" and "simulated crash" in snap.error
+    assert snap.status == "failed" and "broken.pth" in snap.error
     assert workspace.run_row(bad)["status"] == "failed"
-    monkeypatch.setattr(train_mod, "build_model", real)
     good = jm.submit(tiny_config(dot_folder, epochs=1))
     assert jm.wait(good, timeout=60).status == "done"
 
