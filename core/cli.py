@@ -243,8 +243,10 @@ def _train_as_rank(args) -> int:
 
 def cmd_job(args) -> int:
     """Work a queued run: the studio's training process, a multi-device launcher, or one rank (core/worker.py)."""
-    from .worker import run_job
+    from .worker import run_job, stop_with_parent
     ws = Workspace(args.workspace)
+    if args.with_parent:
+        stop_with_parent(ws.run(args.run))
     result = _recorded(run_job)(ws, args.run, args.resume, sys.stderr)
     return 1 if result.get("status") == "failed" else 0
 
@@ -458,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "and what each rank of a multi-device run runs")
     p.add_argument("run")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--with-parent", action="store_true",
+                   help="stop the run (as Stop does) when the process that started this one ends (the studio)")
     p = add("evaluate", cmd_evaluate, "evaluate a run's best checkpoint on its test split")
     p.add_argument("run")
     p.add_argument("--json", action="store_true")

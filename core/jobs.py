@@ -257,6 +257,10 @@ class JobManager:
         snaps = [j.snapshot() for j in jobs]
         running = [s for s in snaps if s.status in ("running", "stopping")]
         queued = [s for s in snaps if s.status == "queued"]
+        if not running:  # a run another process trains on this workspace (the CLI, an earlier studio)
+            mine = {j.run.id for j in jobs}
+            running = [self.snapshot(r["id"]) for r in self.ws.list_runs()
+                       if r["status"] in ("running", "stopping") and r["id"] not in mine and pid_alive(r["pid"])][:1]
         return (running or queued or [None])[0]
 
     def queued(self) -> list[str]:

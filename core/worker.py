@@ -244,9 +244,26 @@ def job_history(run: Run, resume: bool) -> list:
 # In the studio: starting and watching the training process
 
 
-def job_command(run_id: str, resume: bool, workspace: Path) -> list[str]:
+def job_command(run_id: str, resume: bool, workspace: Path, with_parent: bool = False) -> list[str]:
     return [sys.executable, "-m", "core", "--workspace", str(workspace), "job", run_id] + (
-        ["--resume"] if resume else [])
+        ["--resume"] if resume else []) + (["--with-parent"] if with_parent else [])
+
+
+def stop_with_parent(run: Run, grace_s: float = 60.0, interval_s: float = 1.0) -> None:
+    """A job's training process ends with the studio that started it: when its parent is gone (the studio quit
+    or was killed) it stops as if Stop was pressed (the run ends "stopped", best checkpoint kept and evaluated,
+    resumable), and is killed if that takes longer than `grace_s`."""
+    import threading
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        request_stop(run)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def child_env() -> dict:
@@ -263,7 +280,7 @@ def start_process(ws: Workspace, run: Run, resume: bool) -> subprocess.Popen:
     its output appended to the run's process.log."""
     out = open(run.dir / "process.log", "ab")
     try:
-        return subprocess.Popen(job_command(run.id, resume, ws.root), env=child_env(), stdout=out,
+        return subprocess.Popen(job_command(run.id, resume, ws.root, with_parent=True), env=child_env(), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         out.close()

@@ -178,3 +178,25 @@ def test_a_training_process_killed_fails_its_run_and_the_studio_serves_on(data, 
     next_id = jm.submit(tiny_config(data, epochs=1))
     assert jm.wait(next_id, timeout=120).status == "done"
     assert not processes_of(rid)
+
+
+def test_a_training_process_stops_when_the_studio_that_started_it_is_gone(data, tmp_path):
+    """A studio killed (or quit) while training: its training process does not train on unseen; it stops as if
+    Stop was pressed, so that the run is kept and can be resumed."""
+    ws = Workspace(tmp_path / "ws")
+    run = prepare_run(ws, tiny_config(data, epochs=300))
+    studio = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from core import worker; from core.storage import Workspace; "
+        f"ws = Workspace({str(ws.root)!r}); worker.start_process(ws, ws.run({run.id!r}), False); time.sleep(600)")],
+        cwd=ROOT, env=worker.child_env())
+    try:
+        wait_for(lambda: run.best_path.exists(), 120, "a first epoch")
+        # Another studio on the same workspace sees the run as the active job (trained by a process not its own).
+        other = JobManager(ws).active()
+        assert other is not None and other.run_id == run.id and other.status == "running"
+    finally:
+        studio.kill()
+        studio.wait()
+    wait_for(lambda: ws.run_row(run.id)["status"] == "stopped", 90, "the run to stop")
+    assert "stopped by request" in run.log_path.read_text()
+    wait_for(lambda: not processes_of(run.id), 30, "the training process to exit")
