@@ -110,6 +110,7 @@ class Job:
                 runs.transition(self.ws, self.run.id, "stopped")
                 return
             (self.run.dir / worker.PROGRESS_FILE).unlink(missing_ok=True)
+            worker.clear_stop(self.run)  # a request left by a process that died before serving it
             try:
                 self.process = worker.start_process(self.ws, self.run, self.resume)
             except OSError as exc:

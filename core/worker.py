@@ -207,13 +207,14 @@ class _RankReporter(Reporter):
 
 def _as_launcher(ws: Workspace, run: Run, resume: bool, devices: int) -> dict:
     from . import distributed
+    from .errors import UserError
     cfg = run.config()
     try:
         distributed.check_devices(devices, cfg.device)
         args = ["--workspace", str(ws.root), "job", run.id] + (["--resume"] if resume else [])
         os.environ[LAUNCHED_RUN] = run.id  # the ranks inherit it
         distributed.launch_local(devices, args, job_id=run.id)
-    except distributed.UserError as exc:  # RankFailure, or too few GPUs
+    except UserError as exc:  # distributed.RankFailure, or too few GPUs
         row = ws.run_row(run.id) or {}
         if row.get("status") in ACTIVE:
             try:

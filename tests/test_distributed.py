@@ -124,12 +124,18 @@ def test_two_processes_step_like_one_process_with_the_whole_batch(data, tmp_path
     assert diff < 1e-4
 
 
-def test_stop_reaches_every_rank(data, tmp_path):
+def two_process_job(data, tmp_path):
+    """A long 2-process job through the studio's job manager, once its first epoch is checkpointed."""
     ws = Workspace(tmp_path / "ws")
     jm = JobManager(ws)
     rid = jm.submit(tiny_config(data, epochs=300, devices=2, batch_size=8))
     run = ws.run(rid)
-    wait_for(lambda: run.best_path.exists(), 180, "a first epoch")
+    wait_for(lambda: ws.run_row(rid)["epochs_done"] >= 1, 180, "a first epoch")  # recorded after its checkpoints
+    return ws, jm, rid, run
+
+
+def test_stop_reaches_every_rank(data, tmp_path):
+    ws, jm, rid, run = two_process_job(data, tmp_path)
     assert len(processes_of(rid)) >= 3  # the launcher and two ranks
     assert jm.stop(rid)
     snap = jm.wait(rid, timeout=120)
@@ -143,11 +149,7 @@ def test_stop_reaches_every_rank(data, tmp_path):
 
 
 def test_a_rank_killed_fails_the_run_naming_it_and_resume_works(data, tmp_path):
-    ws = Workspace(tmp_path / "ws")
-    jm = JobManager(ws)
-    rid = jm.submit(tiny_config(data, epochs=300, devices=2, batch_size=8))
-    run = ws.run(rid)
-    wait_for(lambda: run.best_path.exists(), 180, "a first epoch")
+    ws, jm, rid, run = two_process_job(data, tmp_path)
     os.kill(wait_for(lambda: rank_pid(rid, 1), 30, "rank 1"), signal.SIGKILL)
     snap = jm.wait(rid, timeout=120)
     assert snap.status == "failed"
