@@ -80,6 +80,13 @@ def start(ranks: Ranks, device_pref: str = "auto") -> torch.device:
     return device
 
 
+def barrier() -> None:
+    """All ranks meet here (after a successful training only: a rank that failed never reaches it). A rank
+    tearing its connections down while another still uses them was seen to abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def stop() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -179,7 +179,9 @@ def _as_rank(ws: Workspace, run: Run, resume: bool, ranks, echo) -> dict:
     cfg = run.config()
     if not ranks.main:
         try:
-            return fit(ws, run, reporter=_RankReporter(run), resume=resume, ranks=ranks)
+            result = fit(ws, run, reporter=_RankReporter(run), resume=resume, ranks=ranks)
+            distributed.barrier()  # wait for rank 0's evaluation: ranks leave the process group together
+            return result
         finally:
             distributed.stop()
     reporter = RunReporter(run, cfg.epochs, job_history(run, resume), echo=echo)
@@ -187,8 +189,11 @@ def _as_rank(ws: Workspace, run: Run, resume: bool, ranks, echo) -> dict:
     # the launcher records the first rank to fail and why. Under a bare torchrun, rank 0 records what it saw.
     launched = os.environ.get(LAUNCHED_RUN) == run.id
     try:
-        return runs.execute(ws, run.id, lambda: fit(ws, run, reporter=reporter, resume=resume, ranks=ranks),
-                            reporter, record_failure=not launched)
+        result = runs.execute(ws, run.id, lambda: fit(ws, run, reporter=reporter, resume=resume, ranks=ranks),
+                              reporter, record_failure=not launched)
+        if result.get("status") != "failed":
+            distributed.barrier()
+        return result
     finally:
         reporter.close()
         distributed.stop()
