@@ -18,6 +18,7 @@ from .config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainCon
 from .errors import UserError
 from .runs import Reporter
 from .storage import Workspace
+from .worker import launched_by_torchrun, stop_requested
 
 USER_ERRORS = (UserError, KeyError, FileNotFoundError, OSError, ValueError)
 EXPORT_FORMATS = ("onnx", "torchscript")  # core/export.py's FORMATS, named here without importing torch
@@ -53,7 +54,6 @@ class ProgressBar(Reporter):
 
     def should_stop(self) -> bool:
         """The studio's Stop reaches a run started here too (core/worker.py's stop request)."""
-        from .worker import stop_requested
         return self.run is not None and stop_requested(self.run)
 
     def batch(self, epoch: int, batch: int, batches: int, images_per_s: float) -> None:
@@ -134,10 +134,19 @@ def auto_from_args(ws: Workspace, args):
 
 def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, as_json: bool,
                          extra: dict | None = None) -> int:
-    """The run's life in this process (core/runs.py), the same as a studio job; prints the run id last."""
+    """The run's life in this process (core/runs.py), the same as a studio job; prints the run id last. On several
+    devices this process launches the ranks (core/worker.py) and waits; rank 0 prints its log lines here."""
     from .train import fit
+    from .worker import run_job
+    devices = run.config().devices
     try:
-        result = runs.execute(ws, run.id, lambda: fit(ws, run, reporter=bar, resume=resume), bar)
+        if devices > 1:
+            run_job(ws, run.id, resume)
+            row = ws.run_row(run.id)
+            result = {k: row[k] for k in ("status", "error", "epochs_done", "best_val_acc", "test_acc")}
+            extra = {"devices": devices, **(extra or {})}
+        else:
+            result = runs.execute(ws, run.id, lambda: fit(ws, run, reporter=bar, resume=resume), bar)
     except KeyboardInterrupt:
         print(f"stopped; continue with `python -m core resume {run.id}`. run id:", file=sys.stderr)
         print(run.id)
@@ -158,7 +167,6 @@ def _train_in_foreground(ws: Workspace, run, bar: "ProgressBar", resume: bool, a
 
 
 def cmd_train(args) -> int:
-    from .worker import launched_by_torchrun
     if launched_by_torchrun():
         return _train_as_rank(args)
     ws = Workspace(args.workspace)
@@ -185,28 +193,8 @@ def cmd_train(args) -> int:
                  + (f", {cfg.devices} devices" if cfg.devices > 1 else "")] + run.log_path.read_text().splitlines():
         bar.log(line.split(" ", 1)[-1] if line[:2].isdigit() else line)  # the log's lines without their time
     bar.run = run
-    extra = {"recipe": recipe.summary()} if recipe else None
-    if cfg.devices > 1:
-        return _train_on_devices(ws, run, resume=False, as_json=args.json, extra=extra)
-    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json, extra=extra)
-
-
-def _train_on_devices(ws: Workspace, run, resume: bool, as_json: bool, extra: dict | None = None) -> int:
-    """Several devices: this process launches the ranks (core/worker.py) and reports as _train_in_foreground."""
-    from .worker import run_job
-    result = run_job(ws, run.id, resume)
-    row = ws.run_row(run.id) or {}
-    status = row.get("status", result.get("status"))
-    if status == "failed":
-        print(f"error: {row.get('error') or result.get('error')}", file=sys.stderr)
-    if as_json:
-        print(json.dumps({"run_id": run.id, "status": status, "error": row.get("error"),
-                          "epochs_done": row.get("epochs_done"), "best_val_acc": row.get("best_val_acc"),
-                          "test_acc": row.get("test_acc"), "devices": run.config().devices,
-                          "skipped": runs.skipped_files(run.skipped()), **(extra or {})}))
-    else:
-        print(run.id)
-    return 1 if status == "failed" else 0
+    return _train_in_foreground(ws, run, bar, resume=False, as_json=args.json,
+                                extra={"recipe": recipe.summary()} if recipe else None)
 
 
 def _train_as_rank(args) -> int:
@@ -254,7 +242,6 @@ def cmd_job(args) -> int:
 def _recorded(fn):
     """Under torch.distributed.elastic, a rank's exception goes to the agent's error file, so that the launcher
     can say which rank failed and why."""
-    from .worker import launched_by_torchrun
     if not launched_by_torchrun():
         return fn
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -268,8 +255,6 @@ def cmd_resume(args) -> int:
     bar = ProgressBar(quiet=args.quiet)
     bar.log(run.log_path.read_text().splitlines()[-1].split(" ", 1)[-1])
     bar.run = run
-    if run.config().devices > 1:
-        return _train_on_devices(ws, run, resume=True, as_json=args.json)
     return _train_in_foreground(ws, run, bar, resume=True, as_json=args.json)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from contextlib import contextmanager
 import json
 import os
 import random
 import threading
 from collections import OrderedDict, defaultdict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -140,8 +140,7 @@ def sync_buffers(model: torch.nn.Module, ranks: Ranks) -> None:
     if not ranks.distributed:
         return
     for b in model.buffers():
-        if b.is_floating_point() or b.dtype in (torch.int64, torch.int32):
-            dist.broadcast(b.data, src=0)
+        dist.broadcast(b.data, src=0)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device, batch_norm: str) -> torch.nn.Module:
@@ -156,11 +155,6 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device, batch_norm:
             raise UserError("batch_norm=sync needs GPUs (PyTorch's SyncBatchNorm); use auto or frozen on CPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside a DDP wrapper (what checkpoints and validation use)."""
-    return getattr(model, "module", model)
 
 
 def watch_parent(interval_s: float = 1.0) -> None:
@@ -191,23 +185,18 @@ def check_devices(devices: int, device_pref: str = "auto") -> None:
 # Launching N processes on this machine (what `torchrun --standalone --nproc_per_node N` does)
 
 
-def launch_local(nproc: int, args: list[str], job_id: str, log_dir: str | None = None) -> None:
+def launch_local(nproc: int, args: list[str], job_id: str) -> None:
     """Run `python -m core <args>` as `nproc` ranks on this machine through torch.distributed.elastic, with no
     restarts. Returns when all ranks exited 0; raises RankFailure naming the first rank that failed and why."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=job_id,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5, start_method="spawn", logs_specs=_logs_specs(log_dir))
+                          monitor_interval=0.5, start_method="spawn")
     try:
         elastic_launch(config, sys.executable)("-m", "core", *args)
     except ChildFailedError as exc:
         raise RankFailure(rank_failure_message(exc)) from None
-
-
-def _logs_specs(log_dir: str | None):
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    return DefaultLogsSpecs(log_dir=log_dir)
 
 
 def rank_failure_message(exc) -> str:

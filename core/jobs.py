@@ -9,9 +9,8 @@ Importing this module does not import torch, and the studio never needs to for t
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import runs, worker
 from .config import TrainConfig

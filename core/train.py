@@ -49,8 +49,8 @@ class Trainer:
     gen: torch.Generator     # the shuffling order: the same on every rank
     augment: object
     steps_per_epoch: int
+    train_model: nn.Module   # what the steps call: `model`, or DDP around it on several devices
     ranks: Ranks = SINGLE
-    train_model: nn.Module | None = None  # what the steps call: `model`, or DDP around it on several devices
     micro_batches: int = 1   # >1 after a CUDA out-of-memory: the batch is split, gradients accumulated
     oom_retries: int = 0
 
@@ -201,8 +201,7 @@ def restore(run: Run, t: Trainer, reporter: Reporter) -> Progress:
 
 
 def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
-    model = t.train_model or t.model
-    model.train()
+    t.train_model.train()
     if t.cfg.freeze_backbone or t.cfg.batch_norm == "frozen":  # the running statistics stay as they are
         for m in t.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -227,8 +226,8 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
         x = t.normalizer.normalize(t.augment(to_unit(x_u8), aug_gen))
         if x.shape[-2:] != hw:
             x = nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
-        loss_sum, n_correct = _step_with_oom_retry(t, model, x, y, distributed.loss_weight(len(idx), len(global_idx),
-                                                                                        t.ranks), reporter)
+        loss_sum, n_correct = _step_with_oom_retry(t, x, y, distributed.loss_weight(len(idx), len(global_idx), t.ranks),
+                                                   reporter)
         # One small all-reduce per step on several devices: the batch's loss and hits, and whether any rank was
         # asked to stop (so that all stop after the same batch).
         loss_sum, n_correct, stops = distributed.sum_across(
@@ -247,11 +246,11 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
             "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
 
 
-def _step_with_oom_retry(t: Trainer, model, x, y, weight: float, reporter: Reporter) -> tuple[float, int]:
+def _step_with_oom_retry(t: Trainer, x, y, weight: float, reporter: Reporter) -> tuple[float, int]:
     """One step; after a CUDA out-of-memory the batch is split in 2, 4, ... parts (same effective batch)."""
     while True:
         try:
-            return train_step(model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches, weight)
+            return train_step(t.train_model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches, weight)
         except torch.OutOfMemoryError:
             t.optimizer.zero_grad(set_to_none=True)
             if t.device.type == "cuda":

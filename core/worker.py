@@ -134,7 +134,7 @@ class RunReporter(Reporter):
         self._write(force=True)
 
 
-def work_run(ws: Workspace, run_id: str, resume: bool, reporter: Reporter, ranks=None) -> dict:
+def work_run(ws: Workspace, run_id: str, resume: bool, reporter: Reporter, ranks) -> dict:
     """Train a queued run according to its kind (a training, a cross-validation, a learning curve)."""
     run = ws.run(run_id)
     cfg = run.config()
@@ -145,9 +145,8 @@ def work_run(ws: Workspace, run_id: str, resume: bool, reporter: Reporter, ranks
     if kind == "learning_curve":
         from .learning_curve import learning_curve
         return learning_curve(ws, run, reporter)
-    from .distributed import SINGLE
     from .train import fit
-    return fit(ws, run, reporter=reporter, resume=resume, ranks=ranks or SINGLE)
+    return fit(ws, run, reporter=reporter, resume=resume, ranks=ranks)
 
 
 def run_job(ws: Workspace, run_id: str, resume: bool = False, echo=None) -> dict:
@@ -158,44 +157,29 @@ def run_job(ws: Workspace, run_id: str, resume: bool = False, echo=None) -> dict
       the run with the rank and the reason;
     - a rank (started by torchrun or by a launcher): train its share; rank 0 owns the run's life.
     Returns {"status", ...}."""
-    from .distributed import Ranks
+    from . import distributed
     run = ws.run(run_id)
     cfg = run.config()
-    ranks = Ranks.from_env()
-    if ranks.distributed:
-        return _as_rank(ws, run, resume, ranks, echo)
+    ranks = distributed.Ranks.from_env()
     if cfg.devices > 1 and cfg.extra.get("kind", "train") not in SINGLE_DEVICE_KINDS and not launched_by_torchrun():
         return _as_launcher(ws, run, resume, cfg.devices)
-    reporter = RunReporter(run, job_epochs(cfg), job_history(run, resume), echo=echo)
-    try:
-        return runs.execute(ws, run.id, lambda: work_run(ws, run.id, resume, reporter), reporter)
-    finally:
-        reporter.close()
+    reporter = RunReporter(run, job_epochs(cfg), job_history(run, resume), echo=echo) if ranks.main else \
+        _RankReporter(run)
+    # Under our launcher, a failure of rank 0 may only echo another rank's (a peer that died closes the
+    # connection): the launcher records the first rank to fail and why. Alone, or under a bare torchrun, rank 0
+    # records what it saw. Other ranks never write the run's status.
+    launched = ranks.distributed and os.environ.get(LAUNCHED_RUN) == run.id
+    def work():
+        return work_run(ws, run.id, resume, reporter, ranks)
 
-
-def _as_rank(ws: Workspace, run: Run, resume: bool, ranks, echo) -> dict:
-    from . import distributed
-    from .train import fit
-    cfg = run.config()
-    if not ranks.main:
-        try:
-            result = fit(ws, run, reporter=_RankReporter(run), resume=resume, ranks=ranks)
-            distributed.barrier()  # wait for rank 0's evaluation: ranks leave the process group together
-            return result
-        finally:
-            distributed.stop()
-    reporter = RunReporter(run, cfg.epochs, job_history(run, resume), echo=echo)
-    # Under our launcher, a failure here may only echo another rank's (a peer that died closes the connection):
-    # the launcher records the first rank to fail and why. Under a bare torchrun, rank 0 records what it saw.
-    launched = os.environ.get(LAUNCHED_RUN) == run.id
     try:
-        result = runs.execute(ws, run.id, lambda: fit(ws, run, reporter=reporter, resume=resume, ranks=ranks),
-                              reporter, record_failure=not launched)
+        result = runs.execute(ws, run.id, work, reporter, record_failure=not launched) if ranks.main else work()
         if result.get("status") != "failed":
-            distributed.barrier()
+            distributed.barrier()  # several devices: wait for rank 0's evaluation, leave the process group together
         return result
     finally:
-        reporter.close()
+        if ranks.main:
+            reporter.close()
         distributed.stop()
 
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, tiny_config, write_class_folders
 from core import worker
