@@ -201,3 +201,15 @@ def test_a_training_process_stops_when_the_studio_that_started_it_is_gone(data, 
     wait_for(lambda: ws.run_row(run.id)["status"] == "stopped", 90, "the run to stop")
     assert "stopped by request" in run.log_path.read_text()
     wait_for(lambda: not processes_of(run.id), 30, "the training process to exit")
+
+
+def test_a_device_count_the_batch_cannot_be_split_into_is_a_one_line_error(data, tmp_path):
+    ws_root = tmp_path / "ws"
+    for flags, field in ((["--devices", "2", "--batch-size", "1"], "batch_size"), (["--devices", "0"], "devices")):
+        out = subprocess.run([sys.executable, "-m", "core", "--workspace", str(ws_root), "train", "--data", str(data),
+                              "--recipe", "classic", "--weights", "none", *flags], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env=worker.child_env())
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and field in lines[0], out.stderr
+    assert Workspace(ws_root).list_runs() == []  # nothing was created
