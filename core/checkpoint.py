@@ -42,9 +42,22 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a state_dict that hold NaN or infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def save_checkpoint(path: str | Path, model_state: dict, meta: dict, **training_state) -> None:
-    """Write atomically: the previous file at `path` stays intact if anything fails (disk full...)."""
+    """Write atomically: the previous file at `path` stays intact if anything fails (disk full...).
+    Weights holding NaN or infinity are refused (the loader refuses them too): a diverged model must not replace
+    the last good checkpoint."""
     path = Path(path)
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        raise CheckpointError(f"training diverged: {len(bad)} weight tensor(s) became NaN or infinite "
+                              f"(first: {bad[0]}); {path.name} was not written. Lower the learning rate, "
+                              "or turn off mixed precision (--amp off), and try again")
     payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model_state.items()},
                "meta": json.dumps(meta)}
     payload.update({k: v for k, v in training_state.items() if v is not None})

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_checkpoint, safe_torch_load
+from .checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, safe_torch_load
 from .config import TrainConfig
 from .errors import UserError
 
@@ -195,8 +195,8 @@ def model_from_checkpoint(path: str | Path):
         first = str(exc).splitlines()[0][:200]
         raise CheckpointError(
             f"weights do not fit a {cfg.arch} with {len(meta['classes'])} classes: {first}") from None
-    for t in state.values():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError("checkpoint holds NaN or infinite weights")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"checkpoint holds NaN or infinite weights (first: {bad[0]})")
     model.eval()
     return model, meta

@@ -288,12 +288,41 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(dot_folder, workspac
     assert not [p for p in workspace.run(run_id).dir.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_weights_gone_nan_fail_the_run_and_keep_the_last_good_checkpoint(dot_folder, workspace, monkeypatch):
+    import core.train as train_mod
+    # The loss of each step is checked, but the update after it can still turn weights into NaN (an overflow in
+    # the optimizer, a running variance gone infinite): such a model must never replace a good checkpoint.
+    real_step = train_mod.train_step
+    steps = {"n": 0}
+
+    def poisoning(model, *args, **kwargs):
+        out = real_step(model, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 6:  # epoch 2 (4 batches of 16 per epoch here)
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", poisoning)
+    from core.worker import run_job
+    run_id = prepare_run(workspace, tiny_config(dot_folder, epochs=3)).id
+    run_job(workspace, run_id)
+    row = workspace.run_row(run_id)
+    assert row["status"] == "failed"
+    assert "diverged" in row["error"] and "previous checkpoint is unchanged" in row["error"], row["error"]
+    run = workspace.run(run_id)
+    model, meta = model_from_checkpoint(run.best_path)
+    assert meta["epoch"] == 1
+    assert load_checkpoint(run.last_path)[1]["epoch"] == 1
+
+
 def test_killed_process_run_is_interrupted_then_resumes(tmp_path):
     data = write_class_folders(tmp_path / "d", per_class=30, size=32)
     ws_root = tmp_path / "ws"
     proc = subprocess.Popen([sys.executable, "-m", "core", "--workspace", str(ws_root), "train", "--data", str(data),
                              "--weights", "none", "--epochs", "200", "--batch-size", "8", "--image-size", "32",
-                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             # fp32 and a constant learning rate: this test is about the kill, not the recipe
+                             "--recipe", "classic", "--amp", "off", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     from core.storage import Workspace
     deadline = time.time() + 120
     run_dir = None
