@@ -14,9 +14,10 @@ import sys
 import time
 
 from . import runs
-from .config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig, parse_overrides
+from .config import ARCHS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError, TrainConfig, parse_overrides
 from .errors import UserError
 from .runs import Reporter
+from .similarity import DEFAULT_HASH_DISTANCE, DEFAULT_SIMILARITY
 from .storage import Workspace
 from .worker import launched_by_torchrun, stop_requested
 
@@ -89,6 +90,9 @@ CONFIG_FLAGS = [
     ("--normalization", "normalization", dict(choices=("imagenet", "dataset"))),
     ("--seed", "seed", dict(type=int)),
     ("--split-seed", "split_seed", dict(type=int)),
+    ("--split-groups", "split_groups", dict(choices=SPLIT_GROUPS,
+                                            help="duplicates: near-duplicate images go to one part together (no "
+                                                 "image is tested on its twin; see `core duplicates`)")),
     ("--device", "device", dict(choices=("auto", "cpu", "cuda", "mps"))),
     ("--amp", "amp", dict(choices=("auto", "bf16", "fp16", "off"))),
     ("--devices", "devices", dict(type=int, metavar="N",
@@ -348,6 +352,30 @@ def cmd_learning_curve(args) -> int:
     return 0
 
 
+def cmd_duplicates(args) -> int:
+    from .similarity import run_duplicates
+    ws = Workspace(args.workspace)
+    if ws.run_row(args.run) is None:
+        raise KeyError(f"no run {args.run!r} in {ws.root}")
+    by = tuple(args.by.split(","))
+    report = run_duplicates(ws, ws.run(args.run), by, args.hash_distance, args.similarity)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    spans = ", ".join(f"{n} {k}" for k, n in sorted(report["straddling_by_parts"].items())) or "none"
+    print(f"run {report['run_id']}: {report['n_groups']} near-duplicate groups ({report['n_images_in_groups']} of "
+          f"{report['n_images']} images) by {' and '.join(report['by'])}; {report['n_straddling']} straddle two "
+          f"parts of the split ({spans}); {report['n_labels_disagree']} disagree on the label")
+    for g in report["groups"]:
+        if g["straddles"] or g["labels_disagree"] or args.all:
+            flags = [w for w, on in (("LEAKS", g["straddles"]), ("LABELS DISAGREE", g["labels_disagree"])) if on]
+            print(f"- {' '.join(flags) or 'group'}: " + "; ".join(
+                f"{m['path']} ({m['label']}, {m['part']})" for m in g["members"]))
+    if report["n_straddling"]:
+        print("to split keeping groups together, train with --split-groups duplicates")
+    return 0
+
+
 def cmd_predict(args) -> int:
     if args.model:  # an exported ONNX file: no torch, no workspace
         from .portable import OnnxPredictor
@@ -467,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--epochs", type=int, help="epochs per fraction (default: the run's); fewer keeps it short")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true")
+    p = add("duplicates", cmd_duplicates, "near-duplicate images of a run (by perceptual hash, and by the model's "
+                                           "features) and the groups that straddle its train/val/test split")
+    p.add_argument("run")
+    p.add_argument("--by", default="hash", help="hash, features, or hash,features (features need the run's checkpoint)")
+    p.add_argument("--hash-distance", type=int, default=DEFAULT_HASH_DISTANCE,
+                   help=f"most differing bits of 64 for a near-duplicate (default {DEFAULT_HASH_DISTANCE})")
+    p.add_argument("--similarity", type=float, default=DEFAULT_SIMILARITY,
+                   help=f"least cosine similarity of features for a near-duplicate (default {DEFAULT_SIMILARITY})")
+    p.add_argument("--all", action="store_true", help="list every group, not only those that leak or disagree")
     p.add_argument("--json", action="store_true")
     p = add("predict", cmd_predict, "predict images with a run's best checkpoint (RUN_ID IMAGE...) or an exported "
                                      "ONNX file (--model FILE IMAGE...)")

@@ -18,6 +18,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("val_acc", "val_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BATCH_NORMS = ("auto", "sync", "local", "frozen")
+SPLIT_GROUPS = ("none", "duplicates")
 
 
 class ConfigError(UserError, ValueError):
@@ -38,6 +39,11 @@ class TrainConfig:
     val_fraction: float = 0.15       # carved out of the data when the source has no val split
     test_fraction: float = 0.15      # carved out when the source has no test split
     split_seed: int = 42             # the split is saved with the run, so this only matters for new runs
+    split_groups: str = "none"       # "duplicates": near-duplicate images (perceptual hash within
+                                     # duplicate_distance bits) go to one part together, so none is tested on its twin
+    duplicate_distance: int = 2      # most differing bits of 64-bit perceptual hashes (core/similarity.py). On
+                                     # ELPV (cells that all look alike) pairs within 2 bits are sister cells with
+                                     # one grain pattern; at 4 groups start to chain (23 cells in one), at 6 (363)
     normalization: str = "imagenet"  # "imagenet" mean/std, or "dataset": computed on the training split
     # --- augmentation (applied on batched tensors, train split only) ---
     hflip: bool = True               # seeds: RandomHorizontalFlip
@@ -122,6 +128,8 @@ class TrainConfig:
         need(self.val_fraction + self.test_fraction < 0.9, "test_fraction",
              "val and test together must leave at least 10% for training")
         need(self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}")
+        need(self.split_groups in SPLIT_GROUPS, "split_groups", f"must be one of {SPLIT_GROUPS}")
+        need(0 <= self.duplicate_distance <= 64, "duplicate_distance", "must be a number of bits from 0 to 64")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(self.weight_decay >= 0, "weight_decay", "must be 0 or more")

@@ -253,34 +253,18 @@ def load_dataset(source: str) -> Dataset:
     return _load_folder(path)
 
 
-def find_duplicates(ds: Dataset) -> list[list[str]]:
-    """Groups of byte-identical files (same size, then same SHA-1). Duplicates are kept as samples,
-    but one copy in train and one in test inflates the test score, so the studio warns about them."""
-    by_size: dict[int, list[str]] = defaultdict(list)
-    for s in ds.samples:
-        try:
-            by_size[os.path.getsize(s.path)].append(s.path)
-        except OSError:
-            continue
-    groups = []
-    for paths in by_size.values():
-        if len(paths) < 2:
-            continue
-        by_hash: dict[str, list[str]] = defaultdict(list)
-        for p in paths:
-            with open(p, "rb") as fh:
-                by_hash[hashlib.sha1(fh.read()).hexdigest()].append(p)
-        groups.extend(g for g in by_hash.values() if len(g) > 1)
-    return groups
-
-
 # ----------------------------------------------------------------------------------------------------
 # Split
 
 
-def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, seed: int,
+                     together: list[list[int]] | None = None) -> dict[str, list[int]]:
     """train/val/test sample indices. A split given by the layout is kept; missing parts are carved
-    out of train, stratified by class (and group), reproducible for a seed."""
+    out of train, stratified by class (and group), reproducible for a seed.
+
+    `together`: groups of sample indices (near-duplicates, one module's cells) that must land in one part: each
+    group is carved as a unit, stratified by its first member. Without groups every image is its own unit and
+    the split is the one this function always gave for the seed."""
     given = ds.given_splits
     pool = given.get("train", list(range(len(ds.samples)))) if given else list(range(len(ds.samples)))
     want = {}
@@ -290,9 +274,17 @@ def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, see
         want["test"] = test_fraction
     splits = {"train": [], "val": list(given.get("val", [])), "test": list(given.get("test", []))}
     rng = random.Random(seed)
-    strata: dict[tuple, list[int]] = defaultdict(list)
+    unit_of = {i: [i] for i in pool}
+    for g in together or []:
+        members = sorted({i for i in g if i in unit_of})
+        if len(members) > 1:
+            merged = sorted({j for i in members for j in unit_of[i]})
+            for j in merged:
+                unit_of[j] = merged
+    strata: dict[tuple, list[list[int]]] = defaultdict(list)
     for i in pool:
-        strata[(ds.samples[i].label, ds.samples[i].group)].append(i)
+        if unit_of[i][0] == i:  # a unit is listed once, under its first member
+            strata[(ds.samples[i].label, ds.samples[i].group)].append(unit_of[i])
     # A class needs one image in every split it is carved into, plus one for training.
     need = 1 + sum(1 for f in want.values() if f > 0)
     per_class = defaultdict(int)
@@ -303,16 +295,26 @@ def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, see
             raise DatasetError(f"class {ds.classes[label]!r} has only {n} image(s): at least {need} are "
                                "needed to split it into train/val/test. Add images or remove the class.")
     for key in sorted(strata):
-        idx = sorted(strata[key])
-        rng.shuffle(idx)
-        n = len(idx)
+        units = sorted(strata[key])
+        rng.shuffle(units)
+        n = sum(len(u) for u in units)
         start = 0
         for part, frac in want.items():
             k = int(round(n * frac))
             k = min(k, n - start - 1)  # always leave at least one for training
-            splits[part].extend(idx[start:start + k])
-            start += k
-        splits["train"].extend(idx[start:])
+            taken, rest = 0, []
+            # Whole units in shuffled order, each only if it brings the part nearer its share and leaves training
+            # one image (for single images: exactly the first k of them).
+            for u in units:
+                if taken < k and taken + len(u) / 2 <= k and n - start - taken - len(u) >= 1:
+                    splits[part].extend(u)
+                    taken += len(u)
+                else:
+                    rest.append(u)
+            units = rest
+            start += taken
+        for u in units:
+            splits["train"].extend(u)
     # Tiny strata can round to zero: make sure each class appears in each carved split.
     for part, frac in want.items():
         if frac <= 0:
@@ -321,19 +323,27 @@ def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, see
         for label in per_class:
             if label not in have:
                 candidates = [i for i in splits["train"] if ds.samples[i].label == label]
-                if len(candidates) > 1:
-                    moved = candidates[rng.randrange(len(candidates))]
-                    splits["train"].remove(moved)
-                    splits[part].append(moved)
+                in_train = len(candidates)
+                if in_train > 1:
+                    smallest = min(len(unit_of[i]) for i in candidates)  # move as few images as it takes
+                    candidates = [i for i in candidates if len(unit_of[i]) == smallest]
+                    unit = unit_of[candidates[rng.randrange(len(candidates))]]
+                    if in_train > sum(ds.samples[i].label == label for i in unit):  # one stays in train
+                        for i in unit:
+                            splits["train"].remove(i)
+                        splits[part].extend(unit)
     return {k: sorted(v) for k, v in splits.items()}
 
 
-def split_to_json(ds: Dataset, split: dict[str, list[int]]) -> dict:
-    return {
+def split_to_json(ds: Dataset, split: dict[str, list[int]], together: list[list[int]] | None = None) -> dict:
+    out = {
         "dataset": ds.name, "source": ds.source, "classes": ds.classes,
         **{part: [[ds.samples[i].path, ds.classes[ds.samples[i].label], ds.samples[i].group]
                   for i in idx] for part, idx in split.items()},
     }
+    if together is not None:  # the groups the split kept on one side, by path: the record of why
+        out["kept_together"] = [[ds.samples[i].path for i in g] for g in together]
+    return out
 
 
 def samples_from_split(split_json: dict, part: str) -> list[Sample]:

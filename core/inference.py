@@ -62,6 +62,20 @@ class Classifier:
         p = forward_probs(self.model, x_u8.to(self.device), self.normalizer, self.amp, self.tta)
         return calibrate(p.cpu().numpy().astype(np.float64), self.temperature)
 
+    @torch.inference_mode()
+    def features(self, x_u8: torch.Tensor) -> np.ndarray:
+        """N x F float32 penultimate-layer features (the input of the final layer, after pooling) of a uint8
+        batch, without TTA: what the model's decision is made from, for neighbours and near-duplicates."""
+        seen = []
+        hook = self.model.fc.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            x = self.normalizer(x_u8.to(self.device))
+            with autocast(x.device, self.amp):
+                self.model(x)
+        finally:
+            hook.remove()
+        return seen[0].float().cpu().numpy()
+
     def probs_of_batches(self, batches) -> np.ndarray:
         """Probabilities of uint8 batches (an iterable), concatenated in order."""
         out = [self.probs(x) for x in batches]

@@ -98,17 +98,23 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     ds = store.apply(load_dataset(cfg.data))  # the effective labels: folder labels overridden by the store
     if label_version is None:
         label_version = store.version(ds.source)
-    split = stratified_split(ds, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    together = None
+    if cfg.split_groups == "duplicates":
+        from .similarity import dataset_duplicate_groups
+        together = dataset_duplicate_groups(ds, cfg.duplicate_distance, ws.cache_dir)
+    split = stratified_split(ds, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, together)
     if cfg.batch_size > len(split["train"]):
         raise ConfigError("batch_size", f"batch size {cfg.batch_size} is larger than the training split "
                                         f"({len(split['train'])} images): lower it")
     run = ws.create_run(cfg, ds.name, run_id)
-    run.split_path.write_text(json.dumps(split_to_json(ds, split)))
+    run.split_path.write_text(json.dumps(split_to_json(ds, split, together)))
     run.write_skipped(ds.skipped)
     record(ws, run.id, label_version=label_version)
     counts = {p: len(v) for p, v in split.items()}
     run.log(f"dataset {ds.name}: {len(ds.samples)} images, {len(ds.classes)} classes, split {counts}, "
             f"{len(ds.skipped)} files skipped")
+    if together is not None:
+        run.log(f"split keeping {len(together)} near-duplicate groups ({sum(map(len, together))} images) together")
     for path, reason in ds.skipped:
         run.log(f"skipped {path}: {reason}")
     return run

@@ -80,10 +80,11 @@ def dataset_info(source: str):
     return load_dataset(source)
 
 
-@st.cache_data(show_spinner="Looking for identical files…", ttl=60, max_entries=8)
-def duplicate_groups(source: str) -> list[list[str]]:
-    from core.data import find_duplicates
-    return find_duplicates(dataset_info(source))
+@st.cache_data(show_spinner="Looking for near-duplicate images…", ttl=60, max_entries=8)
+def duplicate_groups(source: str, distance: int) -> list[list[int]]:
+    """Near-duplicate groups (sample indices of the dataset) by perceptual hash."""
+    from core.similarity import dataset_duplicate_groups
+    return dataset_duplicate_groups(dataset_info(source), distance, ws().cache_dir)
 
 
 def load_dataset_or_error(source: str):

@@ -5,6 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from core import runs
+from core.config import TrainConfig
 from core.data import DatasetError, load_dataset, stratified_split
 from core.images import ImageLoadError, load_array
 from core.imports import ImportError_, import_zip
@@ -88,6 +89,7 @@ if smallest and largest / smallest >= 3:
 fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
 st.plotly_chart(fig, key="class_counts")
 
+split = None
 try:
     split = stratified_split(ds, 0.15, 0.15, 42)
     given = "given by the folders" if ds.given_splits else "stratified 70/15/15, seed 42 (the Train page default)"
@@ -112,12 +114,28 @@ for label, cls in enumerate(ds.classes):
         except ImageLoadError as exc:
             cols[i % 8].caption(f"unreadable: {exc}")
 
-duplicates = _ui.duplicate_groups(source) if total <= 20_000 else []
-if duplicates:
-    st.warning(f"{len(duplicates)} groups of identical files: a copy in training and another in test makes the "
-               "test score look better than it is.")
-    with st.expander("Identical files"):
-        st.dataframe(pd.DataFrame({"files": [" | ".join(g) for g in duplicates]}), hide_index=True)
+st.subheader("Near-duplicates")
+distance = st.slider("Near-duplicate distance (differing bits of a 64-bit perceptual hash)", 0, 16,
+                     TrainConfig.duplicate_distance, step=2, key="dup_distance",
+                     help="0: the same picture (also re-saved or resized); higher finds looser look-alikes, and "
+                          "unrelated images start to chain into one group.")
+duplicates = _ui.duplicate_groups(source, distance) if total <= 20_000 else []
+if total > 20_000:
+    st.caption("Near-duplicates are looked for in sets up to 20,000 images here; use `python -m core duplicates RUN_ID`.")
+elif duplicates:
+    part_of = {i: p for p, idx in split.items() for i in idx} if split else {}
+    rows = [{"images": len(g), "classes": ", ".join(sorted({ds.classes[ds.samples[i].label] for i in g})),
+             "parts": ", ".join(sorted({part_of.get(i, "?") for i in g})),
+             "files": " | ".join(ds.samples[i].path for i in g)} for g in duplicates]
+    leaking = sum("," in r["parts"] for r in rows)
+    st.warning(f"{len(duplicates)} groups of near-duplicate images ({sum(map(len, duplicates))} images); "
+               f"{leaking} of them straddle the default split: an image tested on its twin makes the test score "
+               "look better than it is. On the Train page, *Split: keep together* = duplicates keeps each group "
+               "in one part.")
+    with st.expander("Near-duplicate groups"):
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+else:
+    st.caption(f"No near-duplicates within {distance} bits.")
 
 # Files the scan skipped, and those only training found unusable (a good header over broken pixels).
 last = runs.last_run(ws, source)

@@ -3,7 +3,8 @@ import uuid
 import streamlit as st
 
 from core import runs
-from core.config import ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, ConfigError, TrainConfig
+from core.config import (ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError,
+                         TrainConfig)
 from core.data import DatasetError
 from core.estimate import estimate_run
 from core.labels import LabelStore
@@ -146,6 +147,10 @@ with st.container(border=True):
                      help="ImageNet mean/std, or mean/std computed on the training split.")
         a2.number_input("Seed", 0, 2**31 - 1, key="cfg_seed")
         a2.checkbox("Test-time augmentation (flips)", key="cfg_tta")
+        a2.selectbox("Split: keep together", SPLIT_GROUPS, key="cfg_split_groups",
+                     help="duplicates: near-duplicate images (perceptual hash within the distance below) go to one "
+                          "part together, so that no image is tested on its twin (the Datasets page lists them).")
+        a2.number_input("Near-duplicate distance (bits of 64)", 0, 64, step=2, key="cfg_duplicate_distance")
         a3.checkbox("Horizontal flip", key="cfg_hflip")
         a3.checkbox("Vertical flip", key="cfg_vflip")
         a3.checkbox("Random 90° rotations", key="cfg_rot90", help="For parts with no natural orientation.")

@@ -1,6 +1,7 @@
 """Shared fixtures: small generated image sets (no network, no real data) and trained runs."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
@@ -46,6 +47,40 @@ def write_class_folders(root: Path, per_class: int = 30, size: int = 48, seed: i
             a, _ = make_dot_image(rng, size, dot=(c != classes[0]))
             Image.fromarray(a).save(root / c / f"{c}_{i:03d}.png")
     return root
+
+
+TWINS = 8  # planted near-duplicate pairs per class
+
+
+def near_copy(a: np.ndarray, kind: int) -> Image.Image:
+    """A near-identical copy of an image: kind 0 re-saved as JPEG, 1 scaled up and back down, 2 the same."""
+    im = Image.fromarray(a)
+    if kind == 0:  # re-saved as JPEG
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if kind == 1:  # scaled up and back down
+        return im.resize((a.shape[1] * 2, a.shape[0] * 2), Image.Resampling.BICUBIC).resize(
+            (a.shape[1], a.shape[0]), Image.Resampling.LANCZOS)
+    return im  # a byte-identical copy
+
+
+def write_set_with_twins(root, per_class=24, size=48, seed=0):
+    """Two classes of dot images; the first TWINS images of each class have a near-identical twin in the same
+    class folder. Returns the root and the planted pairs as (original path, twin path)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for c in ("blank", "dot"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            a, _ = make_dot_image(rng, size, dot=(c == "dot"))
+            path = root / c / f"{c}_{i:03d}.png"
+            Image.fromarray(a).save(path)
+            if i < TWINS:
+                twin = root / c / f"{c}_{i:03d}_twin.png"
+                near_copy(a, i % 3).save(twin)
+                pairs.append((str(path), str(twin)))
+    return root, pairs
 
 
 @pytest.fixture

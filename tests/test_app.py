@@ -5,7 +5,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, write_class_folders
+from conftest import ROOT, write_class_folders, write_set_with_twins
 from core.config import TrainConfig
 
 PAGES = ["pages/home.py", "pages/datasets.py", "pages/train.py", "pages/evaluate.py", "pages/predict.py",
@@ -136,6 +136,23 @@ def test_datasets_page_registers_a_folder(empty_ws, tmp_path):
     table = next(d.value for d in at.dataframe if "kind" in d.value.columns)  # every skipped file, named
     assert table.to_dict("records") == [{"path": str(data / "dot" / "broken.png"), "kind": "not an image",
                                          "reason": "not a recognised image file (or a format that is not allowed)"}]
+
+
+def test_datasets_page_lists_near_duplicates_and_those_the_split_separates(empty_ws, tmp_path):
+    root, planted = write_set_with_twins(tmp_path / "twins")
+    at = open_page("pages/datasets.py")
+    at.text_input[0].set_value(str(root))
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    warning = next(w.value for w in at.warning if "near-duplicate" in w.value)
+    assert warning.startswith(f"{len(planted)} groups of near-duplicate images ({2 * len(planted)} images)")
+    table = next(d.value for d in at.dataframe if "files" in d.value.columns)
+    assert {frozenset(f.split(" | ")) for f in table["files"]} == {frozenset(p) for p in planted}
+    leaking = int(warning.split("; ")[1].split(" of them")[0])
+    assert leaking == sum("," in p for p in table["parts"]) > 0
+    at.slider(key="dup_distance").set_value(0).run()  # only exact look-alikes: the JPEG re-saves drop out
+    table0 = next(d.value for d in at.dataframe if "files" in d.value.columns)
+    assert 0 < len(table0) < len(planted)
 
 
 def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):

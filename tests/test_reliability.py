@@ -19,11 +19,12 @@ from PIL import Image
 from conftest import ROOT, make_dot_image, tiny_config, write_class_folders
 from core.checkpoint import CheckpointError, load_checkpoint, safe_torch_load
 from core.model import model_from_checkpoint
-from core.data import DatasetError, find_duplicates, load_dataset
+from core.data import DatasetError, load_dataset
 from core.images import ImageLoadError, open_image
 from core.imports import ImportError_, import_zip
 from core.jobs import JobManager
 from core.runs import TrainingError, prepare_run
+from core.similarity import dataset_duplicate_groups
 from core.train import fit
 
 
@@ -97,8 +98,10 @@ def test_duplicate_files_are_found(tmp_path):
     root = write_class_folders(tmp_path / "d", per_class=3, size=16)
     src = sorted((root / "dot").iterdir())[0]
     (root / "blank" / "copy.png").write_bytes(src.read_bytes())
-    groups = find_duplicates(load_dataset(str(root)))
-    assert len(groups) == 1 and sorted(map(os.path.basename, groups[0])) == sorted(["copy.png", src.name])
+    ds = load_dataset(str(root))
+    groups = dataset_duplicate_groups(ds, 0)  # a copy filed under another class: one group, labels disagree
+    assert len(groups) == 1
+    assert sorted(os.path.basename(ds.samples[i].path) for i in groups[0]) == sorted(["copy.png", src.name])
 
 
 # ---------------------------------------------------------------------------------------------- zips

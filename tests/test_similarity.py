@@ -1,0 +1,158 @@
+"""Near-duplicates, split leakage, the group-aware split and nearest neighbours, on generated images with planted
+twins (a JPEG re-save, a resize round trip, a byte copy)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, make_dot_image, near_copy, tiny_config, write_set_with_twins
+from core.data import load_dataset, stratified_split
+from core.similarity import (dataset_duplicate_groups, groups_from_pairs, hash_pairs, nearest, perceptual_hashes,
+                             run_duplicates)
+
+
+@pytest.fixture
+def twins(tmp_path):
+    return write_set_with_twins(tmp_path / "twins")
+
+
+def test_planted_twins_are_the_near_duplicate_groups(twins):
+    root, planted = twins
+    ds = load_dataset(str(root))
+    groups = dataset_duplicate_groups(ds)
+    found = {frozenset(ds.samples[i].path for i in g) for g in groups}
+    assert found == {frozenset(p) for p in planted}  # every twin found, and nothing else grouped
+
+
+def test_hash_distances_tell_twins_from_strangers():
+    rng = np.random.default_rng(3)
+    originals = [make_dot_image(rng, 48, dot=bool(i % 2))[0] for i in range(12)]
+    twins = [np.asarray(near_copy(a, k % 2)) for k, a in enumerate(originals)]
+    h = perceptual_hashes(np.stack([np.asarray(Image.fromarray(a).resize((32, 32), Image.Resampling.BILINEAR))
+                                    for a in originals + twins]))
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    n = len(originals)
+    assert d[np.arange(n), np.arange(n) + n].max() <= 2
+    strangers = d[:n, :n][~np.eye(n, dtype=bool)]
+    assert strangers.min() > 6
+    assert [tuple(p[:2]) for p in hash_pairs(h, 2)] == [(i, i + n) for i in range(n)]
+
+
+def test_groups_are_connected_components():
+    assert groups_from_pairs(6, [(0, 2, 1), (2, 5, 1), (3, 4, 1)]) == [[0, 2, 5], [3, 4]]
+    assert groups_from_pairs(3, []) == []
+
+
+def test_group_aware_split_never_separates_a_group(twins):
+    root, planted = twins
+    ds = load_dataset(str(root))
+    groups = dataset_duplicate_groups(ds)
+    index = {s.path: i for i, s in enumerate(ds.samples)}
+
+    def separated(split):
+        part = {i: p for p, idx in split.items() for i in idx}
+        return sum(part[index[a]] != part[index[b]] for a, b in planted)
+
+    plain = [separated(stratified_split(ds, 0.2, 0.2, seed)) for seed in range(5)]
+    assert sum(plain) > 0  # the ordinary split does separate twins: the leak this guards against
+    for seed in range(5):
+        split = stratified_split(ds, 0.2, 0.2, seed, together=groups)
+        assert separated(split) == 0
+        assert sorted(i for idx in split.values() for i in idx) == list(range(len(ds.samples)))
+        for part in ("val", "test"):  # still stratified: both classes in every part, near their share
+            labels = [ds.samples[i].label for i in split[part]]
+            assert set(labels) == {0, 1}
+            assert abs(len(split[part]) - 0.2 * len(ds.samples)) <= 3
+
+
+def test_a_group_larger_than_a_part_stays_in_training(tmp_path):
+    from core.data import Dataset, Sample
+    samples = [Sample(f"p{i}", i % 2) for i in range(20)]
+    ds = Dataset("x", "x", ["a", "b"], samples)
+    big = [i for i in range(20) if i % 2 == 0][:8]  # 8 of class a's 10: larger than any val/test share
+    split = stratified_split(ds, 0.2, 0.2, 0, together=[big])
+    part = {i: p for p, idx in split.items() for i in idx}
+    assert {part[i] for i in big} == {"train"}
+    # class a's two loose images are all it can give to the other parts; class b splits as usual
+    assert sum(ds.samples[i].label == 0 for i in split["val"] + split["test"]) == 2
+    assert all(any(ds.samples[i].label == 1 for i in split[p]) for p in ("val", "test"))
+
+
+def test_runs_split_with_groups_do_not_leak_and_the_report_says_so(twins, workspace):
+    from core.runs import prepare_run
+    root, planted = twins
+    plain = prepare_run(workspace, tiny_config(root))
+    grouped = prepare_run(workspace, tiny_config(root, split_groups="duplicates"))
+    r_plain = run_duplicates(workspace, plain)
+    r_grouped = run_duplicates(workspace, grouped)
+    assert r_plain["n_groups"] == r_grouped["n_groups"] == len(planted)
+    assert r_plain["n_straddling"] > 0 and r_grouped["n_straddling"] == 0
+    assert sum(r_plain["straddling_by_parts"].values()) == r_plain["n_straddling"]
+    leaking = next(g for g in r_plain["groups"] if g["straddles"])
+    assert len({m["part"] for m in leaking["members"]}) == 2
+    assert {frozenset(g) for g in grouped.split()["kept_together"]} == {frozenset(p) for p in planted}
+    assert "near-duplicate groups" in grouped.log_path.read_text()
+
+
+def test_nearest_training_image_of_a_twin_is_its_twin(twins, workspace):
+    # Features of a briefly trained model: a near-identical image lands near its twin whatever the model learnt.
+    from core.features import run_features
+    from core.runs import prepare_run
+    from core.train import fit
+    root, planted = twins
+    run = prepare_run(workspace, tiny_config(root, epochs=1))
+    fit(workspace, run)
+    rf = run_features(workspace, run)
+    assert rf.features.shape == (len(rf.paths), 512)
+    train, others = rf.part("train"), np.concatenate([rf.part("val"), rf.part("test")])
+    twin_of = {a: b for a, b in planted} | {b: a for a, b in planted}
+    idx, sims = nearest(rf.features[others], rf.features[train], k=3)
+    checked = 0
+    for row, i in enumerate(others):
+        twin = twin_of.get(rf.paths[i])
+        if twin is not None and twin in {rf.paths[j] for j in train}:
+            assert twin in [rf.paths[train[j]] for j in idx[row]]
+            assert sims[row, 0] >= sims[row, 1] >= sims[row, 2]
+            checked += 1
+    assert checked > 0
+    # all-vs-all, a row is not its own neighbour
+    idx_self, _ = nearest(rf.features, rf.features, k=1, exclude_self=True)
+    assert all(idx_self[i, 0] != i for i in range(len(rf.paths)))
+    # cached with the run; a new checkpoint makes it stale
+    assert (run.dir / "features.npz").exists()
+    again = run_features(workspace, run)
+    assert again.paths == rf.paths and np.allclose(again.features, rf.features)
+    by_features = run_duplicates(workspace, run, by=("features",), similarity=0.9999)
+    assert {frozenset(m["path"] for m in g["members"]) for g in by_features["groups"]} >= {
+        frozenset(p) for p in planted if Path(p[0]).read_bytes() == Path(p[1]).read_bytes()}  # identical features
+
+
+def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path):
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    root, planted = twins
+    ws = Workspace(tmp_path / "ws")
+    run = prepare_run(ws, tiny_config(root))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "core", "--workspace", str(ws.root), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    out = cli("duplicates", run.id, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["n_groups"] == len(planted)
+    assert report["n_straddling"] == sum(g["straddles"] for g in report["groups"]) > 0
+    assert all({"path", "label", "part"} <= set(m) for g in report["groups"] for m in g["members"])
+    text = cli("duplicates", run.id)
+    assert text.returncode == 0 and "LEAKS" in text.stdout and "--split-groups duplicates" in text.stdout
+    bad = cli("duplicates", run.id, "--by", "colour")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "hash and/or features" in bad.stderr
+    missing = cli("duplicates", "no-such-run")
+    assert missing.returncode == 2 and "no run" in missing.stderr
+    untrained = cli("duplicates", run.id, "--by", "features")
+    assert untrained.returncode == 2 and "train it first" in untrained.stderr
