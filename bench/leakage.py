@@ -63,14 +63,14 @@ def main() -> int:
         from core.storage import Workspace
         from core.train import fit
         ws = Workspace(Path(tempfile.mkdtemp(prefix="leakage-")) / "ws")
-        out["training"] = {"recipe": args.recipe, "epochs": args.epochs}
+        out["training"] = {"recipe": args.recipe, "epochs": args.epochs, "workspace": str(ws.root)}
         for name in ("none", "duplicates"):
             cfg = TrainConfig(**{**TrainConfig(data=args.data).to_dict(), **PRESETS[args.recipe],
                                  "epochs": args.epochs, "split_groups": name})
             run = prepare_run(ws, cfg)
             t0 = time.perf_counter()
             result = fit(ws, run)
-            out["training"][name] = {"test_acc": result.get("test_acc"), "best_val_acc": result["best_val_acc"],
+            out["training"][name] = {"run_id": run.id, "test_acc": result.get("test_acc"), "best_val_acc": result["best_val_acc"],
                                      "minutes": round((time.perf_counter() - t0) / 60, 1),
                                      "split": {p: len(v) for p, v in run.split().items() if p in ("train", "val", "test")}}
     text = json.dumps(out, indent=2)

@@ -23,6 +23,8 @@ FEATURES_FILE = "features.npz"
 @dataclass
 class RunFeatures:
     features: np.ndarray   # N x F float32
+    probs: np.ndarray      # N x classes: the model's probabilities (uncalibrated, with the run's TTA)
+    classes: list[str]
     paths: list[str]
     labels: list[str]      # class names
     parts: list[str]       # train / val / test
@@ -53,22 +55,81 @@ def run_features(ws: Workspace, run: Run, device=None) -> RunFeatures:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
                     meta = json.loads(str(z["meta"]))
-                    return RunFeatures(z["features"], meta["paths"], meta["labels"], meta["parts"])
+                    return RunFeatures(z["features"], z["probs"], meta["classes"], meta["paths"], meta["labels"],
+                                       meta["parts"])
         except (OSError, ValueError, KeyError):
             pass  # unreadable or from another version: computed again below
     clf = Classifier.from_checkpoint(run.best_path, device or select_device(run.config().device))
     data = load_run_data(ws, run, clf.hw, clf.device)
     order = np.concatenate([data.parts[p] for p in ("train", "val", "test")]).astype(np.int64)
-    feats = [clf.features(x) for x in data.batches(order, 64, clf.device)]
-    features = np.concatenate(feats) if feats else np.zeros((0, 0), dtype=np.float32)
+    pairs = [clf.features_and_probs(x) for x in data.batches(order, 64, clf.device)]
+    features = np.concatenate([f for f, _ in pairs]) if pairs else np.zeros((0, 0), dtype=np.float32)
+    probs = np.concatenate([p for _, p in pairs]) if pairs else np.zeros((0, len(data.classes)))
     part_of = {int(i): p for p in ("train", "val", "test") for i in data.parts[p]}
-    out = RunFeatures(features, [data.paths[i] for i in order], [data.classes[data.labels[i]] for i in order],
-                      [part_of[int(i)] for i in order])
-    meta = json.dumps({"paths": out.paths, "labels": out.labels, "parts": out.parts})
+    out = RunFeatures(features, probs, list(data.classes), [data.paths[i] for i in order],
+                      [data.classes[data.labels[i]] for i in order], [part_of[int(i)] for i in order])
+    meta = json.dumps({"classes": out.classes, "paths": out.paths, "labels": out.labels, "parts": out.parts})
     tmp = path.with_name(f".{FEATURES_FILE}.{os.getpid()}.tmp.npz")
     try:
-        np.savez(tmp, key=np.array(key), meta=np.array(meta), features=features.astype(np.float32))
+        np.savez(tmp, key=np.array(key), meta=np.array(meta), features=features.astype(np.float32), probs=probs)
         os.replace(tmp, path)
     except OSError:
         Path(tmp).unlink(missing_ok=True)  # a cache: a full disk costs a recomputation next time, nothing else
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nearest training images (the evidence beside a prediction)
+
+# An image is "unlike anything in training" when its nearest training image is less alike than that of all but
+# UNLIKE_PERCENTILE % of the validation images (images the model was not trained on, from the same source).
+UNLIKE_PERCENTILE = 1.0
+
+
+@dataclass
+class TrainingNeighbours:
+    mean: np.ndarray       # F: the training features' mean (similarities are of centred features)
+    unit: np.ndarray       # n_train x F, centred and of unit length
+    paths: list[str]
+    labels: list[str]
+    threshold: float       # nearest similarity below which an image is unlike anything in training
+    val_nearest: np.ndarray  # each validation image's nearest similarity (the threshold's evidence)
+
+    def query(self, features: np.ndarray, k: int = 3) -> list[dict]:
+        """For each row of features: {"neighbours": [{"path", "label", "similarity"}], "nearest", "unlike"}."""
+        from .similarity import nearest
+        idx, sims = nearest(np.asarray(features, dtype=np.float32) - self.mean, self.unit, k)
+        return [{"neighbours": [{"path": self.paths[j], "label": self.labels[j], "similarity": float(s)}
+                                for j, s in zip(row_i, row_s)],
+                 "nearest": float(row_s[0]) if len(row_s) else float("nan"),
+                 "unlike": bool(len(row_s) and row_s[0] < self.threshold)}
+                for row_i, row_s in zip(idx, sims)]
+
+
+_NEIGHBOURS: dict[str, tuple[str, TrainingNeighbours]] = {}
+
+
+def training_neighbours(ws: Workspace, run: Run) -> TrainingNeighbours:
+    """The run's training images as a neighbour index, with the "unlike" threshold from its validation part
+    (kept in memory per run until its checkpoint or split changes)."""
+    from .errors import UserError
+    from .similarity import nearest, normalize_rows
+    if not run.best_path.exists():
+        raise UserError(f"run {run.id} has no checkpoint yet: train it first")
+    key = _key(run)
+    hit = _NEIGHBOURS.get(str(run.dir))
+    if hit and hit[0] == key:
+        return hit[1]
+    rf = run_features(ws, run)
+    train, val = rf.part("train"), rf.part("val")
+    if not len(train):
+        raise UserError(f"run {run.id} has no readable training image to compare with")
+    mean = rf.features[train].mean(0)
+    unit = normalize_rows(rf.features[train] - mean)
+    val_nearest = (nearest(rf.features[val] - mean, unit, 1)[1][:, 0] if len(val)
+                   else np.zeros(0, dtype=np.float32))
+    threshold = float(np.percentile(val_nearest, UNLIKE_PERCENTILE)) if len(val_nearest) else -1.0
+    out = TrainingNeighbours(mean, unit, [rf.paths[i] for i in train], [rf.labels[i] for i in train], threshold,
+                             val_nearest)
+    _NEIGHBOURS[str(run.dir)] = (key, out)
     return out

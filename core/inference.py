@@ -62,19 +62,26 @@ class Classifier:
         p = forward_probs(self.model, x_u8.to(self.device), self.normalizer, self.amp, self.tta)
         return calibrate(p.cpu().numpy().astype(np.float64), self.temperature)
 
-    @torch.inference_mode()
-    def features(self, x_u8: torch.Tensor) -> np.ndarray:
-        """N x F float32 penultimate-layer features (the input of the final layer, after pooling) of a uint8
-        batch, without TTA: what the model's decision is made from, for neighbours and near-duplicates."""
+    def features_and_probs(self, x_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(N x F float32 penultimate-layer features, N x classes probabilities) of a uint8 batch in one pass.
+        The features are the final layer's input (after pooling) for the image as given, without TTA: what the
+        decision is made from, for neighbours, near-duplicates and the embedding map; the probabilities are
+        `probs`' (TTA and temperature included)."""
         seen = []
-        hook = self.model.fc.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+
+        def first_view(module, args):
+            if not seen:  # TTA's flipped views pass here too; the features are the image's own
+                seen.append(args[0].float().cpu().numpy())
+
+        hook = self.model.fc.register_forward_pre_hook(first_view)
         try:
-            x = self.normalizer(x_u8.to(self.device))
-            with autocast(x.device, self.amp):
-                self.model(x)
+            probs = self.probs(x_u8)
         finally:
             hook.remove()
-        return seen[0].float().cpu().numpy()
+        return seen[0], probs
+
+    def features(self, x_u8: torch.Tensor) -> np.ndarray:
+        return self.features_and_probs(x_u8)[0]
 
     def probs_of_batches(self, batches) -> np.ndarray:
         """Probabilities of uint8 batches (an iterable), concatenated in order."""

@@ -56,6 +56,27 @@ class Predictor:
                 "label": self.classes[target], "prob": float(p[target]), **ranked(p, self.classes, top_k)}
 
 
+def nearest_training(ws: Workspace, run_id: str, sources, k: int = 3) -> list[dict]:
+    """For each image (path, bytes or PIL image): the k training images of the run the model finds most alike
+    ({"path", "label", "similarity"}: cosine of centred penultimate features), and whether it is unlike anything
+    in training (core/features.py); {"error"} for a source that is not a usable image."""
+    from .features import training_neighbours
+    from .images import ImageLoadError
+    predictor = get_predictor(ws, run_id)
+    index = training_neighbours(ws, ws.run(run_id))
+    out: list[dict | None] = []
+    arrays = []
+    for s in sources:
+        try:
+            arrays.append(predictor.image(s))
+            out.append(None)
+        except ImageLoadError as exc:
+            out.append({"error": str(exc)})
+    found = iter(index.query(predictor.classifier.features(torch.from_numpy(np.stack(arrays))), k)
+                 if arrays else [])
+    return [r if r is not None else next(found) for r in out]
+
+
 _PREDICTORS: dict[tuple, Predictor] = {}
 _PREDICTORS_LOCK = threading.Lock()
 

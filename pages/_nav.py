@@ -18,6 +18,7 @@ def pages() -> list:
         st.Page("pages/datasets.py", title="Datasets", icon=":material/photo_library:"),
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("pages/evaluate.py", title="Evaluate", icon=":material/fact_check:"),
+        st.Page("pages/explore.py", title="Explore", icon=":material/scatter_plot:"),
         st.Page("pages/predict.py", title="Predict", icon=":material/image_search:"),
         st.Page("pages/label.py", title="Label", icon=":material/label:"),
         st.Page("pages/runs.py", title="Runs", icon=":material/history:"),

@@ -13,6 +13,7 @@ import threading
 import streamlit as st
 
 from core.data import DatasetError, load_dataset
+from core.images import ImageLoadError
 from core.jobs import JobManager
 from core.storage import Workspace, default_workspace
 from pages import _nav
@@ -221,3 +222,18 @@ def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, 
         fig.add_annotation(text="waiting for the first epoch to finish", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
     return fig
+
+
+def nearest_training_row(evidence: dict, image) -> None:
+    """The training images a prediction is most alike (thumbnails with their labels), and the warning when the
+    image is unlike anything in training (core/features.py)."""
+    if evidence.get("unlike"):
+        st.warning(f"Unlike anything in training: its nearest training image is {evidence['nearest']:.2f} alike, "
+                   "less than for 99% of the validation images. Treat the prediction with care.", icon="⚠️")
+    cols = st.columns(max(1, len(evidence["neighbours"])))
+    for col, n in zip(cols, evidence["neighbours"]):
+        try:
+            col.image(image(n["path"]), width="stretch")
+        except ImageLoadError as exc:  # a training file moved or deleted since: say so, keep the rest
+            col.caption(f"unreadable: {exc}")
+        col.caption(f"{n['label']} · {n['similarity']:.2f}")

@@ -7,7 +7,7 @@ from core.evaluate import evaluate_run, gallery
 from core.explain import METHODS
 from core.images import ImageLoadError
 from core.labels import LabelStore
-from core.predict import get_predictor
+from core.predict import get_predictor, nearest_training
 from pages import _decide, _ui
 
 st.title("Evaluate")
@@ -86,12 +86,15 @@ if true_sel is not None and true_sel == pred_sel:
 else:
     st.subheader(f"Misclassified ({len(items)})")
 
-g1, g2, g3 = st.columns(3)
+g1, g2, g3, g4 = st.columns(4)
 show_cam = g1.toggle("Grad-CAM overlay", value=True, key="show_cam")
 method = g2.selectbox("Method", METHODS, key="cam_method", disabled=not show_cam)
+show_near = g3.toggle("Nearest training images", value=False, key="show_near",
+                      help="The 3 training images the model finds most alike, with their labels: a mislabeled twin "
+                           "in training, or a test image unlike anything in training, shows here.")
 page_size = 12
 pages = max(1, (len(items) + page_size - 1) // page_size)
-page_no = g3.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
+page_no = g4.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
 
 store = LabelStore(ws)
 dataset_key = run.split().get("source", "")
@@ -114,6 +117,11 @@ else:
     predictor = get_predictor(ws, run_id)
     cols = st.columns(4)
     shown_items = items[(page_no - 1) * page_size: page_no * page_size]
+    evidence = {}
+    if show_near:
+        with st.spinner("Comparing with the training images (the first time, the run's features are computed)…"):
+            evidence = dict(zip((i["path"] for i in shown_items),
+                                nearest_training(ws, run_id, [i["path"] for i in shown_items], k=3)))
     for k, item in enumerate(shown_items):
         with cols[k % 4], st.container(border=True):
             caption = (f"true **{item['true']}** → predicted **{item['predicted']}** "
@@ -128,6 +136,8 @@ else:
                 st.warning(f"cannot open: {exc}")
             st.markdown(caption)
             st.caption(item["path"].rsplit("/", 1)[-1])
+            if "neighbours" in evidence.get(item["path"], {}):
+                _ui.nearest_training_row(evidence[item["path"]], predictor.image)
             label_now, excluded_now = overrides.get(item["path"], (None, False))
             if excluded_now:
                 st.caption("excluded from training")

@@ -5,7 +5,7 @@ import streamlit as st
 from core.explain import METHODS
 from core.images import ImageLoadError
 from core.imports import ImportError_, read_zip_images
-from core.predict import get_predictor
+from core.predict import get_predictor, nearest_training
 from pages import _ui
 
 MAX_ZIP_IMAGES = 500
@@ -25,10 +25,14 @@ st.caption(f"Classes: {', '.join(predictor.classes)} · input {predictor.hw[0]}x
               if rule else " · no decision rule (choose one in Evaluate → Decide)"))
 
 uploads = st.file_uploader("Images (or a zip of images)", accept_multiple_files=True, key="predict_files")
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
 top_k = c1.number_input("Top-k", 1, max(1, len(predictor.classes)), min(3, len(predictor.classes)))
 show_cam = c2.toggle("Grad-CAM", value=True)
 method = c3.selectbox("Method", METHODS, disabled=not show_cam)
+show_near = c4.toggle("Nearest training images", value=True,
+                      help="The 3 training images the model finds most alike (cosine of its penultimate features), "
+                           "and a warning when an image is less like any training image than 99% of the validation "
+                           "images are: the model has seen nothing like it, so its confidence means little.")
 
 if not uploads:
     st.stop()
@@ -64,6 +68,12 @@ for name, data, error in items:
     r["data"] = data
     results.append(r)
 
+if show_near:
+    predicted = [r for r in results if "error" not in r]
+    with st.spinner("Comparing with the training images (the first time, the run's features are computed)…"):
+        for r, ev in zip(predicted, nearest_training(ws, run_id, [r["data"] for r in predicted], k=3)):
+            r["evidence"] = ev
+
 table = []
 for r in results:
     if "error" in r:
@@ -72,7 +82,8 @@ for r in results:
     else:
         table.append({"image": r["path"], **({"decision": r["decision"]["verdict"]} if rule else {}),
                       "prediction": r["top"][0]["label"], "confidence": r["top"][0]["prob"],
-                      "error": None, **{f"p_{c}": p for c, p in r["probs"].items()}})
+                      "error": None, **({"unlike training": r["evidence"]["unlike"]} if "evidence" in r else {}),
+                      **{f"p_{c}": p for c, p in r["probs"].items()}})
 frame = pd.DataFrame(table)
 ok = sum(1 for r in results if "error" not in r)
 st.subheader(f"{ok} of {len(results)} images predicted")
@@ -105,5 +116,7 @@ for n, r in enumerate(results[:50]):
         fig.update_layout(height=60 + 35 * len(top), margin=dict(l=10, r=10, t=10, b=10), yaxis_autorange="reversed",
                           xaxis_title=None, yaxis_title=None)
         c.plotly_chart(fig, key=f"top_{n}")
+        if "evidence" in r:
+            _ui.nearest_training_row(r["evidence"], predictor.image)
 if len(results) > 50:
     st.caption(f"Showing the first 50 images; the table and CSV hold all {len(results)}.")

@@ -1,4 +1,5 @@
 """Every studio page through Streamlit's AppTest: empty workspace, a finished run, and training from the page."""
+import re
 import shutil
 import time
 
@@ -8,8 +9,8 @@ from streamlit.testing.v1 import AppTest
 from conftest import ROOT, write_class_folders, write_set_with_twins
 from core.config import TrainConfig
 
-PAGES = ["pages/home.py", "pages/datasets.py", "pages/train.py", "pages/evaluate.py", "pages/predict.py",
-         "pages/label.py", "pages/runs.py"]
+PAGES = ["pages/home.py", "pages/datasets.py", "pages/train.py", "pages/evaluate.py", "pages/explore.py",
+         "pages/predict.py", "pages/label.py", "pages/runs.py"]
 
 
 def open_page(page: str | None = None) -> AppTest:
@@ -77,6 +78,11 @@ def test_evaluate_page_shows_metrics_matrix_and_gallery_filter(finished_ws, trai
     at.selectbox(key="cell_pred").set_value("dot").run()
     assert not at.exception
     assert "Correct: dot" in texts(at)
+    at.toggle(key="show_near").set_value(True).run()  # each image with its nearest training images
+    assert not at.exception, at.exception
+    near = [c.value for c in at.caption if re.fullmatch(r"(dot|blank) · -?\d\.\d\d", c.value)]
+    shown = min(12, sum(1 for c in at.caption if c.value.endswith(".png")))
+    assert len(near) == 3 * shown > 0
 
 
 def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained):

@@ -174,7 +174,25 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         expect(page.get_by_text("1 of 1 images predicted")).to_be_visible()
         expect(page.get_by_text(re.compile(r"^dot · \d+(\.\d)?%$"))).to_be_visible()
         expect(page.get_by_text("Grad-CAM for dot")).to_be_visible()
+        # its nearest training images, each captioned with its label and similarity
+        expect(page.get_by_text(re.compile(r"^(dot|blank) · -?\d\.\d\d$")).first).to_be_visible(timeout=60_000)
         # The saved rule's verdict for a dot, as the badge (the table's grid has a hidden cell with the same text).
         expect(page.get_by_test_id("stMarkdownContainer").get_by_text("fail", exact=True).first).to_be_visible()
         page.screenshot(path=ARTIFACTS / "4-predict.png", full_page=True)
+
+        # 5. The embedding map: a lasso around the whole plot selects every image
+        page.get_by_role("link", name="Explore").first.click()
+        plot = page.get_by_test_id("stPlotlyChart").first
+        expect(plot).to_be_visible(timeout=60_000)
+        plot.locator(".nsewdrag").first.wait_for(timeout=30_000)
+        box = plot.locator(".nsewdrag").first.bounding_box()
+        x0, y0, x1, y1 = box["x"] + 2, box["y"] + 2, box["x"] + box["width"] - 2, box["y"] + box["height"] - 2
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
+            page.mouse.move(x, y, steps=8)
+        page.mouse.up()
+        expect(page.get_by_text(re.compile(r"^\d+ selected$"))).to_be_visible(timeout=30_000)
+        expect(page.get_by_text(re.compile(r"^(dot|blank) → (dot|blank) · (train|val|test)$")).first).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "5-explore.png", full_page=True)
         browser.close()

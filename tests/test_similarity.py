@@ -156,3 +156,83 @@ def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path):
     assert missing.returncode == 2 and "no run" in missing.stderr
     untrained = cli("duplicates", run.id, "--by", "features")
     assert untrained.returncode == 2 and "train it first" in untrained.stderr
+
+
+def test_prediction_evidence_names_the_twin_and_flags_the_unfamiliar(twins, workspace):
+    from core.features import training_neighbours
+    from core.predict import nearest_training
+    from core.runs import prepare_run
+    from core.train import fit
+    root, planted = twins
+    run = prepare_run(workspace, tiny_config(root, epochs=2))
+    fit(workspace, run)
+    index = training_neighbours(workspace, run)
+    train = set(index.paths)
+    twin_of = {a: b for a, b in planted} | {b: a for a, b in planted}
+    asked = [p for p in twin_of if p not in train and twin_of[p] in train]
+    assert asked
+    stripes = np.zeros((48, 48, 3), dtype=np.uint8)
+    stripes[:, ::4] = 255  # nothing like the noise-and-square images it was trained on
+    found = nearest_training(workspace, run.id, asked + [Image.fromarray(stripes), b"not an image"], k=3)
+    for path, r in zip(asked, found):
+        assert twin_of[path] in [n["path"] for n in r["neighbours"]]
+        assert not r["unlike"]
+        labels = {n["path"]: n["label"] for n in r["neighbours"]}
+        assert labels[twin_of[path]] == Path(twin_of[path]).parent.name
+    # the stripes are less alike to any training image than a typical validation image is to its nearest
+    assert found[-2]["nearest"] < np.median(index.val_nearest)
+    assert all(r["unlike"] == (r["nearest"] < index.threshold) for r in found[:-1])
+    assert "error" in found[-1]
+    # the threshold is the validation part's 1st percentile: at most one validation image in 100 is "unlike"
+    assert np.mean(index.val_nearest < index.threshold) <= 0.01 + 1 / len(index.val_nearest)
+
+
+def test_projections_keep_clusters_apart():
+    from core.embedding import project
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (40, 64)) + 8
+    b = rng.normal(0, 1, (40, 64)) - 8
+    for method in ("pca", "tsne"):
+        xy = project(np.concatenate([a, b]), method)
+        assert xy.shape == (80, 2) and np.isfinite(xy).all()
+        ca, cb = xy[:40].mean(0), xy[40:].mean(0)
+        spread = max(xy[:40].std(0).max(), xy[40:].std(0).max())
+        assert np.linalg.norm(ca - cb) > 3 * spread, method
+    with pytest.raises(Exception, match="unknown map method"):
+        project(a, "mds")
+
+
+def test_run_map_describes_every_image_and_is_cached(twins, workspace):
+    from core.embedding import run_map
+    from core.runs import prepare_run
+    from core.train import fit
+    root, _ = twins
+    run = prepare_run(workspace, tiny_config(root, epochs=2))
+    fit(workspace, run)
+    m = run_map(workspace, run, "pca")
+    n = len(m["path"])
+    assert n == sum(len(v) for k, v in run.split().items() if k in ("train", "val", "test"))
+    assert all(len(m[k]) == n for k in ("x", "y", "label", "predicted", "confidence", "correct", "part", "label_doubt"))
+    assert set(m["part"]) == {"train", "val", "test"}
+    # right or wrong agrees with the label doubt: a negative margin means the model prefers another class
+    assert all(ok == (d > 0) for ok, d in zip(m["correct"], m["label_doubt"]) if d != 0)
+    # the test part's predictions are the evaluation's (one inference path)
+    from core.evaluate import read_predictions
+    evaluated = {r["path"]: r["predicted"] for r in read_predictions(run)}
+    mine = {p: q for p, q, part in zip(m["path"], m["predicted"], m["part"]) if part == "test"}
+    assert mine == evaluated
+    assert (run.dir / "map-pca.npz").exists()
+    assert run_map(workspace, run, "pca")["x"] == m["x"]
+
+
+def test_unlike_means_below_the_validation_percentile():
+    from core.features import TrainingNeighbours
+    from core.similarity import normalize_rows
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, (50, 8))
+    index = TrainingNeighbours(np.zeros(8), normalize_rows(train), [f"t{i}" for i in range(50)], ["a"] * 50,
+                               threshold=0.9, val_nearest=np.array([0.95, 0.97]))
+    near, far = train[3] * 2, -train.mean(0) - train[3]
+    out = index.query(np.stack([near, far]), k=2)
+    assert out[0]["neighbours"][0]["path"] == "t3" and abs(out[0]["nearest"] - 1) < 1e-5 and not out[0]["unlike"]
+    assert out[1]["nearest"] < 0.9 and out[1]["unlike"]
