@@ -92,7 +92,9 @@ CONFIG_FLAGS = [
     ("--split-seed", "split_seed", dict(type=int)),
     ("--split-groups", "split_groups", dict(choices=SPLIT_GROUPS,
                                             help="duplicates: near-duplicate images go to one part together (no "
-                                                 "image is tested on its twin; see `core duplicates`)")),
+                                                 "image is tested on its twin; see `core duplicates`); origin: the "
+                                                 "images of one module/batch/day (a CSV's group column, or the "
+                                                 "sub-folder inside each class folder) go to one part")),
     ("--device", "device", dict(choices=("auto", "cpu", "cuda", "mps"))),
     ("--amp", "amp", dict(choices=("auto", "bf16", "fp16", "off"))),
     ("--devices", "devices", dict(type=int, metavar="N",

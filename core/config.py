@@ -18,7 +18,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("val_acc", "val_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BATCH_NORMS = ("auto", "sync", "local", "frozen")
-SPLIT_GROUPS = ("none", "duplicates")
+SPLIT_GROUPS = ("none", "duplicates", "origin")
 
 
 class ConfigError(UserError, ValueError):
@@ -40,7 +40,9 @@ class TrainConfig:
     test_fraction: float = 0.15      # carved out when the source has no test split
     split_seed: int = 42             # the split is saved with the run, so this only matters for new runs
     split_groups: str = "none"       # "duplicates": near-duplicate images (perceptual hash within
-                                     # duplicate_distance bits) go to one part together, so none is tested on its twin
+                                     # duplicate_distance bits) go to one part together, so none is tested on its
+                                     # twin; "origin": the images of one module/batch/day (a CSV's group column, or
+                                     # the sub-folder inside each class folder) go to one part together
     duplicate_distance: int = 2      # most differing bits of 64-bit perceptual hashes (core/similarity.py). On
                                      # ELPV (cells that all look alike) pairs within 2 bits are sister cells with
                                      # one grain pattern; at 4 groups start to chain (23 cells in one), at 6 (363)

@@ -41,6 +41,8 @@ class Sample:
     path: str
     label: int
     group: str = ""  # optional sub-population (ELPV: mono/poly), used for stratification and reports
+    origin: str = ""  # where the image comes from (module, batch, day): a CSV's group column, or the sub-folder
+                      # inside its class folder; split_groups="origin" keeps each origin in one part
 
 
 @dataclass
@@ -95,7 +97,8 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _scan_class_folders(folder: Path, classes: list[str] | None = None):
-    """(classes, [(path, class_name)]) for a folder of class sub-folders."""
+    """(classes, [(path, class_name, origin)]) for a folder of class sub-folders; the origin is the sub-folder
+    path inside the class folder ("" for an image directly in it)."""
     items = []
     names = []
     for d in _class_dirs(folder):
@@ -104,7 +107,9 @@ def _scan_class_folders(folder: Path, classes: list[str] | None = None):
         files = _images_under(d)
         if files:
             names.append(d.name)
-            items.extend((f, d.name) for f in files)
+            for f in files:
+                inside = os.path.relpath(os.path.dirname(f), d)
+                items.append((f, d.name, "" if inside == "." else inside.replace(os.sep, "/")))
     return names, items
 
 
@@ -114,7 +119,7 @@ def _build(name, source, classes, items, split_of=None, groups=None) -> Dataset:
     samples, skipped = [], []
     given: dict[str, list[int]] = defaultdict(list)
     seen_paths = set()
-    for k, (path, label) in enumerate(items):
+    for k, (path, label, *origin) in enumerate(items):
         reason = _check_header(path)
         if reason:
             skipped.append((path, reason))
@@ -122,7 +127,8 @@ def _build(name, source, classes, items, split_of=None, groups=None) -> Dataset:
         if split_of is not None:
             given[split_of[k]].append(len(samples))
         seen_paths.add(path)
-        samples.append(Sample(path=path, label=index[label], group=groups[k] if groups else ""))
+        samples.append(Sample(path=path, label=index[label], group=groups[k] if groups else "",
+                              origin=origin[0] if origin else ""))
     if not samples:
         raise DatasetError(f"no usable images found in {source}"
                            + (f" ({len(skipped)} files skipped)" if skipped else ""))
@@ -183,6 +189,7 @@ def _load_csv(path: Path) -> Dataset:
     else:
         header = ["path", "label"]
     has_split = "split" in header
+    origin_col = next((header.index(c) for c in ("group", "origin") if c in header), None)
     for line_no, row in enumerate(rows, start=2):
         if not row or not "".join(row).strip():
             continue
@@ -192,7 +199,8 @@ def _load_csv(path: Path) -> Dataset:
         full = str((base / rel).resolve()) if not os.path.isabs(rel) else rel
         if not is_image_name(full):
             continue
-        items.append((full, label))
+        origin = row[origin_col].strip() if origin_col is not None and origin_col < len(row) else ""
+        items.append((full, label, origin))
         classes.append(label)
         if has_split:
             split = SPLIT_NAMES.get(row[header.index("split")].strip().lower(), "train")
@@ -335,11 +343,21 @@ def stratified_split(ds: Dataset, val_fraction: float, test_fraction: float, see
     return {k: sorted(v) for k, v in splits.items()}
 
 
+def origin_groups(ds: Dataset) -> list[list[int]]:
+    """Sample indices per origin (module, batch, day), for a split that keeps each origin in one part."""
+    by_origin: dict[str, list[int]] = defaultdict(list)
+    for i, smp in enumerate(ds.samples):
+        if smp.origin:
+            by_origin[smp.origin].append(i)
+    return [g for _, g in sorted(by_origin.items()) if len(g) > 1]
+
+
 def split_to_json(ds: Dataset, split: dict[str, list[int]], together: list[list[int]] | None = None) -> dict:
     out = {
         "dataset": ds.name, "source": ds.source, "classes": ds.classes,
         **{part: [[ds.samples[i].path, ds.classes[ds.samples[i].label], ds.samples[i].group]
-                  for i in idx] for part, idx in split.items()},
+                  + ([ds.samples[i].origin] if ds.samples[i].origin else []) for i in idx]
+           for part, idx in split.items()},
     }
     if together is not None:  # the groups the split kept on one side, by path: the record of why
         out["kept_together"] = [[ds.samples[i].path for i in g] for g in together]
@@ -351,7 +369,8 @@ def samples_from_split(split_json: dict, part: str) -> list[Sample]:
     out = []
     for row in split_json.get(part, []):
         path, label = row[0], row[1]
-        out.append(Sample(path=path, label=index[label], group=row[2] if len(row) > 2 else ""))
+        out.append(Sample(path=path, label=index[label], group=row[2] if len(row) > 2 else "",
+                          origin=row[3] if len(row) > 3 else ""))
     return out
 
 

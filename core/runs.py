@@ -88,7 +88,7 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
                 label_version: int | None = None) -> Run:
     """Validate, load the dataset with its effective labels, split it, and create the run (queued). Raises
     ConfigError or DatasetError before anything is written, so a bad config never becomes a failed run."""
-    from .data import load_dataset, split_to_json, stratified_split
+    from .data import load_dataset, origin_groups, split_to_json, stratified_split
     from .labels import LabelStore
     cfg.validate()
     w = str(cfg.weights).strip()
@@ -102,6 +102,12 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     if cfg.split_groups == "duplicates":
         from .similarity import dataset_duplicate_groups
         together = dataset_duplicate_groups(ds, cfg.duplicate_distance, ws.cache_dir)
+    elif cfg.split_groups == "origin":
+        together = origin_groups(ds)
+        if not any(s.origin for s in ds.samples):
+            raise ConfigError("split_groups", "the dataset names no origins: add a group column to its CSV "
+                                              "(path,label,group), or put each class's images in sub-folders per "
+                                              "module, batch or day")
     split = stratified_split(ds, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, together)
     if cfg.batch_size > len(split["train"]):
         raise ConfigError("batch_size", f"batch size {cfg.batch_size} is larger than the training split "
@@ -114,7 +120,8 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     run.log(f"dataset {ds.name}: {len(ds.samples)} images, {len(ds.classes)} classes, split {counts}, "
             f"{len(ds.skipped)} files skipped")
     if together is not None:
-        run.log(f"split keeping {len(together)} near-duplicate groups ({sum(map(len, together))} images) together")
+        kind = "near-duplicate groups" if cfg.split_groups == "duplicates" else "origins"
+        run.log(f"split keeping {len(together)} {kind} ({sum(map(len, together))} images) together")
     for path, reason in ds.skipped:
         run.log(f"skipped {path}: {reason}")
     return run

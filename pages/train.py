@@ -149,7 +149,9 @@ with st.container(border=True):
         a2.checkbox("Test-time augmentation (flips)", key="cfg_tta")
         a2.selectbox("Split: keep together", SPLIT_GROUPS, key="cfg_split_groups",
                      help="duplicates: near-duplicate images (perceptual hash within the distance below) go to one "
-                          "part together, so that no image is tested on its twin (the Datasets page lists them).")
+                          "part together, so that no image is tested on its twin (the Datasets page lists them). "
+                          "origin: the images of one module, batch or day go to one part (a CSV's group column, "
+                          "or the sub-folder inside each class folder).")
         a2.number_input("Near-duplicate distance (bits of 64)", 0, 64, step=2, key="cfg_duplicate_distance")
         a3.checkbox("Horizontal flip", key="cfg_hflip")
         a3.checkbox("Vertical flip", key="cfg_vflip")

@@ -236,3 +236,51 @@ def test_unlike_means_below_the_validation_percentile():
     out = index.query(np.stack([near, far]), k=2)
     assert out[0]["neighbours"][0]["path"] == "t3" and abs(out[0]["nearest"] - 1) < 1e-5 and not out[0]["unlike"]
     assert out[1]["nearest"] < 0.9 and out[1]["unlike"]
+
+
+def _module_folders(root, modules=6, per=5):
+    """Class folders with one sub-folder per module; every module has cells of both classes."""
+    rng = np.random.default_rng(1)
+    for m in range(modules):
+        for c in ("good", "bad"):
+            d = root / c / f"module{m}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per):
+                Image.fromarray(make_dot_image(rng, 32, dot=c == "bad")[0]).save(d / f"{m}_{i}.png")
+    return root
+
+
+def test_origin_split_keeps_each_module_in_one_part(tmp_path, workspace):
+    from core.runs import prepare_run
+    root = _module_folders(tmp_path / "cells")
+    ds = load_dataset(str(root))
+    assert {s.origin for s in ds.samples} == {f"module{m}" for m in range(6)}
+    run = prepare_run(workspace, tiny_config(root, split_groups="origin", batch_size=8))
+    split = run.split()
+    part_of_module = {}
+    for part in ("train", "val", "test"):
+        for row in split[part]:
+            part_of_module.setdefault(row[3], set()).add(part)
+    assert all(len(parts) == 1 for parts in part_of_module.values()), part_of_module
+    assert {p for parts in part_of_module.values() for p in parts} == {"train", "val", "test"}
+    plain = prepare_run(workspace, tiny_config(root, batch_size=8)).split()
+    mixed = {}
+    for part in ("train", "val", "test"):
+        for row in plain[part]:
+            mixed.setdefault(row[3], set()).add(part)
+    assert any(len(parts) > 1 for parts in mixed.values())  # the plain split mixes modules
+
+
+def test_origin_from_a_csv_group_column_and_a_clear_error_without_one(tmp_path, workspace):
+    from core.config import ConfigError
+    from core.runs import prepare_run
+    root = _module_folders(tmp_path / "cells", modules=4)
+    lines = ["path,label,group"] + [f"{p.relative_to(root)},{p.parent.parent.name},batch-{p.parent.name[-1]}"
+                                    for p in sorted(root.rglob("*.png"))]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(str(root / "labels.csv"))
+    assert {s.origin for s in ds.samples} == {f"batch-{m}" for m in range(4)}
+    flat = tmp_path / "flat.csv"
+    flat.write_text("\n".join(["path,label"] + [f"{p},{p.parent.parent.name}" for p in sorted(root.rglob("*.png"))]))
+    with pytest.raises(ConfigError, match="names no origins"):
+        prepare_run(workspace, tiny_config(flat, split_groups="origin", batch_size=8))
