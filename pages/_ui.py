@@ -228,8 +228,9 @@ def nearest_training_row(evidence: dict, image) -> None:
     """The training images a prediction is most alike (thumbnails with their labels), and the warning when the
     image is unlike anything in training (core/features.py)."""
     if evidence.get("unlike"):
-        st.warning(f"Unlike anything in training: its nearest training image is {evidence['nearest']:.2f} alike, "
-                   "less than for 99% of the validation images. Treat the prediction with care.", icon="⚠️")
+        st.warning(f"Unlike anything in training: the model places it farther from every training image "
+                   f"({evidence['distance']:.2f}) than 95% of the validation images. Treat the prediction with "
+                   "care.", icon="⚠️")
     cols = st.columns(max(1, len(evidence["neighbours"])))
     for col, n in zip(cols, evidence["neighbours"]):
         try:

@@ -31,8 +31,8 @@ show_cam = c2.toggle("Grad-CAM", value=True)
 method = c3.selectbox("Method", METHODS, disabled=not show_cam)
 show_near = c4.toggle("Nearest training images", value=True,
                       help="The 3 training images the model finds most alike (cosine of its penultimate features), "
-                           "and a warning when an image is less like any training image than 99% of the validation "
-                           "images are: the model has seen nothing like it, so its confidence means little.")
+                           "and a warning when the model places an image farther from every training image than 95% "
+                           "of the validation images: it has seen nothing like it, so its confidence means little.")
 
 if not uploads:
     st.stop()

@@ -179,12 +179,12 @@ def test_prediction_evidence_names_the_twin_and_flags_the_unfamiliar(twins, work
         assert not r["unlike"]
         labels = {n["path"]: n["label"] for n in r["neighbours"]}
         assert labels[twin_of[path]] == Path(twin_of[path]).parent.name
-    # the stripes are less alike to any training image than a typical validation image is to its nearest
-    assert found[-2]["nearest"] < np.median(index.val_nearest)
-    assert all(r["unlike"] == (r["nearest"] < index.threshold) for r in found[:-1])
+    # the stripes lie farther from every training image than a typical validation image does
+    assert found[-2]["distance"] > np.median(index.val_distance)
+    assert all(r["unlike"] == (r["distance"] > index.threshold) for r in found[:-1])
     assert "error" in found[-1]
-    # the threshold is the validation part's 1st percentile: at most one validation image in 100 is "unlike"
-    assert np.mean(index.val_nearest < index.threshold) <= 0.01 + 1 / len(index.val_nearest)
+    # the threshold is the validation part's 95th percentile: about one validation image in 20 is "unlike"
+    assert np.mean(index.val_distance > index.threshold) <= 0.05 + 1 / len(index.val_distance)
 
 
 def test_projections_keep_clusters_apart():
@@ -225,17 +225,18 @@ def test_run_map_describes_every_image_and_is_cached(twins, workspace):
     assert run_map(workspace, run, "pca")["x"] == m["x"]
 
 
-def test_unlike_means_below_the_validation_percentile():
+def test_unlike_means_beyond_the_validation_percentile():
     from core.features import TrainingNeighbours
     from core.similarity import normalize_rows
     rng = np.random.default_rng(0)
     train = rng.normal(0, 1, (50, 8))
-    index = TrainingNeighbours(np.zeros(8), normalize_rows(train), [f"t{i}" for i in range(50)], ["a"] * 50,
-                               threshold=0.9, val_nearest=np.array([0.95, 0.97]))
-    near, far = train[3] * 2, -train.mean(0) - train[3]
+    index = TrainingNeighbours(np.zeros(8), normalize_rows(train), train, [f"t{i}" for i in range(50)], ["a"] * 50,
+                               threshold=1.0, val_distance=np.array([0.5, 0.8]))
+    near, far = train[3] + 0.01, train[3] * 10
     out = index.query(np.stack([near, far]), k=2)
-    assert out[0]["neighbours"][0]["path"] == "t3" and abs(out[0]["nearest"] - 1) < 1e-5 and not out[0]["unlike"]
-    assert out[1]["nearest"] < 0.9 and out[1]["unlike"]
+    assert out[0]["neighbours"][0]["path"] == "t3" and out[0]["distance"] < 0.05 and not out[0]["unlike"]
+    assert out[1]["neighbours"][0]["path"] == "t3"  # the same direction: the most alike, yet far away
+    assert out[1]["distance"] > 1.0 and out[1]["unlike"]
 
 
 def _module_folders(root, modules=6, per=5):
