@@ -79,3 +79,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def emit(document: dict, out: str | None) -> int:
+    """Print a benchmark's JSON document, and write it to `out` when given; the script's exit status."""
+    import json
+    from pathlib import Path
+    text = json.dumps(document, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return 0

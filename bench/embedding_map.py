@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import MemoryPeak, environment  # noqa: E402
+from bench._common import MemoryPeak, emit, environment  # noqa: E402
 
 
 def main() -> int:
@@ -61,11 +61,7 @@ def main() -> int:
                 row["error"] = str(exc)
             out["results"].append(row)
             print(json.dumps(row), file=sys.stderr)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Prints one JSON document (and writes it to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import environment  # noqa: E402
+from bench._common import emit, environment  # noqa: E402
 
 
 def split_report(ds, split, groups) -> dict:
@@ -73,11 +72,7 @@ def main() -> int:
             out["training"][name] = {"run_id": run.id, "test_acc": result.get("test_acc"), "best_val_acc": result["best_val_acc"],
                                      "minutes": round((time.perf_counter() - t0) / 60, 1),
                                      "split": {p: len(v) for p, v in run.split().items() if p in ("train", "val", "test")}}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":
