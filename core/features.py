@@ -147,3 +147,24 @@ def training_neighbours(ws: Workspace, run: Run) -> TrainingNeighbours:
                              [rf.labels[i] for i in train], threshold, val_distance)
     _NEIGHBOURS[str(run.dir)] = (key, out)
     return out
+
+
+def outliers(ws: Workspace, run: Run) -> list[dict]:
+    """The run's images ranked by their feature distance to the nearest class centre (the mean of each class's
+    training features, in units of the class's spread), farthest first: odd images, wrong files, another product in the folder. `far`: beyond the
+    validation part's 95th percentile of that distance."""
+    rf = run_features(ws, run)
+    train = rf.part("train")
+    classes = sorted({rf.labels[i] for i in train})
+    members = [rf.features[[i for i in train if rf.labels[i] == c]] for c in classes]
+    centres = np.stack([m.mean(0) for m in members])
+    # In units of each class's own spread (the median distance of its training images to its centre): a class
+    # whose images vary a lot (a bright defect of any size) does not make all its members look odd.
+    spread = np.array([max(float(np.median(np.linalg.norm(m - c, axis=1))), 1e-6) for m, c in zip(members, centres)])
+    f = rf.features.astype(np.float64)
+    distance = np.min(np.stack([np.linalg.norm(f - c, axis=1) / s for c, s in zip(centres, spread)]), axis=0)
+    val = rf.part("val")
+    limit = float(np.percentile(distance[val], UNLIKE_PERCENTILE)) if len(val) else float("inf")
+    order = np.argsort(-distance, kind="stable")
+    return [{"path": rf.paths[i], "label": rf.labels[i], "part": rf.parts[i], "distance": float(distance[i]),
+             "far": bool(distance[i] > limit)} for i in order]

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core.curation import crossval_config, export_dataset, least_confident, read_label_issues, review_band
 from core.decide import load_rule
+from core.features import outliers
 from core.images import ImageLoadError, load_array
 from core.labels import LabelStore
 from core.predict import get_predictor
@@ -59,7 +60,7 @@ if model_rows:
 
 # --- the queue ----------------------------------------------------------------------------------------
 issue_runs = [r for r in ws.list_runs() if (ws.run(r["id"]).dir / "label_issues.json").exists()]
-sources = ["Unlabeled images", "Likely label errors", "Least confident predictions", "Review band"]
+sources = ["Unlabeled images", "Likely label errors", "Least confident predictions", "Review band", "Outliers"]
 queue_kind = st.radio("Queue", sources, horizontal=True, key="queue_kind")
 reviewed = st.session_state.setdefault("reviewed", set())
 
@@ -99,6 +100,13 @@ elif queue_kind == "Likely label errors":
                     st.error(str(exc))
 elif model_id is None:
     st.info("Train a model first: its least confident predictions come first here.")
+elif queue_kind == "Outliers":
+    with st.spinner("Measuring each image against the class centres (the first time, the run's features are computed)…"):
+        ranked = outliers(ws, ws.run(model_id))
+    queue = [{"path": o["path"], "given": effective.get(o["path"]), "distance": o["distance"]}
+             for o in ranked if o["far"] and o["path"] in effective]
+    st.caption(f"{len(queue)} images farther from every class centre (in the model's features) than 95% of the "
+               "validation images: odd shots, wrong files, another product in the folder. Farthest first.")
 elif queue_kind == "Least confident predictions":
     pool = tuple((ds.unlabeled or [s.path for s in ds.samples])[:2000])
     ranked = _least_confident(model_id, pool)

@@ -116,6 +116,11 @@ def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained)
     assert not label.exception, label.exception
     n = len(run.split()["train"]) + len(run.split()["val"]) + len(run.split()["test"])
     assert f"{n} images the model's decision rule sends to a person" in texts(label)
+    label.radio(key="queue_kind").set_value("Outliers").run()  # the images far from every class centre
+    assert not label.exception, label.exception
+    from core.features import outliers
+    far = sum(o["far"] for o in outliers(ws, run))
+    assert f"\n{far} images farther from every class centre" in "\n" + texts(label)
     at.button(key="decide_clear").click().run()
     assert decide.load_rule(run) is None and {r["decision"] for r in read_predictions(run)} == {""}
     # how many more images: a learning-curve job started from the page, its advice shown when done

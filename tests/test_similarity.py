@@ -285,3 +285,26 @@ def test_origin_from_a_csv_group_column_and_a_clear_error_without_one(tmp_path, 
     flat.write_text("\n".join(["path,label"] + [f"{p},{p.parent.parent.name}" for p in sorted(root.rglob("*.png"))]))
     with pytest.raises(ConfigError, match="names no origins"):
         prepare_run(workspace, tiny_config(flat, split_groups="origin", batch_size=8))
+
+
+def test_outliers_rank_planted_odd_images_first(tmp_path, workspace):
+    from core.features import outliers
+    from core.runs import prepare_run
+    from core.train import fit
+    from conftest import write_class_folders
+    root = write_class_folders(tmp_path / "d", per_class=30, size=48)
+    odd = []
+    for k, c in enumerate(("blank", "dot", "blank")):  # nothing like the noise-and-square images
+        a = np.zeros((48, 48, 3), dtype=np.uint8)
+        a[:, k::3 + k] = 255
+        path = root / c / f"odd_{k}.png"
+        Image.fromarray(a).save(path)
+        odd.append(str(path))
+    run = prepare_run(workspace, tiny_config(root, epochs=2))
+    fit(workspace, run)
+    ranked = outliers(workspace, run)
+    assert len(ranked) == sum(len(v) for k, v in run.split().items() if k in ("train", "val", "test"))
+    assert [r["distance"] for r in ranked] == sorted((r["distance"] for r in ranked), reverse=True)
+    top = [r["path"] for r in ranked[:len(ranked) // 10]]
+    assert set(odd) <= set(top), [(r["path"].rsplit("/", 1)[-1], round(r["distance"], 2)) for r in ranked[:8]]
+    assert all(r["far"] for r in ranked if r["path"] in odd and r["part"] != "val")
