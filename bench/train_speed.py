@@ -77,8 +77,11 @@ def train_reference(split: dict, tmp: Path, epochs: int, batch_size: int, size: 
     val_ds = torchvision.datasets.ImageFolder(str(val_dir), transform=val_tf)
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=batch_size)
+    # The notebooks' one line of device handling: the model and each batch on CUDA when there is one.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = torchvision.models.resnet18(weights=None)
     model.fc = nn.Linear(model.fc.in_features, len(train_ds.classes))
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     epoch_s, train_s, seen = [], 0.0, 0
@@ -87,6 +90,7 @@ def train_reference(split: dict, tmp: Path, epochs: int, batch_size: int, size: 
         t0 = time.perf_counter()
         model.train()
         for x, y in train_dl:
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             loss = loss_fn(model(x), y)
             loss.backward()

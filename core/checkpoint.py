@@ -48,16 +48,21 @@ def nonfinite_tensors(state: dict) -> list[str]:
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+def refuse_nonfinite(model_state: dict, name: str) -> None:
+    """CheckpointError if the weights hold NaN or infinity (`name`: the file they would have gone to)."""
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        raise CheckpointError(f"training diverged: {len(bad)} weight tensor(s) became NaN or infinite "
+                              f"(first: {bad[0]}); {name} was not written. Lower the learning rate, "
+                              "or turn off mixed precision (--amp off), and try again")
+
+
 def save_checkpoint(path: str | Path, model_state: dict, meta: dict, **training_state) -> None:
     """Write atomically: the previous file at `path` stays intact if anything fails (disk full...).
     Weights holding NaN or infinity are refused (the loader refuses them too): a diverged model must not replace
     the last good checkpoint."""
     path = Path(path)
-    bad = nonfinite_tensors(model_state)
-    if bad:
-        raise CheckpointError(f"training diverged: {len(bad)} weight tensor(s) became NaN or infinite "
-                              f"(first: {bad[0]}); {path.name} was not written. Lower the learning rate, "
-                              "or turn off mixed precision (--amp off), and try again")
+    refuse_nonfinite(model_state, path.name)
     payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model_state.items()},
                "meta": json.dumps(meta)}
     payload.update({k: v for k, v in training_state.items() if v is not None})

