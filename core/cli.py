@@ -354,6 +354,34 @@ def cmd_learning_curve(args) -> int:
     return 0
 
 
+def cmd_cam_audit(args) -> int:
+    from .audit import Region, box_from, run_cam_audit, save_region, saved_region
+    ws = Workspace(args.workspace)
+    if ws.run_row(args.run) is None:
+        raise KeyError(f"no run {args.run!r} in {ws.root}")
+    run = ws.run(args.run)
+    source = run.config().data
+    region = Region(None) if args.auto else Region(box_from(args.region)) if args.region else None
+    if args.save_region and region is not None:
+        save_region(ws, source, region)
+    progress = None if (args.quiet or args.json) else (
+        lambda done, total: print(f"\rGrad-CAM {done}/{total}", end="", file=sys.stderr, flush=True))
+    result = run_cam_audit(ws, run, region or saved_region(ws, source), progress=progress)
+    if progress:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "images" or args.all}))
+        return 0
+    print(f"run {result['run_id']}: Grad-CAM of {result['n']} {result['part']} images against {result['region_text']}")
+    for c in result["per_class"]:
+        if c["images"]:
+            print(f"  {c['class']}: {c['mean_outside']:.0%} of the attention outside on average; "
+                  f"{c['mostly_outside']} of {c['images']} images mostly outside")
+    for item in result["flagged"][:args.top]:
+        print(f"- {item['outside']:.0%} outside: {item['path']} ({item['label']}, predicted {item['predicted']})")
+    return 0
+
+
 def cmd_duplicates(args) -> int:
     from .similarity import run_duplicates
     ws = Workspace(args.workspace)
@@ -496,6 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "and say how many more images each class needs")
     p.add_argument("run")
     p.add_argument("--epochs", type=int, help="epochs per fraction (default: the run's); fewer keeps it short")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true")
+    p = add("cam-audit", cmd_cam_audit, "Grad-CAM of a run's whole test part: the share of attention outside the "
+                                          "region where the evidence should be, per class, and the images where "
+                                          "the model looked mostly elsewhere")
+    p.add_argument("run")
+    p.add_argument("--region", help="x0,y0,x1,y1 in fractions of the image (default: the dataset's saved region, "
+                                    "else each image's foreground)")
+    p.add_argument("--auto", action="store_true", help="each image's foreground, found automatically")
+    p.add_argument("--save-region", action="store_true", help="keep --region / --auto for this dataset")
+    p.add_argument("--top", type=int, default=20, help="images listed (default 20)")
+    p.add_argument("--all", action="store_true", help="with --json: every image's share, not only the flagged")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true")
     p = add("duplicates", cmd_duplicates, "near-duplicate images of a run (by perceptual hash, and by the model's "

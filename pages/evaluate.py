@@ -8,7 +8,7 @@ from core.explain import METHODS
 from core.images import ImageLoadError
 from core.labels import LabelStore
 from core.predict import get_predictor, nearest_training
-from pages import _decide, _ui
+from pages import _audit, _decide, _ui
 
 st.title("Evaluate")
 ws = _ui.ws()
@@ -167,6 +167,7 @@ else:
 _decide.calibration_section(ws, run)
 _decide.decide_section(ws, run)
 _decide.learning_curve_section(ws, run, _ui.manager())
+_audit.cam_audit_section(ws, run, get_predictor(ws, run_id))
 
 st.download_button("Download per-image predictions (CSV)", run.predictions_path.read_bytes(),
                    file_name=f"{run_id}-predictions.csv", mime="text/csv")

@@ -325,3 +325,31 @@ def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):
     at.selectbox(key="preset").set_value("auto").run()
     assert any(i.value.startswith("**Auto**: about") for i in at.info)
     assert Workspace(empty_ws).list_runs() == []
+
+
+def test_evaluate_page_runs_the_gradcam_audit_in_the_background(finished_ws, trained):
+    from core.audit import load_cam_audit, saved_region
+    from core.storage import Workspace
+    from pages import _audit
+    ws = Workspace(finished_ws)
+    run = ws.run(trained["run"].id)
+    at = open_page("pages/evaluate.py")
+    assert not at.exception, at.exception
+    assert "Where the model looks" in [s.value for s in at.subheader]
+    at.radio(key="audit_region_kind").set_value(_audit.REGION_KINDS[1]).run()
+    at.slider(key="audit_x").set_value((20, 80)).run()
+    at.button(key="audit_start").click().run()
+    assert not at.exception, at.exception
+    assert saved_region(ws, run.config().data).box[0] == pytest.approx(0.2)  # kept for the dataset
+    from pages import _ui
+    jobs = _audit.audits(_ui._manager(str(finished_ws.resolve())).ws)  # the page's own, shared in this process
+    deadline = time.time() + 120
+    while jobs.status(run.id)["status"] == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    assert jobs.status(run.id)["status"] == "done", jobs.status(run.id)
+    at.run()
+    assert not at.exception, at.exception
+    result = load_cam_audit(run)
+    assert result["region"]["box"][0] == pytest.approx(0.2)
+    assert f"Last audit: {result['n']} test images" in texts(at)
+    assert any("images where the model looked mostly outside the region" in m.value for m in at.markdown)
