@@ -382,6 +382,19 @@ def cmd_cam_audit(args) -> int:
     return 0
 
 
+def cmd_audit_pack(args) -> int:
+    from .auditpack import build_audit_pack
+    ws = Workspace(args.workspace)
+    if ws.run_row(args.run) is None:
+        raise KeyError(f"no run {args.run!r} in {ws.root}")
+    out = build_audit_pack(ws, args.run, args.out)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['html']}\n{out['zip']} ({len(out['files'])} files)")
+    return 0
+
+
 def cmd_duplicates(args) -> int:
     from .similarity import run_duplicates
     ws = Workspace(args.workspace)
@@ -537,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="images listed (default 20)")
     p.add_argument("--all", action="store_true", help="with --json: every image's share, not only the flagged")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true")
+    p = add("audit-pack", cmd_audit_pack, "one self-contained HTML report of a run and a zip of the files it cites "
+                                            "(config, data hash and split, metrics, evaluation, calibration, rule, "
+                                            "leakage, Grad-CAM audit, heatmaps, environment)")
+    p.add_argument("run")
+    p.add_argument("--out", help="folder for the two files (default: the run's folder)")
     p.add_argument("--json", action="store_true")
     p = add("duplicates", cmd_duplicates, "near-duplicate images of a run (by perceptual hash, and by the model's "
                                            "features) and the groups that straddle its train/val/test split")

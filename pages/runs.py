@@ -3,6 +3,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from core.auditpack import build_audit_pack
+from core.errors import UserError
 from core.export import FORMATS, ExportError, export_run
 
 from pages import _ui
@@ -107,6 +109,24 @@ if len(selected) == 1:
                 st.download_button(f"Download {Path(exported).name}", Path(exported).read_bytes(),
                                    file_name=Path(exported).name, key=f"download_{rid}")
                 st.caption(f"Saved at `{exported}` with its card `{Path(exported).name}.card.json`.")
+    if ws.run(rid).eval_path.exists():
+        with st.expander("Export audit pack"):
+            st.caption("One self-contained HTML report (plots and heatmaps inside) and a zip with it and every file it "
+                       "cites: config, data hash and split, metrics, evaluation and confusion matrix, calibration, "
+                       "decision rule, near-duplicates and leakage, the Grad-CAM audit, sample heatmaps, environment.")
+            if st.button("Export audit pack", key=f"audit_pack_{rid}"):
+                try:
+                    with st.spinner("Writing the audit pack…"):
+                        st.session_state[f"audit_pack_{rid}_out"] = build_audit_pack(ws, rid)
+                except UserError as exc:
+                    st.error(str(exc))
+            pack = st.session_state.get(f"audit_pack_{rid}_out")
+            if pack and Path(pack["zip"]).exists():
+                d1, d2 = st.columns(2)
+                d1.download_button("Download the report (HTML)", Path(pack["html"]).read_bytes(),
+                                   file_name=Path(pack["html"]).name, mime="text/html", key=f"audit_html_{rid}")
+                d2.download_button(f"Download the pack (zip, {len(pack['files'])} files)", Path(pack["zip"]).read_bytes(),
+                                   file_name=Path(pack["zip"]).name, mime="application/zip", key=f"audit_zip_{rid}")
     log = ws.run(rid).log_path
     with st.expander("Log"):
         st.code(log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)", language=None)

@@ -306,6 +306,11 @@ def test_runs_page_exports_a_model(finished_ws, trained):
     path = Path(at.session_state[f"exported_{rid}"])
     assert path.suffix == ".pt" and path.exists() and path.with_name(path.name + ".card.json").exists()
     assert path.is_relative_to(finished_ws)
+    at.button(key=f"audit_pack_{rid}").click().run()  # the audit pack: the report and the zip to download
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    pack = at.session_state[f"audit_pack_{rid}_out"]
+    assert Path(pack["zip"]).exists() and Path(pack["html"]).is_relative_to(finished_ws)
+    assert "files/evaluation.json" in pack["files"]
 
 
 def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):

@@ -148,3 +148,42 @@ def test_the_audit_runs_in_the_background_and_from_the_cli(shortcut):
     bad = subprocess.run([sys.executable, "-m", "core", "--workspace", str(ws.root), "cam-audit", run.id,
                           "--region", "0.9,0,0.1,1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "0 <= x0 < x1 <= 1" in bad.stderr
+
+
+def test_the_audit_pack_is_one_self_contained_report_and_the_files_it_cites(shortcut, tmp_path):
+    import re
+    import zipfile
+    from core.auditpack import build_audit_pack
+    from core.export import dataset_hash
+    ws, run = shortcut
+    run_cam_audit(ws, run, CENTRE)
+    out = build_audit_pack(ws, run.id, tmp_path / "pack")
+    report = Path(out["html"]).read_text()
+    with zipfile.ZipFile(out["zip"]) as z:
+        names = set(z.namelist())
+        assert z.read("audit.html").decode() == report
+        assert json.loads(z.read("files/cam_audit.json"))["per_class"] == load_cam_audit(run)["per_class"]
+    for name in ("config.json", "split.json", "metrics.csv", "evaluation.json", "calibration.json", "leakage.json",
+                 "cam_audit.json", "environment.json"):
+        assert f"files/{name}" in names, names
+    assert any(n.startswith("files/heatmaps/") and n.endswith(".png") for n in names)
+    assert sorted(names) == out["files"]
+    cited = set(re.findall(r'href="(files/[^"]+)"', report))
+    assert cited and cited <= names  # every file the report cites is in the zip
+    assert "<script" not in report and not re.search(r'src="(?!data:)', report)  # nothing fetched to read it
+    assert dataset_hash(run) in report and f"{run.evaluation()['accuracy']:.2%}" in report
+    assert "Where the model looks (Grad-CAM audit)" in report and "mostly outside" in report
+
+
+def test_an_audit_pack_needs_an_evaluated_run(tmp_path):
+    from conftest import write_class_folders
+    from core.auditpack import build_audit_pack
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    ws = Workspace(tmp_path / "ws")
+    run = prepare_run(ws, tiny_config(write_class_folders(tmp_path / "d", per_class=6, size=32), batch_size=4))
+    with pytest.raises(UserError, match="no evaluation yet"):
+        build_audit_pack(ws, run.id)
+    out = subprocess.run([sys.executable, "-m", "core", "--workspace", str(ws.root), "audit-pack", run.id],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "no evaluation yet" in out.stderr
