@@ -7,8 +7,8 @@ mass outside the region where the evidence should be, and reports it per class w
 looked mostly elsewhere.
 
 The region is a rectangle drawn once per dataset (fractions of the image, kept in the workspace's regions.json),
-or found automatically on each image as its foreground: the largest connected area that differs from the colour
-of the image's border, as a rectangle. The audit's result is the run's cam_audit.json.
+or found automatically on each image as its foreground: the large connected areas that differ from the colour of
+the image's border, as a rectangle. The audit's result is the run's cam_audit.json.
 """
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ def box_from(values) -> tuple[float, float, float, float]:
 
 def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     """The image's foreground as a filled rectangle: pixels farther from the border's median colour than an Otsu
-    threshold (at least 20 grey levels), their largest connected area, its bounding box. An image without any
-    foreground gives the whole image (nothing is then outside)."""
+    threshold (at least 20 grey levels), their connected areas at least a quarter the size of the largest, and
+    the bounding box of those. An image without any foreground gives the whole image (nothing is then outside)."""
     from scipy import ndimage
     a = rgb.astype(np.int16)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
@@ -95,8 +95,11 @@ def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(fg)
     if n == 0:
         return np.ones(rgb.shape[:2], dtype=bool)
-    sizes = ndimage.sum(fg, labels, index=np.arange(1, n + 1))
-    ys, xs = np.nonzero(labels == int(np.argmax(sizes)) + 1)
+    sizes = np.asarray(ndimage.sum(fg, labels, index=np.arange(1, n + 1)))
+    # Every area at least a quarter the size of the largest: a part split by lines (a solar cell's busbars, seen
+    # on ELPV: the largest area alone was one strip of the cell) stays whole, a small sticker stays out.
+    big = np.flatnonzero(sizes >= 0.25 * sizes.max()) + 1
+    ys, xs = np.nonzero(np.isin(labels, big))
     m = np.zeros(rgb.shape[:2], dtype=bool)
     m[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
     return m

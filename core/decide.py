@@ -318,6 +318,17 @@ def report(rule: Rule, probs: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval (95% with z=1.96) of an accuracy measured as hits of n: how far the same rule's
+    accuracy on other images of the same kind may lie. None for n = 0."""
+    if n <= 0:
+        return None
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def coverage_curve(margin: np.ndarray, correct: np.ndarray, points: int = 200) -> list[dict]:
     """Accuracy of the automatic decisions against the share kept automatic, as the band widens: the k images of
     largest margin for k = n down to 1 (at most `points` of them)."""
@@ -414,7 +425,18 @@ def decide_run(run, positive: str | None = None, cost_miss: float = 1.0, cost_fa
             "band": _band_json(rule), "band_reachable": rule.band is not None or (target_accuracy is None
                                                                                  and review_budget is None),
             "coverage": on_test["coverage"], "band_accuracy": on_test["band_accuracy"],
+            "val_band_interval": _val_interval(on_val),
             "rule": rule.to_dict(), "test": on_test, "val": on_val, "curves": curves}
+
+
+def _val_interval(on_val: dict) -> list[float] | None:
+    """The 95% interval of the accuracy the band was chosen on (the validation images decided automatically):
+    a band chosen on a few hundred images can land below its target on test."""
+    if on_val["coverage"] is None or on_val["band_accuracy"] is None:
+        return None
+    decided = round(on_val["coverage"] * on_val["n"])
+    found = wilson_interval(round(on_val["band_accuracy"] * decided), decided)
+    return [round(found[0], 4), round(found[1], 4)] if found else None
 
 
 def refit_saved_rule(run) -> Rule | None:

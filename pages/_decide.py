@@ -140,6 +140,14 @@ def decide_section(ws, run) -> None:
                      else f"confidence below {band['min_confidence']:.3f}")
             st.markdown(f"**Review band**: {where} goes to a person. On {part}: **{on['coverage']:.1%}** decided "
                         f"automatically, at **{on['band_accuracy']:.1%}** accuracy; {on['reviewed']} images reviewed.")
+        low_high = result["val_band_interval"]
+        target = inputs.get("target_accuracy")
+        if band is not None and low_high and target and low_high[0] < target:
+            val = result["val"]
+            st.warning(f"The band was chosen on {round(val['coverage'] * val['n'])} validation images decided "
+                       f"automatically, at {val['band_accuracy']:.1%}; with so few, the same band's accuracy on new "
+                       f"images may lie anywhere in {low_high[0]:.1%}-{low_high[1]:.1%} (95% interval), below the "
+                       f"target of {target:.0%} at times. More validation images narrow it.")
     m1, m2 = st.columns(2)
     cm = np.array(on["rule"]["confusion_matrix"])
     fig = go.Figure(go.Heatmap(z=cm, x=scores.classes, y=scores.classes, colorscale="Blues", text=cm,

@@ -187,3 +187,14 @@ def test_an_audit_pack_needs_an_evaluated_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "core", "--workspace", str(ws.root), "audit-pack", run.id],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "no evaluation yet" in out.stderr
+
+
+def test_the_automatic_foreground_keeps_a_part_split_by_lines_whole():
+    # a cell crossed by dark lines (a solar cell's busbars): three bright strips, each its own connected area
+    a = np.full((SIZE, SIZE, 3), 30, np.uint8)
+    a[20:200, 20:200] = 180
+    a[80:84, 20:200] = 30
+    a[140:144, 20:200] = 30
+    a[2:8, 210:218] = 255  # and a small sticker
+    ys, xs = np.nonzero(foreground_mask(a))
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (20, 199, 20, 199)

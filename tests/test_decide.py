@@ -38,6 +38,16 @@ def test_threshold_is_the_cheapest_of_all_cuts_on_random_scores():
         assert cost(t) == pytest.approx(brute), trial
 
 
+def test_wilson_interval_by_hand():
+    # 95 of 100: centre (0.95 + 1.96^2/200) / (1 + 1.96^2/100), half-width 1.96 sqrt(.0475/100 + 1.96^2/40000) / same
+    lo, hi = decide.wilson_interval(95, 100)
+    assert (lo, hi) == pytest.approx((0.8882, 0.9785), abs=1e-4)
+    assert decide.wilson_interval(40, 40)[1] == 1.0 and decide.wilson_interval(40, 40)[0] == pytest.approx(0.9124, abs=1e-4)
+    assert decide.wilson_interval(0, 0) is None
+    # the fewer the images, the wider: a band chosen on 40 images says less than one chosen on 400
+    assert decide.wilson_interval(38, 40)[0] < decide.wilson_interval(380, 400)[0]
+
+
 def test_band_reaches_the_target_accuracy_with_the_most_images_automatic():
     margin = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
     correct = np.array([1, 1, 1, 1, 1, 0, 1, 1, 0, 0], dtype=bool)
@@ -168,6 +178,11 @@ def test_decide_cli_saves_a_rule_that_predict_and_the_table_use(decided_run, tmp
     r = json.loads(out.stdout)
     for key in ("threshold", "test_cost", "test_cost_argmax", "band", "coverage", "band_accuracy"):
         assert key in r
+    if r["val"]["band_accuracy"] is not None:  # the band's validation accuracy, with its 95% interval
+        decided_val = round(r["val"]["coverage"] * r["val"]["n"])
+        hits = round(r["val"]["band_accuracy"] * decided_val)
+        assert r["val_band_interval"] == pytest.approx(list(decide.wilson_interval(hits, decided_val)), abs=1e-4)
+        assert r["val_band_interval"][0] <= r["val"]["band_accuracy"] <= r["val_band_interval"][1]
     sc = decide.load_scores(run)
     t = run.temperature()
     # the saved threshold is the cheapest cut on the calibrated validation scores; its test cost is recomputed here
