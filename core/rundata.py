@@ -2,6 +2,7 @@
 batches of NxHxWx3 uint8 (from memory, a memory-mapped file, or kept on the GPU)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,8 @@ def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.de
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if images.nbytes < 0.5 * free:  # keep the whole set resident on the GPU: no host copies per batch
-            images = torch.from_numpy(np.asarray(images)).to(device)
+            with warnings.catch_warnings():  # a read-only memory map: copied to the GPU at once, never written
+                warnings.simplefilter("ignore", UserWarning)
+                images = torch.from_numpy(np.asarray(images)).to(device)
     return RunData(classes, images, idx, np.array([s.label for s in samples], dtype=np.int64), paths, rows,
                    skipped)
