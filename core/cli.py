@@ -318,7 +318,7 @@ def cmd_decide(args) -> int:
     if band is None:
         print("review band: " + ("none asked" if r["band_reachable"] else
                                  "the target accuracy is not reached on validation at any coverage"))
-    elif band.get("margin", band.get("min_confidence")) == 0:
+    elif band["none_needed"]:
         print(f"review band: none needed, every validation image stays automatic; on {part}: accuracy "
               f"{r['band_accuracy']:.4f}")
     else:
@@ -354,11 +354,17 @@ def cmd_learning_curve(args) -> int:
     return 0
 
 
-def cmd_cam_audit(args) -> int:
-    from .audit import Region, box_from, run_cam_audit, save_region, saved_region
+def _workspace_with_run(args) -> Workspace:
+    """The workspace, after checking that it holds run `args.run` (a one-line error if not)."""
     ws = Workspace(args.workspace)
     if ws.run_row(args.run) is None:
         raise KeyError(f"no run {args.run!r} in {ws.root}")
+    return ws
+
+
+def cmd_cam_audit(args) -> int:
+    from .audit import Region, box_from, run_cam_audit, save_region, saved_region
+    ws = _workspace_with_run(args)
     run = ws.run(args.run)
     source = run.config().data
     region = Region(None) if args.auto else Region(box_from(args.region)) if args.region else None
@@ -384,9 +390,7 @@ def cmd_cam_audit(args) -> int:
 
 def cmd_audit_pack(args) -> int:
     from .auditpack import build_audit_pack
-    ws = Workspace(args.workspace)
-    if ws.run_row(args.run) is None:
-        raise KeyError(f"no run {args.run!r} in {ws.root}")
+    ws = _workspace_with_run(args)
     out = build_audit_pack(ws, args.run, args.out)
     if args.json:
         print(json.dumps(out))
@@ -397,9 +401,7 @@ def cmd_audit_pack(args) -> int:
 
 def cmd_duplicates(args) -> int:
     from .similarity import run_duplicates
-    ws = Workspace(args.workspace)
-    if ws.run_row(args.run) is None:
-        raise KeyError(f"no run {args.run!r} in {ws.root}")
+    ws = _workspace_with_run(args)
     by = tuple(args.by.split(","))
     report = run_duplicates(ws, ws.run(args.run), by, args.hash_distance, args.similarity)
     if args.json:

@@ -139,7 +139,7 @@ def least_confident(predictor, paths: list[str]) -> list[tuple[str, float]]:
 def review_band(predictor, paths: list[str]) -> list[tuple[str, float]]:
     """(path, decision margin) of each readable image that the model's decision rule sends to a person, nearest the
     decision boundary first: the images the rule will not decide alone. Empty without a rule or a band."""
-    if predictor.rule is None or predictor.rule.band is None:
+    if predictor.rule is None or not predictor.rule.has_band:
         return []
     preds = predictor.predict(list(paths), top_k=1)
     hits = [(p["path"], p["decision"]["margin"]) for p in preds if "decision" in p and p["decision"]["review"]]

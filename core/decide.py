@@ -162,8 +162,10 @@ def _logit(p):
 class Rule:
     """How a model's calibrated probabilities become decisions. Binary with `positive`: positive when
     p(positive) >= threshold; otherwise the class of least expected cost under `cost` (cost[true][decided]).
-    `band`: images whose margin (binary: |logit p - logit threshold|; else: the decided class's probability) is
-    below it go to a person; None: no review band."""
+    Review band (images sent to a person): binary, p(positive) in [band_low, band_high), its two edges chosen apart
+    (a lopsided cost puts the threshold near 0 or 1, where a band symmetric around it cannot reach a target);
+    rules saved before that have `band`, a margin |logit p - logit threshold| below which an image is reviewed.
+    Several classes: `band`, the decided class's probability below which an image is reviewed. None: no band."""
     classes: list[str]
     cost: list[list[float]]
     positive: str | None = None
@@ -172,6 +174,12 @@ class Rule:
     target_accuracy: float | None = None   # what the band was chosen for (one of the two, or neither)
     review_budget: float | None = None
     inputs: dict = field(default_factory=dict)  # the user's costs, as given
+    band_low: float | None = None   # binary: the review interval of p(positive), [band_low, band_high)
+    band_high: float | None = None
+
+    @property
+    def has_band(self) -> bool:
+        return self.band is not None or self.band_low is not None
 
     @property
     def binary(self) -> bool:
@@ -188,7 +196,14 @@ class Rule:
         else:
             decided = (probs @ np.asarray(self.cost)).argmin(1) if len(probs) else np.zeros(0, dtype=np.int64)
             margin = probs[np.arange(len(probs)), decided]
-        review = margin < self.band if self.band is not None else np.zeros(len(probs), dtype=bool)
+        if self.binary and self.band_low is not None:
+            review = (p >= self.band_low) & ((p < self.band_high) | (self.band_high >= 1.0))
+            if self.band_low == self.band_high:
+                review[:] = False  # an empty band: every image decided automatically
+        elif self.band is not None:
+            review = margin < self.band
+        else:
+            review = np.zeros(len(probs), dtype=bool)
         return decided, margin, review
 
     def decisions(self, probs: np.ndarray) -> list[dict]:
@@ -207,8 +222,10 @@ class Rule:
 
     def band_range(self) -> tuple[float, float] | None:
         """Binary: the p(positive) interval sent to a person."""
-        if not self.binary or self.band is None:
+        if not self.binary or not self.has_band:
             return None
+        if self.band_low is not None:
+            return float(self.band_low), float(self.band_high)
         lo, hi = _logit(self.threshold) - self.band, _logit(self.threshold) + self.band
         return float(1 / (1 + math.exp(-lo))), float(1 / (1 + math.exp(-hi)))
 
@@ -250,6 +267,46 @@ def choose_band(margin: np.ndarray, correct: np.ndarray, target_accuracy: float 
     return 0.0 if k == n else float((s[k - 1] + s[k]) / 2)
 
 
+def choose_binary_band(p: np.ndarray, positive: np.ndarray, threshold: float, target_accuracy: float | None = None,
+                       review_budget: float | None = None) -> tuple[float, float] | None:
+    """The review interval [low, high) of p(positive) around the threshold, its edges chosen apart. With a target
+    accuracy: the interval that keeps the most images automatic (ties: the more accurate) while their accuracy
+    reaches the target; with a review budget: the most accurate automatic part reviewing at most that fraction
+    (ties: the fewer reviewed). Below `low` the rule says negative, from `high` up positive. (threshold, threshold):
+    no band needed. None when the target cannot be reached."""
+    p = np.asarray(p, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    n = len(p)
+    if n == 0 or (target_accuracy is None and review_budget is None):
+        return None
+    order = np.argsort(p, kind="stable")
+    s, y = p[order], pos[order]
+    m = int(np.searchsorted(s, threshold, side="left"))   # images below the threshold: decided negative
+    neg_ok = np.concatenate([[0], np.cumsum(~y)])          # correct negatives among the i lowest
+    pos_ok = np.concatenate([np.cumsum(y[::-1])[::-1], [0]])  # correct positives among those from j up
+    # edges only between two distinct values, or at the threshold itself
+    lows = np.array([i for i in range(m + 1) if i in (0, m) or s[i - 1] < s[i]])
+    highs = np.array([j for j in range(m, n + 1) if j in (m, n) or s[j - 1] < s[j]])
+    auto = lows[:, None] + (n - highs[None, :])
+    hits = neg_ok[lows][:, None] + pos_ok[highs][None, :]
+    acc = np.divide(hits, auto, out=np.zeros(auto.shape), where=auto > 0)
+    if target_accuracy is not None:  # the most automatic, then the most accurate
+        ok = (acc >= target_accuracy - 1e-12) & (auto > 0)
+        first, second = auto, acc
+    else:                            # the most accurate, then the most automatic
+        ok = (n - auto) <= review_budget * n + 1e-9
+        first, second = acc, auto
+    if not ok.any():
+        return None
+    ok &= first >= first[ok].max() - 1e-12
+    ok &= second >= second[ok].max() - 1e-12
+    a, b = (int(v[0]) for v in np.nonzero(ok))
+    i, j = int(lows[a]), int(highs[b])
+    low = threshold if i == m else (0.0 if i == 0 else float((s[i - 1] + s[i]) / 2))
+    high = threshold if j == m else (1.0 if j == n else float((s[j - 1] + s[j]) / 2))
+    return float(low), float(high)
+
+
 class DecisionError(UserError, ValueError):
     """A decision cannot be made as asked (unknown class, negative cost, run not evaluated); the message says why."""
 
@@ -282,6 +339,11 @@ def fit_rule(val_probs: np.ndarray, val_y: np.ndarray, classes: list[str], posit
     if rule.binary:
         ip = classes.index(positive)
         rule.threshold = best_threshold(val_probs[:, ip], val_y == ip, cost_miss, cost_false_alarm)
+    if rule.binary:
+        ip = classes.index(positive)
+        found = choose_binary_band(val_probs[:, ip], val_y == ip, rule.threshold, target_accuracy, review_budget)
+        rule.band_low, rule.band_high = found if found else (None, None)
+        return rule
     decided, margin, _ = rule.decide(val_probs)
     rule.band = choose_band(margin, decided == val_y, target_accuracy, review_budget)
     return rule
@@ -395,12 +457,12 @@ def load_scores(run) -> Scores:
 
 
 def _band_json(rule: Rule):
-    if rule.band is None:
+    if not rule.has_band:
         return None
     if rule.binary:
         lo, hi = rule.band_range()
-        return {"margin": rule.band, "p_low": lo, "p_high": hi}
-    return {"min_confidence": rule.band}
+        return {"p_low": lo, "p_high": hi, "none_needed": lo == hi}
+    return {"min_confidence": rule.band, "none_needed": rule.band == 0}
 
 
 def decide_run(run, positive: str | None = None, cost_miss: float = 1.0, cost_false_alarm: float = 1.0,
@@ -422,7 +484,7 @@ def decide_run(run, positive: str | None = None, cost_miss: float = 1.0, cost_fa
         save_rule(run, rule)
     return {"run_id": run.id, "part": sc.test_part, "temperature": t, "threshold": rule.threshold,
             "test_cost": on_test["rule"]["cost"], "test_cost_argmax": on_test["argmax"]["cost"],
-            "band": _band_json(rule), "band_reachable": rule.band is not None or (target_accuracy is None
+            "band": _band_json(rule), "band_reachable": rule.has_band or (target_accuracy is None
                                                                                  and review_budget is None),
             "coverage": on_test["coverage"], "band_accuracy": on_test["band_accuracy"],
             "val_band_interval": _val_interval(on_val),

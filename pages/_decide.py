@@ -130,7 +130,7 @@ def decide_section(ws, run) -> None:
         if band is None:
             st.warning("No band reaches this target on the validation part, even sending all but one image to a "
                        "person: lower the target or improve the model.")
-        elif band.get("margin", band.get("min_confidence")) == 0:
+        elif band["none_needed"]:
             st.markdown(f"**Review band**: none needed: the validation part reaches it with every image decided "
                         f"automatically. On {part}: {on['band_accuracy']:.1%} accuracy.")
         elif on["band_accuracy"] is None:

@@ -114,7 +114,7 @@ elif queue_kind == "Least confident predictions":
 else:
     model_run = ws.run(model_id)
     saved_rule = load_rule(model_run)
-    if saved_rule is None or saved_rule.band is None:
+    if saved_rule is None or not saved_rule.has_band:
         st.info("This model has no review band: choose one in Evaluate → Decide (\"Send to a person\").")
     else:
         pool = tuple((ds.unlabeled or [s.path for s in ds.samples])[:2000])

@@ -21,7 +21,7 @@ st.caption(f"Classes: {', '.join(predictor.classes)} · input {predictor.hw[0]}x
            + (f"calibrated (temperature {predictor.classifier.temperature:.2f})"
               if predictor.classifier.temperature != 1.0 else "not calibrated")
            + (" · decision rule: " + (f"fail when p({rule.positive}) ≥ {rule.threshold:.3f}" if rule.binary else
-                                      "least expected cost") + (", review band" if rule.band else "")
+                                      "least expected cost") + (", review band" if rule.has_band else "")
               if rule else " · no decision rule (choose one in Evaluate → Decide)"))
 
 uploads = st.file_uploader("Images (or a zip of images)", accept_multiple_files=True, key="predict_files")

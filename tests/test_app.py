@@ -109,7 +109,7 @@ def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained)
     assert {r["decision"] for r in read_predictions(run)} <= {"pass", "fail", "review"}
     # the Predict page's caption names the rule; the label queue pulls what a band sends to a person
     ws.register_dataset("dots", run.split()["source"])
-    rule.band = 50.0  # wide enough that every image is reviewed
+    rule.band_low, rule.band_high = 0.0, 1.0  # every image is reviewed
     decide.save_rule(run, rule)
     label = open_page("pages/label.py")
     label.radio(key="queue_kind").set_value("Review band").run()

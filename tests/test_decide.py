@@ -60,6 +60,63 @@ def test_band_reaches_the_target_accuracy_with_the_most_images_automatic():
     assert decide.choose_band(margin, correct, review_budget=0.0) == 0.0  # nothing reviewed
 
 
+def test_binary_band_edges_are_chosen_apart_by_hand():
+    # threshold 0.1 (a miss costs much more than a false alarm): every image at p >= 0.1 is called positive.
+    p = np.array([0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95])
+    pos = np.array([0, 0, 0, 0, 1, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
+    # 95%: all 4 lowest are right negatives, 0.7 and up right positives; 0.08..0.5 hold 2 errors of 3 wrong calls.
+    # The most automatic interval at 100% keeps 4 + 3 = 7: review [0.065, 0.6)
+    assert decide.choose_binary_band(p, pos, 0.1, target_accuracy=0.95) == pytest.approx((0.065, 0.6))
+    # a band symmetric in logit around 0.1 that leaves 0.05 automatic must also leave 0.2 (|logit| 0.75 vs 0.81):
+    # a wrong call; the two-sided band avoids it
+    rule = decide.Rule(classes=["ok", "bad"], cost=[[0, 1], [10, 0]], positive="bad", threshold=0.1,
+                       band_low=0.065, band_high=0.6)
+    probs = np.stack([1 - p, p], 1)
+    decided, _, review = rule.decide(probs)
+    np.testing.assert_array_equal(review, (p >= 0.065) & (p < 0.6))
+    assert (decided[~review] == pos[~review]).all()
+    # a review budget of 2 images: the most accurate automatic part reviewing at most 2
+    lo, hi = decide.choose_binary_band(p, pos, 0.1, review_budget=2 / 12)
+    assert ((p >= lo) & (p < hi)).sum() <= 2
+    # nothing to review when the threshold already decides every validation image right
+    assert decide.choose_binary_band(p, p >= 0.6, 0.6, target_accuracy=1.0) == (0.6, 0.6)
+    assert decide.choose_binary_band(p, pos, 0.1, target_accuracy=1.01) is None
+
+
+def test_binary_band_is_the_brute_force_optimum():
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n = int(rng.integers(5, 40))
+        p = np.round(rng.random(n), 2)  # ties on purpose
+        pos = rng.random(n) < p
+        t = float(rng.choice([0.1, 0.3, 0.5, 0.8]))
+        cuts = np.unique(np.concatenate([[0.0, 1.0, t], (np.sort(p)[:-1] + np.sort(p)[1:]) / 2]))
+        best_t, best_b = None, None
+        budget = 0.25
+        for lo in cuts[cuts <= t]:
+            for hi in cuts[cuts >= t]:
+                review = (p >= lo) & ((p < hi) | (hi >= 1.0)) if lo < hi else np.zeros(n, bool)
+                auto = ~review
+                if not auto.any():
+                    continue
+                acc = ((p[auto] >= t) == pos[auto]).mean()
+                k = auto.sum()
+                if acc >= 0.9 - 1e-12 and (best_t is None or (k, acc) > best_t):
+                    best_t = (k, acc)
+                if review.sum() <= budget * n + 1e-9 and (best_b is None or (acc, k) > best_b):
+                    best_b = (acc, k)
+        for target, budget_arg, best in ((0.9, None, best_t), (None, budget, best_b)):
+            found = decide.choose_binary_band(p, pos, t, target, budget_arg)
+            if best is None:
+                assert found is None
+                continue
+            lo, hi = found
+            review = (p >= lo) & ((p < hi) | (hi >= 1.0)) if lo < hi else np.zeros(n, bool)
+            auto = ~review
+            got = (auto.sum(), ((p[auto] >= t) == pos[auto]).mean())
+            assert (got if target else got[::-1]) == pytest.approx(best), (trial, target, found)
+
+
 def test_temperature_lowers_the_nll_of_overconfident_logits_and_recovers_the_scale():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 1.5, (4000, 4))
