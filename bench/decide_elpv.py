@@ -41,7 +41,8 @@ def score(run) -> dict:
             "test_cost_argmax": r["test_cost_argmax"], "recall_rule": r["test"]["rule"]["recall"],
             "recall_argmax": r["test"]["argmax"]["recall"], "precision_rule": r["test"]["rule"]["precision"],
             "precision_argmax": r["test"]["argmax"]["precision"], "band": r["band"], "coverage": r["coverage"],
-            "band_accuracy": r["band_accuracy"], "n_test": r["test"]["n"]}
+            "band_accuracy": r["band_accuracy"], "n_test": r["test"]["n"], "val_coverage": r["val"]["coverage"],
+            "val_band_accuracy": r["val"]["band_accuracy"], "val_band_interval": r["val_band_interval"]}
 
 
 def main() -> None:
