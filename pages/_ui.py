@@ -60,10 +60,22 @@ def _detect_device() -> None:
     _device["text"] = describe_device()
 
 
+def precompile() -> None:
+    """Compile the engine and the pages to bytecode now, on the page's thread. CPython 3.11 can fail a page with
+    "SystemError: AST constructor recursion depth mismatch" when one thread parses source (Streamlit reading a page
+    script) while another compiles (a background import of a module without its .pyc: the device detection, a job
+    or audit thread). Seen in CI on a fresh clone; with the bytecode written, imports compile nothing."""
+    import compileall
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("core", "pages"):
+        compileall.compile_dir(str(root / folder), quiet=2, maxlevels=0)
+
+
 def detect_device() -> None:
     """Start finding the device once per process, in the background; app.py calls this after the page has been
     drawn, so the import of torch does not hold the first page up."""
     if "thread" not in _device:
+        precompile()
         _device["thread"] = threading.Thread(target=_detect_device, name="detect-device", daemon=True)
         _device["thread"].start()
 
