@@ -32,7 +32,7 @@ def wrap(mod, name):
 import core.estimate as E  # noqa: E402
 import core.recipe as R  # noqa: E402
 import core.train as TR  # noqa: E402
-for n in ("training_images_per_s", "decode_seconds_per_image", "checkpoint_write_seconds"):
+for n in ("_timed_training_steps", "decode_seconds_per_image", "checkpoint_write_seconds"):
     wrap(E, n)
 for n in ("measure", "machine_facts", "image_facts"):
     wrap(R, n)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .storage import Run, Workspace
+from .storage import Run, Workspace, write_json_atomic
 
 AUDIT_FILE = "cam_audit.json"
 REGIONS_FILE = "regions.json"
@@ -141,13 +139,7 @@ def save_region(ws: Workspace, source: str, region: Region | None) -> None:
         regions.pop(str(source), None)
     else:
         regions[str(source)] = region.to_json()
-    _write_json(path, regions)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, regions)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +202,7 @@ def run_cam_audit(ws: Workspace, run: Run, region: Region | None = None, progres
             progress(done, len(idx))
     result = summarize(images, data.classes, region)
     result.update({"run_id": run.id, "part": part, "seconds": round(time.perf_counter() - t0, 2)})
-    _write_json(run.dir / AUDIT_FILE, result)
+    write_json_atomic(run.dir / AUDIT_FILE, result)
     return result
 
 

@@ -9,7 +9,6 @@ import base64
 import html
 import io
 import json
-import os
 import platform
 import time
 import zipfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .storage import Run, Workspace
+from .storage import Run, Workspace, write_atomic
 
 PACK_NAME = "audit-pack"
 SAMPLE_HEATMAPS = 6
@@ -193,8 +192,8 @@ cited, which are in this pack's zip under <code>files/</code>.</p>{''.join(secti
     html_path = out_dir / f"{PACK_NAME}-{run.id}.html"
     zip_path = out_dir / f"{PACK_NAME}-{run.id}.zip"
     try:
-        _atomic(html_path, lambda fh: fh.write(report.encode()))
-        _atomic(zip_path, lambda fh: _write_zip(fh, report, files))
+        write_atomic(html_path, lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
+        write_atomic(zip_path, lambda tmp: _write_zip(tmp, report, files))
     except OSError as exc:
         raise UserError(f"cannot write the audit pack to {out_dir}: {exc.strerror or exc}") from None
     return {"html": str(html_path), "zip": str(zip_path), "files": sorted(["audit.html"] + [f"files/{n}" for n in files])}
@@ -208,18 +207,9 @@ def _predictions(run: Run) -> list[dict]:
     return sorted(rows, key=lambda r: -r["loss"])
 
 
-def _write_zip(fh, report: str, files: dict[str, bytes]) -> None:
-    with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as z:
+def _write_zip(path, report: str, files: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("audit.html", report)
         for name, data in files.items():
             z.writestr(f"files/{name}", data)
 
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import UserError
+from .storage import write_json_atomic
 
 EPS = 1e-12
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al.
@@ -339,8 +340,6 @@ def fit_rule(val_probs: np.ndarray, val_y: np.ndarray, classes: list[str], posit
     if rule.binary:
         ip = classes.index(positive)
         rule.threshold = best_threshold(val_probs[:, ip], val_y == ip, cost_miss, cost_false_alarm)
-    if rule.binary:
-        ip = classes.index(positive)
         found = choose_binary_band(val_probs[:, ip], val_y == ip, rule.threshold, target_accuracy, review_budget)
         rule.band_low, rule.band_high = found if found else (None, None)
         return rule
@@ -406,12 +405,6 @@ def coverage_curve(margin: np.ndarray, correct: np.ndarray, points: int = 200) -
 
 # --- stored with the run: the raw scores, the temperature, the rule ----------------------------------------------
 
-def _write_json(path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 @dataclass
 class Scores:
     """A run's uncalibrated probabilities on its validation part and on the part it is evaluated on."""
@@ -443,7 +436,7 @@ def calibrate_run(run, scores: Scores) -> dict:
     np.savez(tmp, classes=np.array(scores.classes), val_probs=scores.val_probs, val_y=scores.val_y,
              test_probs=scores.test_probs, test_y=scores.test_y, test_part=np.array(scores.test_part))
     os.replace(tmp, run.scores_path)
-    _write_json(run.calibration_path, cal)
+    write_json_atomic(run.calibration_path, cal)
     return cal
 
 
@@ -496,7 +489,7 @@ def _val_interval(on_val: dict) -> list[float] | None:
     a band chosen on a few hundred images can land below its target on test."""
     if on_val["coverage"] is None or on_val["band_accuracy"] is None:
         return None
-    decided = round(on_val["coverage"] * on_val["n"])
+    decided = on_val["n"] - on_val["reviewed"]
     found = wilson_interval(round(on_val["band_accuracy"] * decided), decided)
     return [round(found[0], 4), round(found[1], 4)] if found else None
 
@@ -514,7 +507,7 @@ def refit_saved_rule(run) -> Rule | None:
 
 
 def save_rule(run, rule: Rule) -> None:
-    _write_json(run.rule_path, rule.to_dict())
+    write_json_atomic(run.rule_path, rule.to_dict())
 
 
 def load_rule(run) -> Rule | None:

@@ -22,7 +22,7 @@ from .images import ImageLoadError, load_array
 from .labels import LabelStore
 from .model import build_model
 from .schedule import mean_pixel_fraction
-from .train import WRITE_EVERY_COST, train_step
+from .train import WRITE_EVERY_COST, build_optimizer, train_step
 from .transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
 
 EVAL_COST = 1 / 3  # a forward pass per image costs about a third of a training step's (forward + backward)
@@ -30,9 +30,15 @@ EVAL_COST = 1 / 3  # a forward pass per image costs about a third of a training 
 
 def training_images_per_s(cfg: TrainConfig, device: torch.device | None = None, steps: int = 4) -> float:
     """Training images per second of the engine's step at this config's size, batch, model and precision."""
+    return _timed_training_steps(cfg, device, steps)[0]
+
+
+def _timed_training_steps(cfg: TrainConfig, device: torch.device | None = None, steps: int = 4):
+    """(images per second, the model, its optimizer): the engine's step timed with the optimizer training builds
+    (fused on a GPU), the model and optimizer then as large as after any step."""
     device = device or select_device(cfg.device)
     model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters())
+    opt = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     amp = autocast_dtype(device, cfg.amp)
     augment = build_train_augment(AugmentSpec.from_config(cfg))
@@ -48,18 +54,14 @@ def training_images_per_s(cfg: TrainConfig, device: torch.device | None = None, 
         train_step(model, torch.nn.CrossEntropyLoss(), opt, scaler, x, y, amp, 1)  # .item() inside syncs CUDA too
         if i >= 2:  # the first steps pick and cache kernels
             times.append(time.perf_counter() - t)
-    return cfg.batch_size / float(np.median(times))
+    return cfg.batch_size / float(np.median(times)), model, opt
 
 
-def checkpoint_write_seconds(arch: str = "resnet18") -> float:
+def checkpoint_write_seconds(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
     """Seconds to write one epoch's checkpoints as training does (best.pt, then last.pt with the optimizer's
-    state), in the system's temporary folder (one try: about 0.4 s on an H100 machine's disk)."""
+    state) for a model and optimizer that have taken a step, in the system's temporary folder (one try: about
+    0.4 s on an H100 machine's disk)."""
     from .checkpoint import save_checkpoint
-    model = build_model(arch, 2, "none")
-    opt = torch.optim.AdamW(model.parameters())
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()  # creates the optimizer's state, as large as it is after any step
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         save_checkpoint(f"{tmp}/best.pt", model.state_dict(), {})
@@ -129,9 +131,9 @@ def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_pe
 
 def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:
     """Time the training step and the decoder for this config, and estimate its run."""
-    ips = training_images_per_s(cfg)
+    ips, model, opt = _timed_training_steps(cfg)
     decode = decode_seconds_per_image(paths, cfg.input_hw)
-    write = checkpoint_write_seconds(cfg.arch)
+    write = checkpoint_write_seconds(model, opt)
     return Estimate(run_seconds(cfg, counts, ips, decode, write), ips, decode, counts, write)
 
 

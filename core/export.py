@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +24,7 @@ from .decide import load_rule
 from .errors import UserError
 from .model import model_from_checkpoint
 from .portable import CARD_KEY
-from .storage import Run, Workspace
+from .storage import Run, Workspace, write_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # cli.EXPORT_FORMATS names the same, without importing torch
 ONNX_OPSET = 18
@@ -115,22 +113,11 @@ def export_run(ws: Workspace, run_id: str, fmt: str = "onnx", out: str | Path | 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         card_path = out.with_name(out.name + ".card.json")
-        _write_atomic(out, lambda tmp: _WRITERS[fmt](portable, example, tmp, card))
-        _write_atomic(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2)))
+        write_atomic(out, lambda tmp: _WRITERS[fmt](portable, example, tmp, card))
+        write_atomic(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2)))
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
     return {"path": str(out), "card_path": str(card_path), "card": card}
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_onnx(portable: nn.Module, example: torch.Tensor, path: str, card: dict) -> None:

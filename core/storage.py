@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,24 @@ from datetime import datetime
 from pathlib import Path
 
 ACTIVE = ("queued", "running", "stopping")
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """A file written whole or not at all: `write(tmp)` fills a temporary file (a path) beside `path`, which then
+    replaces it. A failure (a full disk, an exception in `write`) leaves the previous file and no temporary one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

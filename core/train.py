@@ -377,11 +377,12 @@ class CheckpointPacer:
     def epoch_end(self, run: Run, t: Trainer, progress: Progress, row: dict, improved: bool, final: bool) -> None:
         now = self.clock()
         if not checkpoint_due(final, None if self.last_end is None else now - self.last_end, self.last_cost):
+            state = t.model.state_dict()
             # Weights gone NaN fail the run at this epoch, as a write would have (and are never held as the best).
-            refuse_nonfinite(t.model.state_dict(), run.last_path.name)
+            refuse_nonfinite(state, run.last_path.name)
             if improved:
-                state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
-                self.pending_best = (state, checkpoint_meta(run, t, progress, row))
+                held = {k: v.detach().clone() for k, v in state.items()}
+                self.pending_best = (held, checkpoint_meta(run, t, progress, row))
             return
         if improved:
             self.pending_best = None  # superseded by this epoch's best.pt

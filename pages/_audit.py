@@ -53,7 +53,7 @@ def cam_audit_section(ws, run, predictor) -> None:
             st.warning("The rectangle needs a width and a height.")
             return
         region = Region((xs[0] / 100, ys[0] / 100, xs[1] / 100, ys[1] / 100))
-    sample = [p for p in (run.split().get("test") or [])[:3]]
+    sample = (run.split().get("test") or [])[:3]
     if sample:
         cols = st.columns(len(sample) + 1)
         for col, row in zip(cols, sample):

@@ -144,7 +144,7 @@ def decide_section(ws, run) -> None:
         target = inputs.get("target_accuracy")
         if band is not None and low_high and target and low_high[0] < target:
             val = result["val"]
-            st.warning(f"The band was chosen on {round(val['coverage'] * val['n'])} validation images decided "
+            st.warning(f"The band was chosen on {val['n'] - val['reviewed']} validation images decided "
                        f"automatically, at {val['band_accuracy']:.1%}; with so few, the same band's accuracy on new "
                        f"images may lie anywhere in {low_high[0]:.1%}-{low_high[1]:.1%} (95% interval), below the "
                        f"target of {target:.0%} at times. More validation images narrow it.")

@@ -22,11 +22,11 @@ os.environ.setdefault("STUDIO_PRECISION_CACHE", str(Path(tempfile.mkdtemp(prefix
 
 import torch  # noqa: E402
 
-# Bytecode for the engine and pages before any test starts a thread (see pages/_ui.py's precompile: a CPython 3.11
-# race between a thread compiling an import and Streamlit parsing a page, seen in CI on a fresh clone).
-import compileall  # noqa: E402
-for _folder in ("core", "pages"):
-    compileall.compile_dir(str(ROOT / _folder), quiet=2, maxlevels=0)
+# Bytecode for the engine and pages before any test starts a thread (see precompile: a CPython 3.11 race between
+# a thread compiling an import and Streamlit parsing a page, seen in CI on a fresh clone).
+from pages._ui import precompile  # noqa: E402
+
+precompile()
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
