@@ -185,14 +185,23 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         plot = page.get_by_test_id("stPlotlyChart").first
         expect(plot).to_be_visible(timeout=60_000)
         plot.locator(".nsewdrag").first.wait_for(timeout=30_000)
-        box = plot.locator(".nsewdrag").first.bounding_box()
-        x0, y0, x1, y1 = box["x"] + 2, box["y"] + 2, box["x"] + box["width"] - 2, box["y"] + box["height"] - 2
-        page.mouse.move(x0, y0)
-        page.mouse.down()
-        for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
-            page.mouse.move(x, y, steps=8)
-        page.mouse.up()
-        expect(page.get_by_text(re.compile(r"^\d+ selected$"))).to_be_visible(timeout=30_000)
+        selected = page.get_by_text(re.compile(r"^\d+ selected$"))
+        # A lasso drawn while the chart is still being wired up for selections is lost (seen once in CI on a
+        # loaded machine): the gesture is drawn again, up to three times, until the page reports the selection.
+        for attempt in range(3):
+            box = plot.locator(".nsewdrag").first.bounding_box()
+            x0, y0, x1, y1 = box["x"] + 2, box["y"] + 2, box["x"] + box["width"] - 2, box["y"] + box["height"] - 2
+            page.mouse.move(x0, y0)
+            page.mouse.down()
+            for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
+                page.mouse.move(x, y, steps=8)
+            page.mouse.up()
+            try:
+                expect(selected).to_be_visible(timeout=15_000)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         expect(page.get_by_text(re.compile(r"^(dot|blank) → (dot|blank) · (train|val|test)$")).first).to_be_visible()
         page.screenshot(path=ARTIFACTS / "5-explore.png", full_page=True)
         browser.close()
