@@ -68,7 +68,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget per seed")
     ap.add_argument("--recipe", default="small grayscale inspection", choices=list(PRESETS))
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    ap.add_argument("--epochs", default="",
+                    help="epochs per seed instead of the budget's calibration (one number, or one per seed): a lever "
+                         "that does not change the training steps (ema) is then compared on the same trajectory")
     ap.add_argument("--split-seed", type=int, default=2019)
+    ap.add_argument("--workspace", default="", help="keep the runs in this workspace (default: a temporary one)")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--tune", action="store_true",
                     help="recipe tuning: report the validation part only; the test part is left out of the run")
@@ -88,14 +92,20 @@ def main() -> None:
     device = select_device(base.get("device", "auto"))
     torch.set_num_threads(os.cpu_count() or 1)
 
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fixed = [int(e) for e in args.epochs.split(",")] if args.epochs else []
+    if len(fixed) == 1:
+        fixed *= len(seeds)
+    if fixed and len(fixed) != len(seeds):
+        ap.error("--epochs: give one number, or one per seed")
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
-        ws = Workspace(Path(tmp) / "ws")
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        ws = Workspace(Path(args.workspace) if args.workspace else Path(tmp) / "ws")
+        for i, seed in enumerate(seeds):
             cfg = TrainConfig.from_dict({**base, "seed": seed})
             ips = training_images_per_s(cfg, device)  # the engine's own step, augmentation included
             epoch_s = estimate_seconds(1, n_train, n_val, 0, ips)  # training plus validation
-            cfg.epochs = max(1, int(args.minutes * 60 * 0.9 / epoch_s))  # margin for logging, checkpoints
+            cfg.epochs = fixed[i] if fixed else max(1, int(args.minutes * 60 * 0.9 / epoch_s))  # margin: logging
             cfg.validate()
             run = ws.create_run(cfg, split["dataset"])
             # --tune leaves the test part out of the run altogether (the engine then scores the validation part)
@@ -130,6 +140,7 @@ def main() -> None:
         "config": {k: v for k, v in TrainConfig.from_dict(base).to_dict().items() if k not in ("notes", "extra")},
         "seeds": [s["seed"] for s in per_seed],
         "minutes_per_seed": args.minutes,
+        "epochs_fixed": args.epochs or None,
         "split": {"train": n_train, "val": n_val, "test": len(split["test"]), "split_seed": args.split_seed},
         "accuracy_mean": round(float(accs.mean()), 4),
         "accuracy_std": round(float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, 4),
@@ -137,6 +148,9 @@ def main() -> None:
         "per_type_accuracy": {t: round(float(np.mean([s["per_type_accuracy"][t] for s in per_seed])), 4)
                               for t in ("mono", "poly")},
         "confusion_matrix": np.sum([s["confusion_matrix"] for s in per_seed], axis=0).tolist(),
+        "per_class_recall": per_class_recall(split["classes"], per_seed),
+        **{f"{k}_mean": round(float(np.mean([s[k] for s in per_seed])), 4)
+           for k in ("grade_mae", "two_class_accuracy_from_grades") if k in per_seed[0]},
         "train_seconds": round(float(np.mean([s["train_seconds"] for s in per_seed])), 1),
         "per_seed": per_seed,
         "paper": PAPER[args.task],
@@ -149,8 +163,18 @@ def main() -> None:
                 f"{len(per_seed)} ({','.join(map(str, doc['seeds']))}) | {args.minutes:g} min | "
                 f"{doc['accuracy_mean']:.2%} ± {doc['accuracy_std']:.2%} | {doc['macro_f1_mean']:.3f} | "
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
-                f"--minutes {args.minutes:g}{''.join(' --set ' + x for x in args.set)}` |\n")
+                f"--minutes {args.minutes:g}{' --epochs ' + args.epochs if args.epochs else ''}"
+                f"{''.join(' --set ' + x for x in args.set)}` |\n")
         add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)
+
+
+def per_class_recall(classes: list[str], per_seed: list[dict]) -> dict:
+    """Class name -> recall on the test part, the mean over seeds (a class never predicted shows as 0)."""
+    recalls = []
+    for s in per_seed:
+        cm = np.array(s["confusion_matrix"], dtype=np.float64)  # rows: true class
+        recalls.append(np.diag(cm) / np.maximum(cm.sum(1), 1))
+    return {c: round(float(r), 4) for c, r in zip(classes, np.mean(recalls, axis=0))}
 
 
 def test_summary(run, split: dict, seed: int, epochs: int, ips: float, train_seconds: float) -> dict:
@@ -167,7 +191,34 @@ def test_summary(run, split: dict, seed: int, epochs: int, ips: float, train_sec
     return {"seed": seed, "epochs": epochs, "calibrated_images_per_s": round(ips, 1),
             "train_seconds": round(train_seconds, 1), "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
             "per_type_accuracy": per_type, "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
-            "confusion_matrix": ev["confusion_matrix"]}
+            "confusion_matrix": ev["confusion_matrix"], **averaging_summary(run), **grades_summary(ev)}
+
+
+def grades_summary(ev: dict) -> dict:
+    """4-class (grades p=0, 1/3, 2/3, 1): the mean grade error, and the 2-class accuracy of the same predictions
+    read as defective from grade 2/3 on (the 2-class task's threshold, defect probability >= 0.5)."""
+    cm = np.array(ev["confusion_matrix"], dtype=np.int64)
+    if cm.shape != (4, 4):
+        return {}
+    grade = np.arange(4)
+    return {"grade_mae": round(float((cm * np.abs(grade[:, None] - grade[None, :])).sum() / cm.sum()), 4),
+            "two_class_accuracy_from_grades": round(float(
+                cm[np.equal.outer(grade >= 2, grade >= 2)].sum() / cm.sum()), 4)}
+
+
+def averaging_summary(run) -> dict:
+    """With weight averaging on (ema): which weights the best checkpoint holds, and in how many epochs the averaged
+    weights validated better than the trained ones."""
+    from core.checkpoint import load_checkpoint
+    from core.train import kept_weights
+    hist = run.history()
+    if not hist or "avg_val_acc" not in hist[0]:
+        return {}
+    best = load_checkpoint(run.best_path)[1]["best"]
+    return {"best_weights": best.get("weights", "trained"),
+            "epochs_averaged_won": sum(kept_weights(h)[0] == "averaged" for h in hist),
+            "best_trained_val_acc": round(max(h["val_acc"] for h in hist), 4),
+            "best_averaged_val_acc": round(max(h["avg_val_acc"] for h in hist), 4)}
 
 
 def validation_summary(run, seed: int, epochs: int, ips: float, train_seconds: float) -> dict:

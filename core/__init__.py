@@ -5,12 +5,13 @@ Data flow, one module per stage (README "How it fits together"):
     data.py        dataset sources, split, decoded-image cache
     labels.py      corrected labels and exclusions (SQLite); curation.py finds likely label errors
     rundata.py     a run's decoded images, served as uint8 batches
-    transforms.py  uint8 -> model input, normalization, batched augmentation
+    transforms.py  uint8 -> model input, normalization, batched augmentation, mixup / CutMix
     model.py       ResNet builders, weight loading, a model from a checkpoint
     device.py      device and precision choice
     schedule.py    the learning rate as a pure function of the step
     estimate.py    how long a run will take here, before it starts
     train.py       train_one_epoch / validate / fit
+    averaging.py   a moving average of the weights (EMA), validated beside them
     checkpoint.py  state_dict + JSON metadata, atomic, weights_only loading
     inference.py   the one path from images to probabilities (precision, TTA)
     evaluate.py    test metrics and the per-image table

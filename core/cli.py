@@ -84,6 +84,8 @@ CONFIG_FLAGS = [
     ("--label-smoothing", "label_smoothing", dict(type=float)),
     ("--class-weights", "class_weights", dict(action="store_const", const=True,
                                               help="weight the loss by inverse class frequency")),
+    ("--ordinal", "ordinal", dict(action="store_const", const=True,
+                                  help="the classes are ordered grades (in sorted name order): an ordinal loss term")),
     ("--freeze-backbone", "freeze_backbone", dict(action="store_const", const=True,
                                                   help="train only the new final layer")),
     ("--early-stop", "early_stop_patience", dict(type=int, metavar="PATIENCE", help="epochs without improvement")),
@@ -580,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     p.add_argument("--out", help="the file to write (default: the run's exports/ folder)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="put the flip test-time augmentation in the graph (default: as the run was evaluated)")
+                   help="put the run's test-time augmentation (its flips or 8 views) in the graph, or leave it out "
+                        "(default: as the run was evaluated)")
     p.add_argument("--json", action="store_true")
     p = add("serve", cmd_serve, "serve a run's model (or an exported .onnx file) as an HTTP JSON API")
     p.add_argument("model", metavar="RUN_ID|FILE.onnx")

@@ -19,6 +19,7 @@ EARLY_STOP_METRICS = ("val_acc", "val_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BATCH_NORMS = ("auto", "sync", "local", "frozen")
 SPLIT_GROUPS = ("none", "duplicates", "origin")
+TTA_VIEWS = ("flips", "dihedral", "auto")
 
 
 class ConfigError(UserError, ValueError):
@@ -57,6 +58,10 @@ class TrainConfig:
                                      # of the image size, growing to the full size by 3/4 of the epochs; validation
                                      # and test always run at the full size (1.0: off)
     color_jitter: float = 0.0        # brightness/contrast/saturation strength (0: off)
+    mixup: float = 0.0               # mixup: each batch blended with itself reversed by lam ~ Beta(mixup, mixup),
+                                     # targets alike (timm's default 0.8; 0: off)
+    cutmix: float = 0.0              # CutMix: a box of the reversed batch pasted in, lam ~ Beta(cutmix, cutmix)
+                                     # (timm's default 1.0; 0: off). Both on: half the batches each
     # --- model ---
     arch: str = "resnet18"           # resnet18 | resnet34 | resnet50 | resnet18-custom (hand-built, [2,2,2,2])
     weights: str = "imagenet"        # "imagenet", "none" (from scratch), or a path to a state_dict file
@@ -74,8 +79,15 @@ class TrainConfig:
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
     class_weights: bool = False      # weight the loss by inverse class frequency (imbalanced sets)
+    ordinal: bool = False            # the classes are ordered grades, in their sorted names' order: the loss also
+                                     # charges for how many grades off a prediction is (core/losses.py)
     early_stop_patience: int = 0     # epochs without improvement before stopping (0: off)
     early_stop_metric: str = "val_acc"
+    ema: bool = False                # also keep an exponential moving average of the weights; each epoch keeps
+                                     # the averaged or the trained weights, whichever validates better
+                                     # (core/averaging.py)
+    ema_half_life: float = 1.0       # epochs after which a step's weights count half in the average (timm's
+                                     # ImageNet default is about 1.4)
     schedule_start_epoch: int = 0    # the lr schedule's cycle runs over the epochs after this one (0: all). Set
                                      # when a finished run is extended, so the added epochs get a cycle of their own
     seed: int = 0
@@ -90,7 +102,10 @@ class TrainConfig:
                                      # rate and schedule mean the same as on one device (core/distributed.py)
     batch_norm: str = "auto"         # with several devices: auto = sync on GPUs (SyncBatchNorm), local on CPUs;
                                      # local: each device's own share; frozen: running statistics not updated
-    tta: bool = False                # test-time augmentation (flips) at evaluation
+    tta: bool = False                # test-time augmentation: evaluation and prediction average several views
+    tta_views: str = "flips"         # flips: the image and its two flips; dihedral: its 8 flips and quarter turns
+                                     # (square inputs); auto: flips, dihedral or none, whichever validates best
+                                     # with the best checkpoint at the end of training (core/inference.py)
     notes: str = ""
     extra: dict = field(default_factory=dict)  # free-form metadata (preset name, ...)
 
@@ -141,9 +156,12 @@ class TrainConfig:
         need(0.05 <= self.crop_scale_min <= 1, "crop_scale_min", "must be between 0.05 and 1")
         need(0.25 <= self.progressive_start <= 1, "progressive_start", "must be between 0.25 and 1 (1: off)")
         need(0 <= self.color_jitter <= 1, "color_jitter", "must be between 0 and 1")
+        need(0 <= self.mixup <= 10, "mixup", "must be between 0 (off) and 10")
+        need(0 <= self.cutmix <= 10, "cutmix", "must be between 0 (off) and 10")
         need(self.early_stop_patience >= 0, "early_stop_patience", "must be 0 (off) or more")
         need(self.early_stop_metric in EARLY_STOP_METRICS, "early_stop_metric",
              f"must be one of {EARLY_STOP_METRICS}")
+        need(0 < self.ema_half_life <= 100, "ema_half_life", "must be more than 0 and at most 100 epochs")
         need(self.step_size >= 1, "step_size", "must be at least 1")
         need(0 <= self.schedule_start_epoch < self.epochs, "schedule_start_epoch", "must be in [0, epochs)")
         need(self.amp in AMP_MODES, "amp", f"must be one of {AMP_MODES}")
@@ -151,6 +169,7 @@ class TrainConfig:
         need(isinstance(self.devices, int) and 1 <= self.devices <= 64, "devices", "must be between 1 and 64")
         need(self.batch_size >= self.devices, "batch_size",
              f"must be at least the number of devices ({self.devices}): each batch is split across them")
+        need(self.tta_views in TTA_VIEWS, "tta_views", f"must be one of {', '.join(TTA_VIEWS)}")
         need(self.batch_norm in BATCH_NORMS, "batch_norm", f"must be one of {BATCH_NORMS}")
         need(bool(str(self.weights).strip()), "weights", "use imagenet, none, or a file path")
         return self

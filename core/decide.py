@@ -115,10 +115,14 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
 # --- costs and the rule ----------------------------------------------------------------------------------------
 
 def cost_matrix(classes: list[str], positive: str | None = None, cost_miss: float = 1.0,
-                cost_false_alarm: float = 1.0) -> np.ndarray:
+                cost_false_alarm: float = 1.0, ordinal: bool = False) -> np.ndarray:
     """cost[true][decided]: 0 on the diagonal, 1 elsewhere; with a positive class, a missed positive costs
-    `cost_miss` and a negative called positive `cost_false_alarm`."""
+    `cost_miss` and a negative called positive `cost_false_alarm`. For ordered grades (`ordinal`, several classes):
+    the grades apart, so that the least expected cost decides the median grade of the probabilities."""
     k = len(classes)
+    if ordinal and positive is None:
+        grade = np.arange(k, dtype=np.float64)
+        return np.abs(grade[:, None] - grade[None, :])
     c = np.ones((k, k)) - np.eye(k)
     if positive is not None:
         ip = classes.index(positive)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .averaging import WeightAverage
 from .config import TrainConfig
 from .data import decode_workers, load_dataset, stratified_split
 from .device import autocast_dtype, select_device
@@ -23,7 +24,7 @@ from .labels import LabelStore
 from .model import build_model
 from .schedule import mean_pixel_fraction
 from .train import WRITE_EVERY_COST, build_optimizer, train_step
-from .transforms import AugmentSpec, Normalizer, build_train_augment, to_unit
+from .transforms import AugmentSpec, MixSpec, Normalizer, build_mix, build_train_augment, to_unit
 
 EVAL_COST = 1 / 3  # a forward pass per image costs about a third of a training step's (forward + backward)
 
@@ -47,11 +48,18 @@ def _timed_training_steps(cfg: TrainConfig, device: torch.device | None = None, 
     h, w = cfg.input_hw
     x_u8 = torch.randint(0, 256, (cfg.batch_size, h, w, 3), dtype=torch.uint8, device=device)
     y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+    average = WeightAverage(model, 100, cfg.ema_half_life) if cfg.ema else None
+    mix = build_mix(MixSpec.from_config(cfg), 2)
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
-        x = normalizer.normalize(augment(to_unit(x_u8), gen))
-        train_step(model, torch.nn.CrossEntropyLoss(), opt, scaler, x, y, amp, 1)  # .item() inside syncs CUDA too
+        x, target = augment(to_unit(x_u8), gen), y
+        if mix is not None:
+            x, target = mix(x, y, gen)
+        # .item() inside syncs CUDA too
+        train_step(model, torch.nn.CrossEntropyLoss(), opt, scaler, normalizer.normalize(x), target, amp, 1)
+        if average is not None:
+            average.update(i)
         if i >= 2:  # the first steps pick and cache kernels
             times.append(time.perf_counter() - t)
     return cfg.batch_size / float(np.median(times)), model, opt
@@ -84,17 +92,21 @@ def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], sample: int 
 
 def estimate_seconds(epochs: int, n_train: int, n_val: int, n_test: int, images_per_s: float,
                      decode_s_per_image: float = 0.0, tta: bool = False, workers: int = 1,
-                     train_pixels: float = 1.0, write_s: float = 0.0) -> float:
+                     train_pixels: float = 1.0, write_s: float = 0.0, tta_views: str = "flips") -> float:
     """Wall-clock seconds of a run: the first decode of every image (on `workers` threads; 0 when cached), each
     epoch's training, validation and checkpoints, and the final evaluation (three passes with TTA).
     `train_pixels`: the training pixels relative to the full size (below 1 with progressive resizing;
     schedule.mean_pixel_fraction). `write_s`: one epoch's checkpoint writes; an epoch shorter than
     WRITE_EVERY_COST writes is not written every time (train.checkpoint_due), so writing adds at most a
-    WRITE_EVERY_COST-th of its time."""
+    WRITE_EVERY_COST-th of its time. `tta_views`: flips (3 passes), dihedral (8), or auto (the validation part
+    scored once with each of the 1 + 3 + 8 views, then at most 8 passes)."""
     decode = (n_train + n_val + n_test) * decode_s_per_image / max(workers, 1)
     epoch = n_train * train_pixels / images_per_s + n_val * EVAL_COST / images_per_s
     epoch += min(write_s, epoch / WRITE_EVERY_COST)
-    final = n_test * EVAL_COST * (3 if tta else 1) / images_per_s
+    passes = {"flips": 3, "dihedral": 8, "auto": 8}[tta_views] if tta else 1
+    final = n_test * EVAL_COST * passes / images_per_s
+    if tta and tta_views == "auto":
+        final += n_val * EVAL_COST * 12 / images_per_s
     return decode + epochs * epoch + final
 
 
@@ -124,9 +136,10 @@ def dataset_parts(ws, cfg: TrainConfig) -> tuple[dict, list[str], int]:
 def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_per_image: float,
                 write_s: float = 0.0) -> float:
     """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads."""
-    return estimate_seconds(cfg.epochs, counts["train"], counts["val"], counts["test"], images_per_s,
+    n_val = counts["val"] * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
+    return estimate_seconds(cfg.epochs, counts["train"], n_val, counts["test"], images_per_s,
                             decode_s_per_image, cfg.tta, workers=decode_workers(),
-                            train_pixels=mean_pixel_fraction(cfg), write_s=write_s)
+                            train_pixels=mean_pixel_fraction(cfg), write_s=write_s, tta_views=cfg.tta_views)
 
 
 def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:

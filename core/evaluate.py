@@ -79,8 +79,12 @@ def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
     rule = refit_saved_rule(run)
     probs = calibrate(raw, cal["temperature"])
     metrics = compute_metrics(y, probs, data.classes)
+    if run.config().ordinal:  # grades apart, averaged: 0 is perfect, and calling a major defect OK costs 2
+        metrics["grade_mae"] = float(np.abs(probs.argmax(1) - y).mean())
     metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": clf.meta["epoch"],
                     "best_val_acc": clf.meta["best"]["val_acc"] if "best" in clf.meta else None,
+                    # "averaged" when weight averaging (cfg.ema) validated better than the trained weights
+                    "checkpoint_weights": clf.meta.get("best", {}).get("weights", "trained"),
                     "tta": clf.tta, "skipped": skipped_files(run.skipped()),
                     "temperature": cal["temperature"], "ece_before": cal["ece_before"], "ece_after": cal["ece_after"],
                     "loss_uncalibrated": cal["nll_before"]})

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .data import samples_from_split
 from .decide import load_rule
 from .errors import UserError
+from .inference import run_tta, tta_views
 from .model import model_from_checkpoint
 from .portable import CARD_KEY
 from .storage import Run, Workspace, write_atomic
@@ -38,19 +39,25 @@ class PortableClassifier(nn.Module):
     """uint8 N x H x W x 3 RGB -> probabilities, with the run's normalization, optional flip TTA and calibration
     temperature: the fp32 twin of core/inference.py's Classifier.probs, as one graph."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: bool, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: bool, temperature: float = 1.0,
+                 views: str = "flips"):
         super().__init__()
         self.model = model.eval()
-        self.tta = tta
+        self.tta, self.views = tta, views
         self.temperature = float(temperature)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        probs = self.model(x).softmax(1)
         if self.tta:
-            probs = (probs + self.model(x.flip(3)).softmax(1) + self.model(x.flip(2)).softmax(1)) / 3
+            each = tta_views(x, self.views)
+            probs = self.model(each[0]).softmax(1)
+            for v in each[1:]:
+                probs = probs + self.model(v).softmax(1)
+            probs = probs / len(each)
+        else:
+            probs = self.model(x).softmax(1)
         if self.temperature != 1.0:  # decide.calibrate: softmax(log p / T)
             probs = (probs.clamp_min(1e-12).log() / self.temperature).softmax(1)
         return probs
@@ -72,7 +79,11 @@ def dataset_hash(run: Run) -> str:
     return h.hexdigest()
 
 
-def model_card(run: Run, meta: dict, fmt: str, tta: bool) -> dict:
+TTA_TEXT = {"flips": "mean of the image and its horizontal and vertical flips",
+            "dihedral": "mean of the image's 8 flips and quarter turns"}
+
+
+def model_card(run: Run, meta: dict, fmt: str, tta: bool, views: str = "flips") -> dict:
     cfg = TrainConfig.from_dict(meta["config"])
     ev = run.evaluation() or {}
     return {
@@ -82,8 +93,7 @@ def model_card(run: Run, meta: dict, fmt: str, tta: bool) -> dict:
                   "height": meta["input_hw"][0], "width": meta["input_hw"][1]},
         "resize": "EXIF orientation applied, converted to RGB (transparency on white, 16-bit scaled), then "
                   "resized to height x width with bilinear filtering (PIL, reducing_gap=3.0), aspect not kept",
-        "normalization": meta["normalization"], "tta": "mean of the image and its horizontal and vertical flips"
-                                                           if tta else "none",
+        "normalization": meta["normalization"], "tta": TTA_TEXT[views] if tta else "none",
         "output": {"name": "probabilities", "dtype": "float32", "shape": "N x classes, softmax, in class order"},
         "temperature": run.temperature(),  # already applied inside the graph
         "rule": rule.to_dict() if (rule := load_rule(run)) else None,  # core.decide.Rule: pass / fail / review
@@ -104,11 +114,12 @@ def export_run(ws: Workspace, run_id: str, fmt: str = "onnx", out: str | Path | 
     if not run.best_path.exists():
         raise ExportError(f"run {run_id} has no best checkpoint yet (no epoch finished): nothing to export")
     model, meta = model_from_checkpoint(run.best_path)
-    tta = TrainConfig.from_dict(meta["config"]).tta if tta is None else tta
+    run_uses_tta, views = run_tta(meta)
+    tta = run_uses_tta if tta is None else tta
     out = Path(out).expanduser() if out else run.dir / "exports" / f"{run_id}{FORMATS[fmt]}"
-    card = model_card(run, meta, fmt, tta)
+    card = model_card(run, meta, fmt, tta, views)
     portable = PortableClassifier(model.float(), meta["normalization"]["mean"], meta["normalization"]["std"], tta,
-                                  run.temperature())
+                                  run.temperature(), views)
     example = torch.zeros(2, *meta["input_hw"], 3, dtype=torch.uint8)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,18 +20,45 @@ from .images import load_array
 from .transforms import Normalizer
 
 
+TTA_VIEW_SETS = ("flips", "dihedral")
+VIEW_COUNTS = {"none": 1, "flips": 3, "dihedral": 8}
+
+
+def tta_views(x: torch.Tensor, views: str = "flips") -> list[torch.Tensor]:
+    """The views of an N x C x H x W batch whose probabilities TTA averages, the image itself first. "flips": the
+    image and its horizontal and vertical flips (the views a flip-augmented model has learned); "dihedral": its
+    8 flips and quarter turns (cells, tiles, wafers: parts with no up; square inputs only, else the flips)."""
+    if views == "dihedral" and x.shape[-1] == x.shape[-2]:
+        out: list[torch.Tensor] = []
+        for v in [x, x.flip(3)]:  # loops, not a comprehension: the exported TorchScript graph compiles this too
+            for k in range(4):
+                out.append(torch.rot90(v, k, [2, 3]))
+        return out
+    return [x, x.flip(3), x.flip(2)]
+
+
+def run_tta(meta: dict) -> tuple[bool, str]:
+    """(TTA on, its views) for a checkpoint: the views chosen on validation at the end of training when the config
+    asked for "auto" (meta "tta_views"; "none" when no views beat the image alone), else the config's."""
+    cfg = TrainConfig.from_dict(meta["config"])
+    chosen = meta.get("tta_views") if cfg.tta_views == "auto" else None
+    views = chosen or (cfg.tta_views if cfg.tta_views in TTA_VIEW_SETS else "flips")
+    return cfg.tta and views != "none", views if views != "none" else "flips"
+
+
 @torch.inference_mode()
 def forward_probs(model, x_u8: torch.Tensor, normalizer: Normalizer, amp: torch.dtype | None,
-                  tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities (float32, on the model's device) of a NxHxWx3 uint8 batch. TTA averages the
-    image with its horizontal and vertical flips (the views a flip-augmented model has learned)."""
+                  tta: bool = False, views: str = "flips") -> torch.Tensor:
+    """Softmax probabilities (float32, on the model's device) of a NxHxWx3 uint8 batch; with TTA the mean over
+    the batch's `views` (tta_views)."""
     model.eval()
     x = normalizer(x_u8)
     with autocast(x.device, amp):
-        probs = model(x).float().softmax(1)
-        if tta:
-            probs = (probs + model(x.flip(3)).float().softmax(1) + model(x.flip(2)).float().softmax(1)) / 3
-    return probs
+        if not tta:
+            return model(x).float().softmax(1)
+        each = tta_views(x, views)
+        probs = sum(model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in each)
+    return probs / len(each)
 
 
 class Classifier:
@@ -47,7 +74,7 @@ class Classifier:
         self.normalizer = Normalizer(meta["normalization"]["mean"], meta["normalization"]["std"])
         self.device = device or torch.device("cpu")
         self.amp = autocast_dtype(self.device, cfg.amp)
-        self.tta = cfg.tta
+        self.tta, self.tta_views = run_tta(meta)
         self.temperature = temperature
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
 
@@ -59,7 +86,7 @@ class Classifier:
 
     def probs(self, x_u8: torch.Tensor) -> np.ndarray:
         """N x classes float64 probabilities of a NxHxWx3 uint8 batch."""
-        p = forward_probs(self.model, x_u8.to(self.device), self.normalizer, self.amp, self.tta)
+        p = forward_probs(self.model, x_u8.to(self.device), self.normalizer, self.amp, self.tta, self.tta_views)
         return calibrate(p.cpu().numpy().astype(np.float64), self.temperature)
 
     def features_and_probs(self, x_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

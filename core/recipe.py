@@ -185,9 +185,11 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if "epochs" in fixed:
         epochs_why = f"{cfg.epochs} epochs (as set)"
     else:
-        epoch_s = estimate_seconds(1, data.n_train, data.n_val, 0, timing.images_per_s, write_s=timing.write_s)
+        n_val = data.n_val * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
+        epoch_s = estimate_seconds(1, data.n_train, n_val, 0, timing.images_per_s, write_s=timing.write_s)
         once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
-                                  timing.decode_s_per_image, cfg.tta, decode_workers())       # the final evaluation
+                                  timing.decode_s_per_image, cfg.tta, decode_workers(),     # the final evaluation
+                                  tta_views=cfg.tta_views)
         cfg.epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
     seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s)
     # The reasons describe the config that will run: a field the user set is said to be theirs.

@@ -43,7 +43,8 @@ def load_model(source: str, ws: Workspace | None = None) -> ServedModel:
     from .predict import get_predictor
     ws = ws or Workspace()
     predictor = get_predictor(ws, source)
-    card = model_card(ws.run(source), predictor.meta, "run", predictor.classifier.tta)  # the card an export carries
+    card = model_card(ws.run(source), predictor.meta, "run", predictor.classifier.tta,
+                      predictor.classifier.tta_views)  # the card an export carries
     return ServedModel(predictor, card, gradcam=True)
 
 

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS datasets (
 RUN_COLUMNS = ("id", "dataset", "arch", "weights", "status", "created", "started", "finished", "epochs",
                "epochs_done", "best_val_acc", "test_acc", "pid", "error", "label_version")
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
+                 "avg_val_loss", "avg_val_acc"]  # the last two: the averaged weights' (cfg.ema), else empty
 
 
 def default_workspace() -> Path:

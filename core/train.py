@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .averaging import WeightAverage
+from .losses import build_criterion
 from .checkpoint import CheckpointError, load_checkpoint, refuse_nonfinite, save_checkpoint
 from .config import TrainConfig
 from .data import Stopped, channel_stats
@@ -24,12 +26,13 @@ from .device import autocast, autocast_dtype, describe_device, select_device, se
 from .distributed import SINGLE, Ranks
 from .evaluate import evaluate_run
 from .inference import forward_probs
-from .model import build_model
+from .model import build_model, model_from_checkpoint
 from .rundata import RunData, load_run_data
 from .runs import Reporter, TrainingError, record
 from .schedule import apply_lr, epoch_batches, lr_at, train_hw_at
 from .storage import Run, Workspace
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, Normalizer, build_train_augment, to_unit
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, MixSpec, Normalizer, build_mix,
+                         build_train_augment, to_unit)
 
 MAX_OOM_HALVINGS = 4
 
@@ -53,6 +56,8 @@ class Trainer:
     ranks: Ranks = SINGLE
     micro_batches: int = 1   # >1 after a CUDA out-of-memory: the batch is split, gradients accumulated
     oom_retries: int = 0
+    average: WeightAverage | None = None  # the weights' moving average (cfg.ema), validated beside them
+    mix: object = None       # mixup / CutMix (transforms.build_mix), or None
 
 
 @dataclass
@@ -91,7 +96,11 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
             reporter.stage("training")
             train_m = train_one_epoch(t, epoch, reporter)
             reporter.stage("validating")
-            row = {"epoch": epoch, **train_m, **validate(t, "val", reporter), "seconds": time.perf_counter() - t0}
+            row = {"epoch": epoch, **train_m, **validate(t, "val", reporter)}
+            if t.average is not None:
+                avg = validate(t, "val", reporter, t.average.model)
+                row.update(avg_val_loss=avg["val_loss"], avg_val_acc=avg["val_acc"])
+            row["seconds"] = time.perf_counter() - t0
             improved = update_progress(progress, row, cfg)  # every rank decides alike: same metrics everywhere
             early = bool(cfg.early_stop_patience and progress.stale >= cfg.early_stop_patience and epoch < cfg.epochs)
             if main:
@@ -114,6 +123,9 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
     result = {"status": status, "epochs_done": len(progress.history), "best_val_acc": progress.best["val_acc"],
               "history": progress.history}
     if main and run.best_path.exists():
+        if cfg.tta and cfg.tta_views == "auto":
+            reporter.stage("choosing test-time augmentation")
+            choose_tta_views(run, t, reporter)
         reporter.stage("evaluating")
         evaluation = evaluate_run(ws, run, data=t.data, device=t.device)
         result["test_acc"] = evaluation["accuracy"]
@@ -154,13 +166,15 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
         model.to(memory_format=torch.channels_last)
     weight = _class_weights(data).to(device) if cfg.class_weights else None
     train_model = distributed.wrap(model, ranks, device, cfg.batch_norm)
+    steps_per_epoch = epoch_batches(len(data.parts["train"]), cfg.batch_size)
     return Trainer(cfg=cfg, device=device, amp=amp, data=data, normalizer=Normalizer(list(mean), list(std)),
-                   model=model, criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
+                   model=model, criterion=build_criterion(cfg.ordinal, weight, cfg.label_smoothing),
                    optimizer=build_optimizer(cfg, model),
                    scaler=torch.amp.GradScaler(device.type, enabled=(amp == torch.float16)),
                    gen=torch.Generator().manual_seed(cfg.seed), augment=build_train_augment(AugmentSpec.from_config(cfg)),
-                   steps_per_epoch=epoch_batches(len(data.parts["train"]), cfg.batch_size), ranks=ranks,
-                   train_model=train_model)
+                   steps_per_epoch=steps_per_epoch, ranks=ranks, train_model=train_model,
+                   average=WeightAverage(model, steps_per_epoch, cfg.ema_half_life) if cfg.ema else None,
+                   mix=build_mix(MixSpec.from_config(cfg), len(data.classes)))
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -195,6 +209,8 @@ def restore(run: Run, t: Trainer, reporter: Reporter) -> Progress:
         t.scaler.load_state_dict(payload["scaler"])
     if "generator" in payload:
         t.gen.set_state(payload["generator"])
+    if t.average is not None:  # a run extended with averaging switched on starts its average here
+        t.average.load_state_dict(payload.get("averaged", state))
     t.normalizer = Normalizer(meta["normalization"]["mean"], meta["normalization"]["std"])
     epoch = meta["epoch"]
     # An extension starts a new cycle right after this checkpoint: early stopping counts afresh.
@@ -231,11 +247,16 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
         apply_lr(t.optimizer, *lr_at(t.cfg, (epoch - 1) * t.steps_per_epoch + b, t.steps_per_epoch))
         idx = distributed.shard(global_idx, t.ranks)
         x_u8, y = t.data.batch(idx, t.device)
-        x = t.normalizer.normalize(t.augment(to_unit(x_u8), aug_gen))
+        x = t.augment(to_unit(x_u8), aug_gen)
+        if t.mix is not None:  # the targets become N x classes blends
+            x, y = t.mix(x, y, aug_gen)
+        x = t.normalizer.normalize(x)
         if x.shape[-2:] != hw:
             x = nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
         loss_sum, n_correct = _step_with_oom_retry(t, x, y, distributed.loss_weight(len(idx), len(global_idx), t.ranks),
                                                    reporter)
+        if t.average is not None:  # every rank holds the same weights after the step, so the same average
+            t.average.update((epoch - 1) * t.steps_per_epoch + b)
         # One small all-reduce per step on several devices: the batch's loss and hits, and whether any rank was
         # asked to stop (so that all stop after the same batch).
         loss_sum, n_correct, stops = distributed.sum_across(
@@ -283,27 +304,60 @@ def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int, weigh
             loss = criterion(logits.float(), ys)
         scaler.scale(loss * (weight * len(ys) / n)).backward()
         loss_total += loss.item() * len(ys)
-        correct += (logits.argmax(1) == ys).sum().item()
+        # Blended targets (mixup / CutMix) count a hit on the larger share: train accuracy stays a rough guide.
+        correct += (logits.argmax(1) == (ys.argmax(1) if ys.ndim == 2 else ys)).sum().item()
     scaler.step(optimizer)
     scaler.update()
     return loss_total, correct
 
 
-def validate(t: Trainer, part: str, reporter: Reporter) -> dict:
-    """Loss and accuracy on a split part, through the one inference path (without TTA: it is for the test).
-    On several devices each rank scores its share with rank 0's weights and statistics, and all get all scores."""
+def validate(t: Trainer, part: str, reporter: Reporter, model: nn.Module | None = None) -> dict:
+    """Loss and accuracy of the trained weights (or of `model`: the averaged ones) on a split part, through the
+    one inference path (without TTA: it is for the test). On several devices each rank scores its share with
+    rank 0's weights and statistics, and all get all scores."""
+    model = t.model if model is None else model
     idx = t.data.parts[part]
-    distributed.sync_buffers(t.model, t.ranks)
+    distributed.sync_buffers(model, t.ranks)
     mine = distributed.shard(idx, t.ranks)
     # A stop inside validation is seen by one process at a time; on several devices it waits for the next batch.
     check = None if t.ranks.distributed else _stop_check(reporter)
-    probs = [forward_probs(t.model, x, t.normalizer, t.amp).cpu()
+    probs = [forward_probs(model, x, t.normalizer, t.amp).cpu()
              for x in t.data.batches(mine, max(t.cfg.batch_size, 64), t.device, check)]
     p = torch.cat(probs).numpy() if probs else np.zeros((0, len(t.data.classes)), dtype=np.float32)
     p = distributed.gather_rows(p, t.ranks).astype(np.float64)  # in rank order: the order of idx
-    y = t.data.labels[idx]
+    acc, loss = accuracy_and_loss(p, t.data.labels[idx])
+    return {f"{part}_loss": loss, f"{part}_acc": acc}
+
+
+def accuracy_and_loss(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     p_true = np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)
-    return {f"{part}_loss": float(-np.log(p_true).mean()), f"{part}_acc": float((p.argmax(1) == y).mean())}
+    return float((p.argmax(1) == y).mean()), float(-np.log(p_true).mean())
+
+
+def choose_tta_views(run: Run, t: Trainer, reporter: Reporter) -> str:
+    """cfg.tta_views "auto": score the best checkpoint on the validation part with the image alone, its flips and
+    (square inputs) its 8 flips and quarter turns; the views that validate best (accuracy, then loss; a tie goes to
+    fewer views) are written into best.pt's metadata, which every later use of the model reads
+    (inference.run_tta). The main process alone, after the epochs."""
+    model, meta = model_from_checkpoint(run.best_path)
+    model.to(t.device).to(memory_format=torch.channels_last)
+    idx = t.data.parts["val"]
+    candidates = ["none", "flips"] + (["dihedral"] if t.cfg.input_hw[0] == t.cfg.input_hw[1] else [])
+    scores = {}
+    for views in candidates:
+        probs = [forward_probs(model, x, t.normalizer, t.amp, views != "none", views).cpu()
+                 for x in t.data.batches(idx, max(t.cfg.batch_size, 64), t.device)]
+        acc, loss = accuracy_and_loss(torch.cat(probs).double().numpy(), t.data.labels[idx])
+        scores[views] = {"val_acc": round(acc, 4), "val_loss": round(loss, 4)}
+    chosen = candidates[0]
+    for views in candidates[1:]:
+        if _better(scores[views]["val_acc"], scores[views]["val_loss"], scores[chosen]["val_acc"],
+                   scores[chosen]["val_loss"]):
+            chosen = views
+    save_checkpoint(run.best_path, model.state_dict(), {**meta, "tta_views": chosen, "tta_validation": scores})
+    reporter.log("test-time augmentation chosen on validation: " + chosen + " (" + ", ".join(
+        f"{v} {s['val_acc']:.3f}" for v, s in scores.items()) + ")")
+    return chosen
 
 
 def _stop_check(reporter: Reporter):
@@ -317,15 +371,29 @@ def _stop_check(reporter: Reporter):
 # Recording an epoch
 
 
+def _better(acc: float, loss: float, than_acc: float, than_loss: float) -> bool:
+    """Validation accuracy decides, then loss on a tie."""
+    return acc > than_acc or (acc == than_acc and loss < than_loss)
+
+
+def kept_weights(row: dict) -> tuple[str, float, float]:
+    """("trained" or "averaged", val accuracy, val loss): the weights an epoch keeps. With weight averaging on,
+    the averaged ones when they validate better."""
+    if "avg_val_acc" in row and _better(row["avg_val_acc"], row["avg_val_loss"], row["val_acc"], row["val_loss"]):
+        return "averaged", row["avg_val_acc"], row["avg_val_loss"]
+    return "trained", row["val_acc"], row["val_loss"]
+
+
 def update_progress(progress: Progress, row: dict, cfg: TrainConfig) -> bool:
-    """Append the epoch; return whether it is the new best (validation accuracy, then loss on a tie)."""
+    """Append the epoch; return whether it is the new best (validation accuracy, then loss on a tie, of the
+    weights the epoch keeps: kept_weights)."""
     progress.history.append(row)
     best = progress.best
-    improved = row["val_acc"] > best["val_acc"] or (row["val_acc"] == best["val_acc"]
-                                                     and row["val_loss"] < best["val_loss"])
+    weights, acc, loss = kept_weights(row)
+    improved = _better(acc, loss, best["val_acc"], best["val_loss"])
     if improved:
-        progress.best = best = {**best, "val_acc": row["val_acc"], "val_loss": row["val_loss"], "epoch": row["epoch"]}
-    monitored = row["val_acc"] if cfg.early_stop_metric == "val_acc" else -row["val_loss"]
+        progress.best = best = {**best, "val_acc": acc, "val_loss": loss, "epoch": row["epoch"], "weights": weights}
+    monitored = acc if cfg.early_stop_metric == "val_acc" else -loss
     if monitored > best.get("monitor", -float("inf")):
         best["monitor"] = monitored
         progress.stale = 0
@@ -341,13 +409,19 @@ def checkpoint_meta(run: Run, t: Trainer, progress: Progress, row: dict) -> dict
             "stale_epochs": progress.stale, "device": t.device.type, "torch": torch.__version__}
 
 
+def best_state(t: Trainer, progress: Progress) -> dict:
+    """The state_dict of the weights the best epoch kept (trained or averaged), when that epoch is this one."""
+    averaged = progress.best.get("weights") == "averaged" and t.average is not None
+    return t.average.state_dict() if averaged else t.model.state_dict()
+
+
 def save_checkpoints(run: Run, t: Trainer, progress: Progress, row: dict, improved: bool) -> None:
     meta = checkpoint_meta(run, t, progress, row)
-    state = t.model.state_dict()
     if improved:
-        save_checkpoint(run.best_path, state, meta)
-    save_checkpoint(run.last_path, state, meta, optimizer=t.optimizer.state_dict(),
-                    scaler=t.scaler.state_dict() if t.scaler.is_enabled() else None, generator=t.gen.get_state())
+        save_checkpoint(run.best_path, best_state(t, progress), meta)
+    save_checkpoint(run.last_path, t.model.state_dict(), meta, optimizer=t.optimizer.state_dict(),
+                    scaler=t.scaler.state_dict() if t.scaler.is_enabled() else None, generator=t.gen.get_state(),
+                    averaged=t.average.state_dict() if t.average is not None else None)
 
 
 # Writing checkpoints may take at most about 1/(1 + WRITE_EVERY_COST) of a run's time.
@@ -377,10 +451,11 @@ class CheckpointPacer:
     def epoch_end(self, run: Run, t: Trainer, progress: Progress, row: dict, improved: bool, final: bool) -> None:
         now = self.clock()
         if not checkpoint_due(final, None if self.last_end is None else now - self.last_end, self.last_cost):
-            state = t.model.state_dict()
             # Weights gone NaN fail the run at this epoch, as a write would have (and are never held as the best).
-            refuse_nonfinite(state, run.last_path.name)
+            refuse_nonfinite(t.model.state_dict(), run.last_path.name)
             if improved:
+                state = best_state(t, progress)
+                refuse_nonfinite(state, run.best_path.name)
                 held = {k: v.detach().clone() for k, v in state.items()}
                 self.pending_best = (held, checkpoint_meta(run, t, progress, row))
             return
@@ -406,6 +481,8 @@ class CheckpointPacer:
 
 
 def epoch_line(row: dict, epochs: int, improved: bool) -> str:
+    averaged = (f" | averaged: val loss {row['avg_val_loss']:.4f} acc {row['avg_val_acc']:.3f}"
+                if "avg_val_acc" in row else "")
     return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['seconds']:.1f}s, "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}{averaged} | {row['seconds']:.1f}s, "
             f"{row['images_per_s']:.0f} img/s" + (" *best*" if improved else ""))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -140,3 +141,48 @@ def _color_jitter(x, strength: float, rand):
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     x = gray + (x - gray) * s
     return x.clamp_(0, 1)
+
+
+@dataclass
+class MixSpec:
+    """Mixup and CutMix (timm's Mixup in batch mode): every training batch is blended with itself reversed, by a
+    weight lam ~ Beta(alpha, alpha): the whole images (mixup) or a box cut from one and pasted into the other
+    (CutMix; lam then is the area kept). The targets are blended by the same lam. With both on, each batch is one
+    or the other, half the time each (timm's switch_prob 0.5)."""
+    mixup: float = 0.0   # alpha of mixup's Beta (timm's default 0.8; 0: off)
+    cutmix: float = 0.0  # alpha of CutMix's Beta (timm's default 1.0; 0: off)
+
+    @classmethod
+    def from_config(cls, cfg) -> "MixSpec":
+        return cls(cfg.mixup, cfg.cutmix)
+
+    @property
+    def active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def build_mix(spec: MixSpec, n_classes: int):
+    """None when off; else a function (x float Nx3xHxW, labels N, generator) -> (mixed x, N x classes targets)."""
+    if not spec.active:
+        return None
+
+    def mix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        # One draw from the torch generator seeds numpy's Beta: the mix stays a pure function of the epoch's seed.
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        use_cutmix = spec.cutmix > 0 and (spec.mixup <= 0 or rng.random() < 0.5)
+        lam = float(rng.beta(spec.cutmix, spec.cutmix) if use_cutmix else rng.beta(spec.mixup, spec.mixup))
+        other = x.flip(0)
+        if use_cutmix:
+            h, w = x.shape[2], x.shape[3]
+            cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept, after clipping at the border
+        else:
+            x = x * lam + other * (1 - lam)
+        one_hot = F.one_hot(y, n_classes).float()
+        return x.contiguous(memory_format=torch.channels_last), one_hot * lam + one_hot.flip(0) * (1 - lam)
+    return mix

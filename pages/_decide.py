@@ -70,7 +70,7 @@ def calibration_section(ws, run) -> dict | None:
     return cal
 
 
-def _cost_inputs(classes: list[str], saved: decide.Rule | None) -> dict:
+def _cost_inputs(classes: list[str], saved: decide.Rule | None, ordinal: bool) -> dict:
     inputs = saved.inputs if saved else {}
     if len(classes) == 2:
         c1, c2, c3 = st.columns(3)
@@ -82,8 +82,9 @@ def _cost_inputs(classes: list[str], saved: decide.Rule | None) -> dict:
         fa = c3.number_input("Cost of a false alarm", 0.0, 1e6, float(inputs.get("cost_false_alarm", 1.0)),
                              key="decide_cost_fa")
         return {"positive": positive, "cost_miss": miss, "cost_false_alarm": fa}
-    st.caption("Cost of each mistake: rows are the true class, columns the decided class.")
-    default = inputs.get("cost") or decide.cost_matrix(classes).tolist()
+    st.caption("Cost of each mistake: rows are the true class, columns the decided class."
+               + (" The classes are ordered grades: a mistake costs the grades it is off by." if ordinal else ""))
+    default = inputs.get("cost") or decide.cost_matrix(classes, ordinal=ordinal).tolist()
     frame = st.data_editor(pd.DataFrame(default, index=classes, columns=classes), key="decide_cost_matrix")
     return {"cost": np.asarray(frame.values, dtype=float).tolist()}
 
@@ -98,7 +99,7 @@ def decide_section(ws, run) -> None:
         st.info(str(exc))
         return
     saved = decide.load_rule(run)
-    inputs = _cost_inputs(scores.classes, saved)
+    inputs = _cost_inputs(scores.classes, saved, run.config().ordinal)
     b1, b2 = st.columns([2, 1])
     saved_mode = (1 if saved and saved.target_accuracy is not None else
                   2 if saved and saved.review_budget is not None else 0)

@@ -29,9 +29,15 @@ if ev is None:
 c1, c2, c3, c4 = st.columns(4)
 c1.metric(f"{ev['split'].capitalize()} accuracy", f"{ev['accuracy']:.1%}")
 c2.metric("Macro F1", f"{ev['macro_f1']:.3f}")
-c3.metric("Loss", f"{ev['loss']:.4f}")
+if "grade_mae" in ev:  # an ordinal run: how many grades off, on average
+    c3.metric("Mean grade error", f"{ev['grade_mae']:.3f}", help="Grades between the predicted and the true class, "
+              "averaged over the images (0: every grade right).")
+else:
+    c3.metric("Loss", f"{ev['loss']:.4f}")
 c4.metric("Images", ev["n"])
-st.caption(f"Best checkpoint from epoch {ev.get('checkpoint_epoch')} "
+averaged = " (the averaged weights: they validated better than the trained ones)" \
+    if ev.get("checkpoint_weights") == "averaged" else ""
+st.caption(f"Best checkpoint from epoch {ev.get('checkpoint_epoch')}{averaged} "
            f"(validation accuracy {ev['best_val_acc']:.1%})" if ev.get("best_val_acc") is not None else "")
 
 per_class = pd.DataFrame(ev["per_class"])

@@ -3,7 +3,7 @@ import uuid
 import streamlit as st
 
 from core import runs
-from core.config import (ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError,
+from core.config import (ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, TTA_VIEWS, ConfigError,
                          TrainConfig)
 from core.data import DatasetError
 from core.estimate import estimate_run
@@ -140,13 +140,27 @@ with st.container(border=True):
         a1.slider("Label smoothing", 0.0, 0.5, key="cfg_label_smoothing",
                   help="Softens targets; helps when some labels are doubtful.")
         a2.checkbox("Class-weighted loss", key="cfg_class_weights", help="For imbalanced sets.")
+        a2.checkbox("Classes are ordered grades", key="cfg_ordinal",
+                    help="For grades such as OK < minor < major < critical, in the order of the class names (name "
+                         "the folders 1_ok, 2_minor, ... so that they sort that way): the loss also charges for how "
+                         "many grades off a prediction is. The Evaluate page then shows the mean grade error.")
         a2.checkbox("Freeze backbone (train the last layer only)", key="cfg_freeze_backbone")
         a2.number_input("Early stopping patience (0: off)", 0, 100, key="cfg_early_stop_patience",
                         help="Stop after this many epochs without a better validation accuracy.")
         a2.selectbox("Normalization", ["imagenet", "dataset"], key="cfg_normalization",
                      help="ImageNet mean/std, or mean/std computed on the training split.")
         a2.number_input("Seed", 0, 2**31 - 1, key="cfg_seed")
-        a2.checkbox("Test-time augmentation (flips)", key="cfg_tta")
+        a2.checkbox("Test-time augmentation", key="cfg_tta",
+                    help="Evaluation and predictions average the model's answers over several views of each image.")
+        a2.selectbox("Test-time views", TTA_VIEWS, key="cfg_tta_views",
+                     help="flips: the image and its two flips; dihedral: its 8 flips and quarter turns (square "
+                          "images of parts with no up: cells, tiles); auto: whichever of none, flips and dihedral "
+                          "validates best at the end of training.")
+        a2.checkbox("Average the weights (EMA)", key="cfg_ema",
+                    help="Keeps a moving average of the weights beside them and validates both every epoch; the "
+                         "best checkpoint holds whichever validated better. Costs a second validation pass.")
+        a2.number_input("Averaging half-life (epochs)", 0.1, 100.0, step=0.5, key="cfg_ema_half_life",
+                        help="A step's weights count half in the average this many epochs later.")
         a2.selectbox("Split: keep together", SPLIT_GROUPS, key="cfg_split_groups",
                      help="duplicates: near-duplicate images (perceptual hash within the distance below) go to one "
                           "part together, so that no image is tested on its twin (the Datasets page lists them). "
@@ -159,6 +173,11 @@ with st.container(border=True):
         a3.slider("Rotation (degrees)", 0.0, 180.0, key="cfg_rotation")
         a3.slider("Random crop: min area kept", 0.05, 1.0, key="cfg_crop_scale_min", help="1.0: no cropping.")
         a3.slider("Color jitter", 0.0, 1.0, key="cfg_color_jitter")
+        a3.slider("Mixup (0: off)", 0.0, 2.0, key="cfg_mixup",
+                  help="Blends each training image with another, targets alike, by a Beta(x, x) weight (timm: 0.8).")
+        a3.slider("CutMix (0: off)", 0.0, 2.0, key="cfg_cutmix",
+                  help="Pastes a box of another training image in, targets by area, Beta(x, x) (timm: 1.0). "
+                       "With mixup on too, each batch gets one of the two.")
         a3.slider("Progressive resizing: first epochs at", 0.25, 1.0, key="cfg_progressive_start",
                   help="Early epochs train on images shrunk to this fraction of the size, growing to the full size by "
                        "3/4 of the epochs; validation and test always use the full size. 1.0: off.")

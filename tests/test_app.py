@@ -85,6 +85,24 @@ def test_evaluate_page_shows_metrics_matrix_and_gallery_filter(finished_ws, trai
     assert len(near) == 3 * shown > 0
 
 
+def test_evaluate_page_shows_grade_error_and_grade_costs_for_ordered_classes(tmp_path, monkeypatch):
+    from core.storage import Workspace
+    from core.runs import prepare_run
+    from core.train import fit
+    from conftest import tiny_config
+    from test_losses import write_graded_folders
+    ws = Workspace(tmp_path / "ws")
+    run = prepare_run(ws, tiny_config(write_graded_folders(tmp_path / "graded"), epochs=1, ordinal=True,
+                                      val_fraction=0.25, test_fraction=0.25))
+    assert fit(ws, run)["status"] == "done"
+    monkeypatch.setenv("STUDIO_WORKSPACE", str(ws.root))
+    at = open_page("pages/evaluate.py")
+    assert not at.exception, at.exception
+    grade = next(m for m in at.metric if m.label == "Mean grade error")
+    assert grade.value == f"{run.evaluation()['grade_mae']:.3f}"
+    assert "a mistake costs the grades it is off by" in texts(at)  # the decision rule's default costs
+
+
 def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained):
     from core import decide
     from core.evaluate import evaluate_run, read_predictions

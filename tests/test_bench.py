@@ -41,3 +41,30 @@ def test_ddp_scaling_prints_images_per_second_for_each_process_count():
     one, two = doc["results"]
     assert one["images_per_s"] > 0 and two["images_per_s"] > 0 and one["speedup"] == 1.0
     assert two["efficiency"] == round(two["images_per_s"] / (2 * one["images_per_s"]), 2)
+
+
+def test_elpv_accuracy_reports_recall_per_class_as_a_mean_over_seeds():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from elpv_accuracy import per_class_recall
+    seeds = [{"confusion_matrix": [[3, 1], [2, 0]]}, {"confusion_matrix": [[2, 2], [1, 3]]}]
+    assert per_class_recall(["functional", "defective"], seeds) == {"functional": 0.625, "defective": 0.375}
+
+
+def test_elpv_accuracy_reads_grade_error_and_the_two_class_answer_off_the_four_class_matrix():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from elpv_accuracy import grades_summary
+    # 25 images; grades off: 1 + 3 (row 0), 2 x 1 (row 1), 1 + 1 (row 2) = 8. Across the 2-class line (grade 2):
+    # the 0 called 3 and the 2 called 1.
+    cm = [[10, 1, 0, 1], [2, 3, 0, 0], [0, 1, 1, 1], [0, 0, 0, 5]]
+    assert grades_summary({"confusion_matrix": cm}) == {"grade_mae": 0.32, "two_class_accuracy_from_grades": 0.92}
+    assert grades_summary({"confusion_matrix": [[3, 1], [2, 0]]}) == {}
+
+
+def test_levers_bench_compares_levers_on_the_same_seeds():
+    proc = subprocess.run([sys.executable, "bench/levers.py", "--seeds", "0", "--set", "epochs=1", "--lever", "none",
+                           "--lever", "ema=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert set(doc["levers"]) == {"none", "ema=true"}
+    assert 0 <= doc["levers"]["none"]["accuracy_mean"] <= 1 and "paired_difference_mean" in doc["levers"]["ema=true"]
+    assert doc["levers"]["ema=true"]["per_seed"][0]["checkpoint_weights"] in ("trained", "averaged")

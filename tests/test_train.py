@@ -1,6 +1,7 @@
 """Training: it learns, stops within a batch, fails cleanly, checkpoints safely, resumes."""
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -216,11 +217,14 @@ def test_job_stop_is_honoured_and_queue_runs_one_at_a_time(dot_folder, workspace
     second = jm.submit(tiny_config(dot_folder, epochs=1))
     assert jm.queued() == [first, second] or jm.queued() == [second]
     assert jm.snapshot(second).status == "queued"
-    for _ in range(600):
+    # Wait for a finished epoch (a loaded 2-core machine can take more than 30 s for the first), then stop.
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
         s = jm.snapshot(first)
         if s.status == "running" and s.history:
             break
         threading.Event().wait(0.05)
+    assert s.history, "the first job finished no epoch in 180 s"
     assert jm.snapshot(second).status == "queued"
     assert jm.stop(first)
     snap = jm.wait(first, timeout=60)
