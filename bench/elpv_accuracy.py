@@ -37,13 +37,18 @@ PAPER = {"2": {"Deitsch 2019, VGG-19 fine-tuned from ImageNet": 0.8842, "Deitsch
          "4": {"Tella 2022, ResNet18 from scratch": 0.5418}}
 
 
-def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15) -> dict:
-    """75/25 stratified by (defect probability, cell type); val carved from the 75% the same way."""
+def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: bool = False) -> dict:
+    """75/25 stratified by (defect probability, cell type); val carved from the 75% the same way. `soft` (2
+    classes): each row carries how sure its label is, from the defect probability (a cell at p=2/3 is "defective",
+    2/3 sure; one at p=1/3 is "functional", 2/3 sure), as a CSV's probability column would."""
     from core.data import elpv_label, load_elpv_table
     rows = load_elpv_table()
     strata = defaultdict(list)
     for path, prob, cell_type in rows:
-        strata[(prob, cell_type)].append((path, elpv_label(prob, four_class), cell_type))
+        label = elpv_label(prob, four_class)
+        sure = prob if label == "defective" else 1 - prob
+        extra = ("", round(sure, 4)) if soft and not four_class and sure < 1 else ()
+        strata[(prob, cell_type)].append((path, label, cell_type, *extra))
     rng = random.Random(seed)
     parts = {"train": [], "val": [], "test": []}
     for key in sorted(strata):
@@ -55,7 +60,7 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15) -> dict
         parts["test"] += items[:n_test]
         parts["val"] += rest[:n_val]
         parts["train"] += rest[n_val:]
-    classes = sorted({label for p in parts.values() for _, label, _ in p})
+    classes = sorted({r[1] for p in parts.values() for r in p})
     return {"dataset": "elpv4" if four_class else "elpv", "source": "elpv4" if four_class else "elpv",
             "classes": classes, **{k: [list(r) for r in v] for k, v in parts.items()}}
 
@@ -72,6 +77,9 @@ def main() -> None:
                     help="epochs per seed instead of the budget's calibration (one number, or one per seed): a lever "
                          "that does not change the training steps (ema) is then compared on the same trajectory")
     ap.add_argument("--split-seed", type=int, default=2019)
+    ap.add_argument("--soft-labels", action="store_true",
+                    help="2 classes: train on soft targets from the defect probability (p=1/3 and 2/3 cells are "
+                         "2/3-sure labels), as a CSV's probability column gives them; the test is scored as usual")
     ap.add_argument("--workspace", default="", help="keep the runs in this workspace (default: a temporary one)")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--tune", action="store_true",
@@ -86,7 +94,9 @@ def main() -> None:
     from core.train import fit
 
     four = args.task == "4"
-    split = paper_split(four, args.split_seed)
+    if args.soft_labels and four:
+        ap.error("--soft-labels is for 2 classes: the 4 grades are exact")
+    split = paper_split(four, args.split_seed, soft=args.soft_labels)
     n_train, n_val = len(split["train"]), len(split["val"])
     base = {**PRESETS[args.recipe], "data": split["source"], **parse_overrides(args.set)}
     device = select_device(base.get("device", "auto"))
@@ -137,6 +147,7 @@ def main() -> None:
         "classes": split["classes"],
         "recipe": args.recipe,
         "overrides": args.set,
+        "soft_labels": args.soft_labels,
         "config": {k: v for k, v in TrainConfig.from_dict(base).to_dict().items() if k not in ("notes", "extra")},
         "seeds": [s["seed"] for s in per_seed],
         "minutes_per_seed": args.minutes,
@@ -150,7 +161,8 @@ def main() -> None:
         "confusion_matrix": np.sum([s["confusion_matrix"] for s in per_seed], axis=0).tolist(),
         "per_class_recall": per_class_recall(split["classes"], per_seed),
         **{f"{k}_mean": round(float(np.mean([s[k] for s in per_seed])), 4)
-           for k in ("grade_mae", "two_class_accuracy_from_grades") if k in per_seed[0]},
+           for k in ("grade_mae", "two_class_accuracy_from_grades", "two_class_accuracy_thresholded")
+           if k in per_seed[0]},
         "train_seconds": round(float(np.mean([s["train_seconds"] for s in per_seed])), 1),
         "per_seed": per_seed,
         "paper": PAPER[args.task],
@@ -164,6 +176,7 @@ def main() -> None:
                 f"{doc['accuracy_mean']:.2%} ± {doc['accuracy_std']:.2%} | {doc['macro_f1_mean']:.3f} | "
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
                 f"--minutes {args.minutes:g}{' --epochs ' + args.epochs if args.epochs else ''}"
+                f"{' --soft-labels' if args.soft_labels else ''}"
                 f"{''.join(' --set ' + x for x in args.set)}` |\n")
         add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)
 
@@ -191,7 +204,8 @@ def test_summary(run, split: dict, seed: int, epochs: int, ips: float, train_sec
     return {"seed": seed, "epochs": epochs, "calibrated_images_per_s": round(ips, 1),
             "train_seconds": round(train_seconds, 1), "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
             "per_type_accuracy": per_type, "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
-            "confusion_matrix": ev["confusion_matrix"], **averaging_summary(run), **grades_summary(ev)}
+            "confusion_matrix": ev["confusion_matrix"], **averaging_summary(run), **grades_summary(ev),
+            **two_class_threshold_summary(run)}
 
 
 def grades_summary(ev: dict) -> dict:
@@ -204,6 +218,19 @@ def grades_summary(ev: dict) -> dict:
     return {"grade_mae": round(float((cm * np.abs(grade[:, None] - grade[None, :])).sum() / cm.sum()), 4),
             "two_class_accuracy_from_grades": round(float(
                 cm[np.equal.outer(grade >= 2, grade >= 2)].sum() / cm.sum()), 4)}
+
+
+def two_class_threshold_summary(run) -> dict:
+    """4-class: the 2-class answer from p(grade 2/3) + p(grade 1), thresholded where it is most accurate on the
+    validation part (decide.best_threshold with equal costs), scored on the test part."""
+    from core.decide import best_threshold, load_scores
+    sc = load_scores(run)
+    if len(sc.classes) != 4:
+        return {}
+    defect = lambda probs: probs[:, 2:].sum(1)  # noqa: E731  (classes p=0.00, 0.33, 0.67, 1.00)
+    t = best_threshold(defect(sc.val_probs), sc.val_y >= 2, 1.0, 1.0)
+    return {"two_class_threshold": round(t, 4), "two_class_accuracy_thresholded": round(float(
+        np.mean((defect(sc.test_probs) >= t) == (sc.test_y >= 2))), 4)}
 
 
 def averaging_summary(run) -> dict:

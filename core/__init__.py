@@ -12,6 +12,7 @@ Data flow, one module per stage (README "How it fits together"):
     estimate.py    how long a run will take here, before it starts
     train.py       train_one_epoch / validate / fit
     averaging.py   a moving average of the weights (EMA), validated beside them
+    losses.py      the training loss: cross-entropy, plus an ordinal term for ordered grades
     checkpoint.py  state_dict + JSON metadata, atomic, weights_only loading
     inference.py   the one path from images to probabilities (precision, TTA)
     evaluate.py    test metrics and the per-image table

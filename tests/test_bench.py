@@ -60,6 +60,33 @@ def test_elpv_accuracy_reads_grade_error_and_the_two_class_answer_off_the_four_c
     assert grades_summary({"confusion_matrix": [[3, 1], [2, 0]]}) == {}
 
 
+def test_elpv_accuracy_thresholds_the_defect_grades_on_validation(tmp_path):
+    from types import SimpleNamespace
+    import numpy as np
+    sys.path.insert(0, str(ROOT / "bench"))
+    from elpv_accuracy import two_class_threshold_summary
+    # p(grade >= 2) of 0.3 already means defective on validation: the threshold moves below 0.5, and the test
+    # image at 0.35 is then called defective, rightly.
+    val = np.array([[0.7, 0.0, 0.3, 0.0], [0.8, 0.0, 0.2, 0.0], [0.3, 0.0, 0.7, 0.0], [0.9, 0.1, 0.0, 0.0]])
+    test = np.array([[0.65, 0.0, 0.35, 0.0], [0.95, 0.05, 0.0, 0.0]])
+    path = tmp_path / "scores.npz"
+    np.savez(path, classes=np.array(["p=0.00", "p=0.33", "p=0.67", "p=1.00"]), val_probs=val,
+             val_y=np.array([2, 0, 3, 1]), test_probs=test, test_y=np.array([2, 0]), test_part=np.array("test"))
+    out = two_class_threshold_summary(SimpleNamespace(id="r", scores_path=path))
+    assert 0.2 < out["two_class_threshold"] <= 0.3 and out["two_class_accuracy_thresholded"] == 1.0
+
+
+def test_elpv_soft_labels_keep_the_paper_split_and_mark_the_middle_grades():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from elpv_accuracy import paper_split
+    hard, soft = paper_split(False, 2019), paper_split(False, 2019, soft=True)
+    for part in ("train", "val", "test"):
+        assert [r[:3] for r in soft[part]] == hard[part]
+    unsure = [r for r in soft["train"] if len(r) == 5]
+    assert unsure and all(r[3] == "" and r[4] == 0.6667 for r in unsure)
+    assert {r[1] for r in unsure} == {"defective", "functional"}
+
+
 def test_levers_bench_compares_levers_on_the_same_seeds():
     proc = subprocess.run([sys.executable, "bench/levers.py", "--seeds", "0", "--set", "epochs=1", "--lever", "none",
                            "--lever", "ema=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
