@@ -58,6 +58,8 @@ class TrainConfig:
                                      # of the image size, growing to the full size by 3/4 of the epochs; validation
                                      # and test always run at the full size (1.0: off)
     color_jitter: float = 0.0        # brightness/contrast/saturation strength (0: off)
+    # Mixup / CutMix lost accuracy on ELPV and on digits (bench/RESULTS.md): kept for experiments (--set), not on
+    # the Train page.
     mixup: float = 0.0               # mixup: each batch blended with itself reversed by lam ~ Beta(mixup, mixup),
                                      # targets alike (timm's default 0.8; 0: off)
     cutmix: float = 0.0              # CutMix: a box of the reversed batch pasted in, lam ~ Beta(cutmix, cutmix)
@@ -105,7 +107,8 @@ class TrainConfig:
     tta: bool = False                # test-time augmentation: evaluation and prediction average several views
     tta_views: str = "flips"         # flips: the image and its two flips; dihedral: its 8 flips and quarter turns
                                      # (square inputs); auto: flips, dihedral or none, whichever validates best
-                                     # with the best checkpoint at the end of training (core/inference.py)
+                                     # with the best checkpoint at the end of training (core/inference.py).
+                                     # Neither beat flips on ELPV (bench/RESULTS.md): CLI and --set only
     notes: str = ""
     extra: dict = field(default_factory=dict)  # free-form metadata (preset name, ...)
 

@@ -3,7 +3,7 @@ import uuid
 import streamlit as st
 
 from core import runs
-from core.config import (ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, TTA_VIEWS, ConfigError,
+from core.config import (ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError,
                          TrainConfig)
 from core.data import DatasetError
 from core.estimate import estimate_run
@@ -152,10 +152,6 @@ with st.container(border=True):
         a2.number_input("Seed", 0, 2**31 - 1, key="cfg_seed")
         a2.checkbox("Test-time augmentation", key="cfg_tta",
                     help="Evaluation and predictions average the model's answers over several views of each image.")
-        a2.selectbox("Test-time views", TTA_VIEWS, key="cfg_tta_views",
-                     help="flips: the image and its two flips; dihedral: its 8 flips and quarter turns (square "
-                          "images of parts with no up: cells, tiles); auto: whichever of none, flips and dihedral "
-                          "validates best at the end of training.")
         a2.checkbox("Average the weights (EMA)", key="cfg_ema",
                     help="Keeps a moving average of the weights beside them and validates both every epoch; the "
                          "best checkpoint holds whichever validated better. Costs a second validation pass.")
@@ -173,11 +169,6 @@ with st.container(border=True):
         a3.slider("Rotation (degrees)", 0.0, 180.0, key="cfg_rotation")
         a3.slider("Random crop: min area kept", 0.05, 1.0, key="cfg_crop_scale_min", help="1.0: no cropping.")
         a3.slider("Color jitter", 0.0, 1.0, key="cfg_color_jitter")
-        a3.slider("Mixup (0: off)", 0.0, 2.0, key="cfg_mixup",
-                  help="Blends each training image with another, targets alike, by a Beta(x, x) weight (timm: 0.8).")
-        a3.slider("CutMix (0: off)", 0.0, 2.0, key="cfg_cutmix",
-                  help="Pastes a box of another training image in, targets by area, Beta(x, x) (timm: 1.0). "
-                       "With mixup on too, each batch gets one of the two.")
         a3.slider("Progressive resizing: first epochs at", 0.25, 1.0, key="cfg_progressive_start",
                   help="Early epochs train on images shrunk to this fraction of the size, growing to the full size by "
                        "3/4 of the epochs; validation and test always use the full size. 1.0: off.")
