@@ -89,6 +89,7 @@ def main() -> None:
     from core.cli import ProgressBar
     from core.config import parse_overrides
     from core.estimate import estimate_seconds, training_images_per_s
+    from core.pretrain import pretraining_seconds
     from core.storage import Workspace
     from core.device import describe_device, select_device
     from core.train import fit
@@ -115,7 +116,9 @@ def main() -> None:
             cfg = TrainConfig.from_dict({**base, "seed": seed})
             ips = training_images_per_s(cfg, device)  # the engine's own step, augmentation included
             epoch_s = estimate_seconds(1, n_train, n_val, 0, ips)  # training plus validation
-            cfg.epochs = fixed[i] if fixed else max(1, int(args.minutes * 60 * 0.9 / epoch_s))  # margin: logging
+            # The budget includes self-supervised pretraining when the config asks for it (estimated from the step).
+            budget_s = args.minutes * 60 * 0.9 - pretraining_seconds(cfg, n_train, ips)  # margin: logging
+            cfg.epochs = fixed[i] if fixed else max(1, int(budget_s / epoch_s))
             cfg.validate()
             run = ws.create_run(cfg, split["dataset"])
             # --tune leaves the test part out of the run altogether (the engine then scores the validation part)
@@ -205,7 +208,19 @@ def test_summary(run, split: dict, seed: int, epochs: int, ips: float, train_sec
             "train_seconds": round(train_seconds, 1), "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
             "per_type_accuracy": per_type, "best_epoch": ev["checkpoint_epoch"], "best_val_acc": ev["best_val_acc"],
             "confusion_matrix": ev["confusion_matrix"], **averaging_summary(run), **grades_summary(ev),
-            **two_class_threshold_summary(run)}
+            **two_class_threshold_summary(run), **pretraining_summary(run)}
+
+
+def pretraining_summary(run) -> dict:
+    """With weights=self-supervised: what pretraining cost (its seconds are inside train_seconds) and how well the
+    network told the two views of an image apart at its end."""
+    meta_path = run.pretrained_path.with_suffix(".json")
+    if not meta_path.exists():
+        return {}
+    meta = json.loads(meta_path.read_text())
+    last = meta["history"][-1]
+    return {"pretraining_seconds": meta["seconds"], "pretraining_epochs": meta["epochs"],
+            "pretraining_final_loss": round(last["loss"], 4), "pretraining_view_match": round(last["view_match"], 4)}
 
 
 def grades_summary(ev: dict) -> dict:

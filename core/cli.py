@@ -72,7 +72,8 @@ class ProgressBar(Reporter):
 # TrainConfig's defaults (core/config.py).
 CONFIG_FLAGS = [
     ("--arch", "arch", dict(choices=ARCHS)),
-    ("--weights", "weights", dict(help="imagenet | none | path to a state_dict file (default imagenet)")),
+    ("--weights", "weights", dict(help="imagenet | none | self-supervised (pretrain on the dataset's own images first, "
+                                        "ssl_* fields) | path to a state_dict file (default imagenet)")),
     ("--epochs", "epochs", dict(type=int)),
     ("--batch-size", "batch_size", dict(type=int)),
     ("--image-size", "image_size", dict(type=int)),

@@ -66,7 +66,13 @@ class TrainConfig:
                                      # (timm's default 1.0; 0: off). Both on: half the batches each
     # --- model ---
     arch: str = "resnet18"           # resnet18 | resnet34 | resnet50 | resnet18-custom (hand-built, [2,2,2,2])
-    weights: str = "imagenet"        # "imagenet", "none" (from scratch), or a path to a state_dict file
+    weights: str = "imagenet"        # "imagenet", "none" (from scratch), "self-supervised" (pretrained first on
+                                     # the run's own training and unlabeled images, without labels: core/pretrain.py),
+                                     # or a path to a state_dict file
+    ssl_epochs: int = 20             # self-supervised pretraining: passes over those images, two views of each
+    ssl_image_size: int = 64         # ... at this side in pixels (the pooled backbone works at any size; smaller
+                                     # pretrains faster)
+    ssl_batch_size: int = 128        # ... images per step: each view's negatives are the other 2 x 127 views
     dropout: float = 0.0             # dropout before the final layer
     freeze_backbone: bool = False    # True: train only the new head (feature extraction)
     # --- optimisation (seeds: Adam, lr 1e-3, 10 epochs, batch 32, cross-entropy) ---
@@ -174,7 +180,14 @@ class TrainConfig:
              f"must be at least the number of devices ({self.devices}): each batch is split across them")
         need(self.tta_views in TTA_VIEWS, "tta_views", f"must be one of {', '.join(TTA_VIEWS)}")
         need(self.batch_norm in BATCH_NORMS, "batch_norm", f"must be one of {BATCH_NORMS}")
-        need(bool(str(self.weights).strip()), "weights", "use imagenet, none, or a file path")
+        need(bool(str(self.weights).strip()), "weights", "use imagenet, none, self-supervised, or a file path")
+        need(isinstance(self.ssl_epochs, int) and 1 <= self.ssl_epochs <= 1000, "ssl_epochs",
+             "must be between 1 and 1000")
+        need(32 <= self.ssl_image_size <= 1024, "ssl_image_size", "must be between 32 and 1024 pixels")
+        need(isinstance(self.ssl_batch_size, int) and self.ssl_batch_size >= 2, "ssl_batch_size",
+             "must be at least 2 (each view needs others to be told apart from)")
+        need(str(self.weights).strip().lower() != "self-supervised" or self.devices == 1, "weights",
+             "self-supervised pretraining runs on one device: set devices to 1")
         return self
 
 

@@ -22,6 +22,7 @@ from .device import autocast_dtype, select_device
 from .images import ImageLoadError, load_array
 from .labels import LabelStore
 from .model import build_model
+from .pretrain import pretraining_seconds
 from .schedule import mean_pixel_fraction
 from .train import WRITE_EVERY_COST, build_optimizer, train_step
 from .transforms import AugmentSpec, MixSpec, Normalizer, build_mix, build_train_augment, to_unit
@@ -135,11 +136,13 @@ def dataset_parts(ws, cfg: TrainConfig) -> tuple[dict, list[str], int]:
 
 def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_per_image: float,
                 write_s: float = 0.0) -> float:
-    """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads."""
+    """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads,
+    plus self-supervised pretraining when the config asks for it."""
     n_val = counts["val"] * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
     return estimate_seconds(cfg.epochs, counts["train"], n_val, counts["test"], images_per_s,
                             decode_s_per_image, cfg.tta, workers=decode_workers(),
-                            train_pixels=mean_pixel_fraction(cfg), write_s=write_s, tta_views=cfg.tta_views)
+                            train_pixels=mean_pixel_fraction(cfg), write_s=write_s, tta_views=cfg.tta_views
+                            ) + pretraining_seconds(cfg, counts["train"] + counts.get("unlabeled", 0), images_per_s)
 
 
 def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:

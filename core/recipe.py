@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .config import TrainConfig
 from .estimate import Estimate, dataset_parts, estimate_seconds, measure, run_seconds
+from .pretrain import pretraining_seconds
 
 # One-cycle optimizer steps a run needs, and the epoch range they may turn into. From scratch: 650 steps of 32 with
 # progressive resizing reached the classic recipe's best validation accuracy on ELPV in 2.8 minutes (500 steps
@@ -176,8 +177,9 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     side, gray = image_facts(paths)
     data = DataFacts(counts["train"], counts["val"], counts["test"], n_classes, side, gray)
     machine = machine_facts(base)
-    if "weights" in fixed:  # "none" trains from scratch even where ImageNet weights are on disk; a file is pretrained
-        machine.imagenet_weights = str(fixed["weights"]).lower() not in ("none", "scratch")
+    if "weights" in fixed:  # "none" trains from scratch even where ImageNet weights are on disk; a file is pretrained;
+        # a self-supervised start is tuned as scratch (its backbone has not seen ImageNet's variety)
+        machine.imagenet_weights = str(fixed["weights"]).lower() not in ("none", "scratch", "self-supervised")
     values, why = choose_settings(data, machine)
     cfg = TrainConfig.from_dict({**base.to_dict(), **values, **fixed, "extra": {"preset": "auto"}}).validate()
 
@@ -190,6 +192,7 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
         once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
                                   timing.decode_s_per_image, cfg.tta, decode_workers(),     # the final evaluation
                                   tta_views=cfg.tta_views)
+        once_s += pretraining_seconds(cfg, data.n_train, timing.images_per_s)  # the budget includes pretraining
         cfg.epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
     seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s)
     # The reasons describe the config that will run: a field the user set is said to be theirs.
@@ -198,7 +201,9 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if {"batch_size", "lr", "optimizer", "schedule"} & fixed.keys():
         why[1] = f"batch {cfg.batch_size}, {cfg.optimizer} {cfg.schedule} at lr {cfg.lr:g} (as set)"
     if "weights" in fixed and len(why) > 3:
-        why[2] = "from scratch (as set)" if cfg.weights in ("none", "scratch") else f"weights {cfg.weights} (as set)"
+        why[2] = ("from scratch (as set)" if cfg.weights in ("none", "scratch") else
+                  f"pretrained on your own images first ({cfg.ssl_epochs} self-supervised epochs at {cfg.ssl_image_size} px)"
+                  if cfg.weights == "self-supervised" else f"weights {cfg.weights} (as set)")
     why.insert(1, epochs_why)
     if fixed:
         why.append("set by you: " + ", ".join(sorted(k for k in fixed if k not in ("data", "extra"))))

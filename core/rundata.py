@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import IMAGE_CACHE, samples_from_split
+from .data import IMAGE_CACHE, Sample, samples_from_split
 from .storage import Run, Workspace
 
 
@@ -62,7 +62,10 @@ def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.de
     classes = split["classes"]
     samples, part_of = [], []
     for part in parts:
-        for s in samples_from_split(split, part):
+        # "unlabeled": images without a label (label -1), for self-supervised pretraining only
+        part_samples = ([Sample(path, -1) for path in split.get("unlabeled", [])] if part == "unlabeled"
+                        else samples_from_split(split, part))
+        for s in part_samples:
             samples.append(s)
             part_of.append(part)
     paths = [s.path for s in samples]

@@ -92,8 +92,8 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     from .labels import LabelStore
     cfg.validate()
     w = str(cfg.weights).strip()
-    if w.lower() not in ("imagenet", "none", "scratch") and not Path(w).expanduser().is_file():
-        raise ConfigError("weights", f"file {w} not found (use imagenet, none, or a .pth file)")
+    if w.lower() not in ("imagenet", "none", "scratch", "self-supervised") and not Path(w).expanduser().is_file():
+        raise ConfigError("weights", f"file {w} not found (use imagenet, none, self-supervised, or a .pth file)")
     store = LabelStore(ws)
     ds = store.apply(load_dataset(cfg.data))  # the effective labels: folder labels overridden by the store
     if label_version is None:
@@ -112,8 +112,11 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     if cfg.batch_size > len(split["train"]):
         raise ConfigError("batch_size", f"batch size {cfg.batch_size} is larger than the training split "
                                         f"({len(split['train'])} images): lower it")
+    split_json = split_to_json(ds, split, together)
+    if w.lower() == "self-supervised" and ds.unlabeled:  # pretraining looks at them too (core/pretrain.py)
+        split_json["unlabeled"] = list(ds.unlabeled)
     run = ws.create_run(cfg, ds.name, run_id)
-    run.split_path.write_text(json.dumps(split_to_json(ds, split, together)))
+    run.split_path.write_text(json.dumps(split_json))
     run.write_skipped(ds.skipped)
     record(ws, run.id, label_version=label_version)
     counts = {p: len(v) for p, v in split.items()}

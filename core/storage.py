@@ -116,6 +116,8 @@ class Run:
     @property
     def skipped_path(self) -> Path: return self.dir / "skipped.json"
     @property
+    def pretrained_path(self) -> Path: return self.dir / "pretrained.pt"    # self-supervised backbone (pretrain.py)
+    @property
     def scores_path(self) -> Path: return self.dir / "scores.npz"          # raw val/test probabilities (decide.py)
     @property
     def calibration_path(self) -> Path: return self.dir / "calibration.json"  # the fitted temperature (decide.py)

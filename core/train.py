@@ -27,6 +27,7 @@ from .distributed import SINGLE, Ranks
 from .evaluate import evaluate_run
 from .inference import forward_probs
 from .model import build_model, model_from_checkpoint
+from .pretrain import SELF_SUPERVISED, pretrained_weights
 from .rundata import RunData, load_run_data
 from .runs import Reporter, TrainingError, record
 from .schedule import apply_lr, epoch_batches, lr_at, train_hw_at
@@ -150,7 +151,9 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
                     f"{cfg.batch_norm}" if ranks.distributed else ""))
     # Decoded once into the workspace's disk cache and memory-mapped: shared by the ranks of a machine and by the
     # next training process on the same images.
-    data = load_run_data(ws, run, cfg.input_hw, device, reporter, shared=True)
+    self_supervised = str(cfg.weights).strip().lower() == SELF_SUPERVISED
+    data = load_run_data(ws, run, cfg.input_hw, device, reporter, shared=True,
+                         parts=("train", "val", "test") + (("unlabeled",) if self_supervised else ()))
     if data.skipped:
         reporter.log(f"{len(data.skipped)} images could not be decoded and are left out:")
         for path, reason in data.skipped:
@@ -163,14 +166,19 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
         reporter.log(f"{unsure} training images have a label probability below 1: trained on soft targets")
     mean, std = channel_stats(*data.train_arrays()) if cfg.normalization == "dataset" else (IMAGENET_MEAN,
                                                                                             IMAGENET_STD)
+    normalizer = Normalizer(list(mean), list(std))
+    weights = cfg.weights
+    if self_supervised:  # the backbone learns from the images first, without their labels
+        weights = pretrained_weights(run, cfg, data, normalizer, device, amp, reporter)
+        torch.manual_seed(cfg.seed)  # the head starts as it would without pretraining
     reporter.stage("building model")
-    model = build_model(cfg.arch, len(data.classes), cfg.weights, cfg.dropout, cfg.freeze_backbone).to(device)
+    model = build_model(cfg.arch, len(data.classes), weights, cfg.dropout, cfg.freeze_backbone).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     weight = _class_weights(data).to(device) if cfg.class_weights else None
     train_model = distributed.wrap(model, ranks, device, cfg.batch_norm)
     steps_per_epoch = epoch_batches(len(data.parts["train"]), cfg.batch_size)
-    return Trainer(cfg=cfg, device=device, amp=amp, data=data, normalizer=Normalizer(list(mean), list(std)),
+    return Trainer(cfg=cfg, device=device, amp=amp, data=data, normalizer=normalizer,
                    model=model, criterion=build_criterion(cfg.ordinal, weight, cfg.label_smoothing),
                    optimizer=build_optimizer(cfg, model),
                    scaler=torch.amp.GradScaler(device.type, enabled=(amp == torch.float16)),

@@ -75,7 +75,7 @@ def _offer_last_config() -> None:
         return
     values = cfg.to_dict()
     weights = str(values["weights"])
-    if weights not in ("imagenet", "none"):
+    if weights not in ("imagenet", "none", "self-supervised"):
         st.session_state["weights_file"], values["weights"] = weights, "none"
     st.session_state["preset"] = cfg.extra["preset"] if cfg.extra.get("preset") in RECIPES else "classic"
     _set_widgets({k: v for k, v in values.items() if k not in ("data", "extra", "schedule_start_epoch")})
@@ -118,12 +118,16 @@ with st.container(border=True):
     c1, c2, c3, c4 = st.columns(4)
     c1.selectbox("Architecture", ARCHS, key="cfg_arch",
                  help="resnet18 is fast and strong on small sets; resnet18-custom is the hand-built ResNet18.")
-    weights_options = ["imagenet", "none"]
+    weights_options = ["imagenet", "none", "self-supervised"]
     if st.session_state.get("cfg_weights") not in weights_options:
         weights_options.append(st.session_state["cfg_weights"])
     c2.selectbox("Start from", weights_options, key="cfg_weights",
-                 format_func=lambda w: {"imagenet": "ImageNet weights", "none": "scratch (random)"}.get(w, w),
-                 help="ImageNet weights learn much faster on small sets, but need a download once.")
+                 format_func=lambda w: {"imagenet": "ImageNet weights", "none": "scratch (random)",
+                                        "self-supervised": "my images (self-supervised)"}.get(w, w),
+                 help="ImageNet weights learn much faster on small sets, but need a download once. 'My images' "
+                      "first trains the network on your training and unlabeled images without their labels "
+                      "(SimCLR), then fine-tunes as usual: for images nothing like ImageNet, where its weights "
+                      "cannot be had.")
     c3.number_input("Epochs", 1, 1000, key="cfg_epochs", help="Passes over the training images.")
     c4.number_input("Image size (px)", 16, 1024, step=16, key="cfg_image_size",
                     help="Images are resized to this square. Smaller trains faster.")
@@ -131,6 +135,12 @@ with st.container(border=True):
     c2.number_input("Learning rate", 1e-6, 1.0, format="%.5f", key="cfg_lr", help="Adam's classic 1e-3 is a good start.")
     c3.text_input("Local weights file (optional)", key="weights_file",
                   help="A .pth state_dict (e.g. torchvision's resnet18-f37072fd.pth) to start from instead.")
+    if st.session_state["cfg_weights"] == "self-supervised":
+        c1.number_input("Self-supervised epochs", 1, 1000, key="cfg_ssl_epochs",
+                        help="Passes over your images before fine-tuning, two views of each; the estimate includes "
+                             "them.")
+        c2.number_input("Pretraining size (px)", 32, 1024, step=16, key="cfg_ssl_image_size",
+                        help="Smaller pretrains faster; the backbone then fine-tunes at the image size.")
     with st.expander("Advanced options"):
         a1, a2, a3 = st.columns(3)
         a1.selectbox("Optimizer", OPTIMIZERS, key="cfg_optimizer", help="adam (seeds), adamw, or sgd with momentum.")

@@ -386,3 +386,19 @@ def test_evaluate_page_runs_the_gradcam_audit_in_the_background(finished_ws, tra
     assert result["region"]["box"][0] == pytest.approx(0.2)
     assert f"Last audit: {result['n']} test images" in texts(at)
     assert any("images where the model looked mostly outside the region" in m.value for m in at.markdown)
+
+
+def test_train_page_offers_self_supervised_pretraining_with_its_settings(empty_ws, tmp_path):
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=10, size=16)
+    Workspace(empty_ws).register_dataset("parts", str(data))
+    at = train_page(epochs=2, batch_size=4)
+    assert not any(n.key == "cfg_ssl_epochs" for n in at.number_input)  # shown only when asked for
+    at.selectbox(key="cfg_weights").set_value("self-supervised").run()
+    at.number_input(key="cfg_ssl_epochs").set_value(3)
+    at.number_input(key="cfg_ssl_image_size").set_value(32).run()
+    next(b for b in at.button if b.label == "Estimate the time").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert any(i.value.startswith("Estimated time: about ") for i in at.info)
+    assert at.session_state["estimate"][0]["weights"] == "self-supervised"
+    assert at.session_state["estimate"][0]["ssl_epochs"] == 3

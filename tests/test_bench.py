@@ -76,6 +76,18 @@ def test_elpv_accuracy_thresholds_the_defect_grades_on_validation(tmp_path):
     assert 0.2 < out["two_class_threshold"] <= 0.3 and out["two_class_accuracy_thresholded"] == 1.0
 
 
+def test_elpv_accuracy_reports_what_pretraining_cost(tmp_path):
+    from types import SimpleNamespace
+    sys.path.insert(0, str(ROOT / "bench"))
+    from elpv_accuracy import pretraining_summary
+    assert pretraining_summary(SimpleNamespace(pretrained_path=tmp_path / "pretrained.pt")) == {}
+    (tmp_path / "pretrained.json").write_text(json.dumps({"seconds": 183.4, "epochs": 12, "history": [
+        {"loss": 4.1, "view_match": 0.2}, {"loss": 2.51234, "view_match": 0.61}]}))
+    assert pretraining_summary(SimpleNamespace(pretrained_path=tmp_path / "pretrained.pt")) == {
+        "pretraining_seconds": 183.4, "pretraining_epochs": 12, "pretraining_final_loss": 2.5123,
+        "pretraining_view_match": 0.61}
+
+
 def test_elpv_soft_labels_keep_the_paper_split_and_mark_the_middle_grades():
     sys.path.insert(0, str(ROOT / "bench"))
     from elpv_accuracy import paper_split
