@@ -44,10 +44,14 @@ PAPER = {"2": {"Deitsch 2019, VGG-19 fine-tuned from ImageNet": 0.8842, "Deitsch
          "4": {"Tella 2022, ResNet18 from scratch": 0.5418}}
 
 
-def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: bool = False) -> dict:
+def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: bool = False,
+                labelled: float = 1.0) -> dict:
     """75/25 stratified by (defect probability, cell type); val carved from the 75% the same way. `soft` (2
     classes): each row carries how sure its label is, from the defect probability (a cell at p=2/3 is "defective",
-    2/3 sure; one at p=1/3 is "functional", 2/3 sure), as a CSV's probability column would."""
+    2/3 sure; one at p=1/3 is "functional", 2/3 sure), as a CSV's probability column would. `labelled` < 1: only
+    that share of each stratum's training cells keeps its label; the others become "unlabeled" images (only
+    self-supervised pretraining looks at them), as a user with a few labelled and many unlabelled images has.
+    Validation and test stay as they are."""
     from core.data import elpv_label, load_elpv_table
     rows = load_elpv_table()
     strata = defaultdict(list)
@@ -58,6 +62,7 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: b
         strata[(prob, cell_type)].append((path, label, cell_type, *extra))
     rng = random.Random(seed)
     parts = {"train": [], "val": [], "test": []}
+    unlabeled = []
     for key in sorted(strata):
         items = sorted(strata[key])
         rng.shuffle(items)
@@ -66,10 +71,14 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: b
         n_val = int(round(len(rest) * val_fraction))
         parts["test"] += items[:n_test]
         parts["val"] += rest[:n_val]
-        parts["train"] += rest[n_val:]
+        train = rest[n_val:]
+        n_labelled = max(1, int(round(len(train) * labelled))) if train else 0
+        parts["train"] += train[:n_labelled]
+        unlabeled += [r[0] for r in train[n_labelled:]]
     classes = sorted({r[1] for p in parts.values() for r in p})
     return {"dataset": "elpv4" if four_class else "elpv", "source": "elpv4" if four_class else "elpv",
-            "classes": classes, **{k: [list(r) for r in v] for k, v in parts.items()}}
+            "classes": classes, **{k: [list(r) for r in v] for k, v in parts.items()},
+            **({"unlabeled": unlabeled} if unlabeled else {})}
 
 
 def main() -> None:
@@ -87,6 +96,9 @@ def main() -> None:
     ap.add_argument("--soft-labels", action="store_true",
                     help="2 classes: train on soft targets from the defect probability (p=1/3 and 2/3 cells are "
                          "2/3-sure labels), as a CSV's probability column gives them; the test is scored as usual")
+    ap.add_argument("--labelled", type=float, default=1.0, metavar="SHARE",
+                    help="keep the labels of only this share of the training part (stratified); the rest become "
+                         "unlabeled images, which only --set weights=self-supervised uses (its pretraining)")
     ap.add_argument("--workspace", default="", help="keep the runs in this workspace (default: a temporary one)")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--tune", action="store_true",
@@ -104,8 +116,10 @@ def main() -> None:
     four = args.task == "4"
     if args.soft_labels and four:
         ap.error("--soft-labels is for 2 classes: the 4 grades are exact")
-    split = paper_split(four, args.split_seed, soft=args.soft_labels)
-    n_train, n_val = len(split["train"]), len(split["val"])
+    if not 0 < args.labelled <= 1:
+        ap.error("--labelled: a share above 0 and at most 1")
+    split = paper_split(four, args.split_seed, soft=args.soft_labels, labelled=args.labelled)
+    n_train, n_val, n_unlabeled = len(split["train"]), len(split["val"]), len(split.get("unlabeled", []))
     base = {**PRESETS[args.recipe], **(FOUR_CLASS_BEST if four else {}), "data": split["source"],
             **parse_overrides(args.set)}
     device = select_device(base.get("device", "auto"))
@@ -125,7 +139,7 @@ def main() -> None:
             ips = training_images_per_s(cfg, device)  # the engine's own step, augmentation included
             epoch_s = estimate_seconds(1, n_train, n_val, 0, ips)  # training plus validation
             # The budget includes self-supervised pretraining when the config asks for it (estimated from the step).
-            budget_s = args.minutes * 60 * 0.9 - pretraining_seconds(cfg, n_train, ips)  # margin: logging
+            budget_s = args.minutes * 60 * 0.9 - pretraining_seconds(cfg, n_train + n_unlabeled, ips)  # margin: logging
             cfg.epochs = fixed[i] if fixed else max(1, int(budget_s / epoch_s))
             cfg.validate()
             run = ws.create_run(cfg, split["dataset"])
@@ -163,7 +177,8 @@ def main() -> None:
         "seeds": [s["seed"] for s in per_seed],
         "minutes_per_seed": args.minutes,
         "epochs_fixed": args.epochs or None,
-        "split": {"train": n_train, "val": n_val, "test": len(split["test"]), "split_seed": args.split_seed},
+        "split": {"train": n_train, "val": n_val, "test": len(split["test"]), "unlabeled": n_unlabeled,
+                  "labelled_share": args.labelled, "split_seed": args.split_seed},
         "accuracy_mean": round(float(accs.mean()), 4),
         "accuracy_std": round(float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, 4),
         "macro_f1_mean": round(float(f1s.mean()), 4),
@@ -188,6 +203,7 @@ def main() -> None:
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
                 f"--minutes {args.minutes:g}{' --epochs ' + args.epochs if args.epochs else ''}"
                 f"{' --soft-labels' if args.soft_labels else ''}"
+                f"{f' --labelled {args.labelled:g}' if args.labelled < 1 else ''}"
                 f"{''.join(' --set ' + x for x in args.set)}` |\n")
         add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)
 

@@ -99,6 +99,20 @@ def test_elpv_soft_labels_keep_the_paper_split_and_mark_the_middle_grades():
     assert {r[1] for r in unsure} == {"defective", "functional"}
 
 
+def test_elpv_few_labels_moves_the_rest_of_training_to_unlabeled_and_keeps_validation_and_test():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from elpv_accuracy import paper_split
+    full, few = paper_split(False, 2019), paper_split(False, 2019, labelled=0.1)
+    assert few["val"] == full["val"] and few["test"] == full["test"]
+    assert "unlabeled" not in full
+    kept = {r[0] for r in few["train"]}
+    assert kept < {r[0] for r in full["train"]}
+    assert kept.isdisjoint(few["unlabeled"])
+    assert kept | set(few["unlabeled"]) == {r[0] for r in full["train"]}
+    assert abs(len(kept) / len(full["train"]) - 0.1) < 0.02
+    assert {r[1] for r in few["train"]} == {"defective", "functional"}  # each stratum keeps some labels
+
+
 def test_levers_bench_compares_levers_on_the_same_seeds():
     proc = subprocess.run([sys.executable, "bench/levers.py", "--seeds", "0", "--set", "epochs=1", "--lever", "none",
                            "--lever", "ema=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
