@@ -44,11 +44,8 @@ PAPER = {"2": {"Deitsch 2019, VGG-19 fine-tuned from ImageNet": 0.8842, "Deitsch
          "4": {"Tella 2022, ResNet18 from scratch": 0.5418}}
 
 
-def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: bool = False,
-                labelled: float = 1.0) -> dict:
-    """75/25 stratified by (defect probability, cell type); val carved from the 75% the same way. `soft` (2
-    classes): each row carries how sure its label is, from the defect probability (a cell at p=2/3 is "defective",
-    2/3 sure; one at p=1/3 is "functional", 2/3 sure), as a CSV's probability column would. `labelled` < 1: only
+def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, labelled: float = 1.0) -> dict:
+    """75/25 stratified by (defect probability, cell type); val carved from the 75% the same way. `labelled` < 1: only
     that share of each stratum's training cells keeps its label; the others become "unlabeled" images (only
     self-supervised pretraining looks at them), as a user with a few labelled and many unlabelled images has.
     Validation and test stay as they are."""
@@ -56,10 +53,7 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, soft: b
     rows = load_elpv_table()
     strata = defaultdict(list)
     for path, prob, cell_type in rows:
-        label = elpv_label(prob, four_class)
-        sure = prob if label == "defective" else 1 - prob
-        extra = ("", round(sure, 4)) if soft and not four_class and sure < 1 else ()
-        strata[(prob, cell_type)].append((path, label, cell_type, *extra))
+        strata[(prob, cell_type)].append((path, elpv_label(prob, four_class), cell_type))
     rng = random.Random(seed)
     parts = {"train": [], "val": [], "test": []}
     unlabeled = []
@@ -93,9 +87,6 @@ def main() -> None:
                     help="epochs per seed instead of the budget's calibration (one number, or one per seed): a lever "
                          "that does not change the training steps (ema) is then compared on the same trajectory")
     ap.add_argument("--split-seed", type=int, default=2019)
-    ap.add_argument("--soft-labels", action="store_true",
-                    help="2 classes: train on soft targets from the defect probability (p=1/3 and 2/3 cells are "
-                         "2/3-sure labels), as a CSV's probability column gives them; the test is scored as usual")
     ap.add_argument("--labelled", type=float, default=1.0, metavar="SHARE",
                     help="keep the labels of only this share of the training part (stratified); the rest become "
                          "unlabeled images, which only --set weights=self-supervised uses (its pretraining)")
@@ -114,11 +105,9 @@ def main() -> None:
     from core.train import fit
 
     four = args.task == "4"
-    if args.soft_labels and four:
-        ap.error("--soft-labels is for 2 classes: the 4 grades are exact")
     if not 0 < args.labelled <= 1:
         ap.error("--labelled: a share above 0 and at most 1")
-    split = paper_split(four, args.split_seed, soft=args.soft_labels, labelled=args.labelled)
+    split = paper_split(four, args.split_seed, labelled=args.labelled)
     n_train, n_val, n_unlabeled = len(split["train"]), len(split["val"]), len(split.get("unlabeled", []))
     base = {**PRESETS[args.recipe], **(FOUR_CLASS_BEST if four else {}), "data": split["source"],
             **parse_overrides(args.set)}
@@ -172,7 +161,6 @@ def main() -> None:
         "classes": split["classes"],
         "recipe": args.recipe,
         "overrides": args.set,
-        "soft_labels": args.soft_labels,
         "config": {k: v for k, v in TrainConfig.from_dict(base).to_dict().items() if k not in ("notes", "extra")},
         "seeds": [s["seed"] for s in per_seed],
         "minutes_per_seed": args.minutes,
@@ -202,7 +190,6 @@ def main() -> None:
                 f"{doc['accuracy_mean']:.2%} ± {doc['accuracy_std']:.2%} | {doc['macro_f1_mean']:.3f} | "
                 f"{doc['device']} | `python bench/elpv_accuracy.py --task {args.task} --seeds {args.seeds} "
                 f"--minutes {args.minutes:g}{' --epochs ' + args.epochs if args.epochs else ''}"
-                f"{' --soft-labels' if args.soft_labels else ''}"
                 f"{f' --labelled {args.labelled:g}' if args.labelled < 1 else ''}"
                 f"{''.join(' --set ' + x for x in args.set)}` |\n")
         add_table_row(ROOT / "bench" / "RESULTS.md", "## ELPV accuracy", line)

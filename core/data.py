@@ -3,8 +3,7 @@
 Sources (load_dataset):
 - a folder with one sub-folder per class (images may sit in nested folders inside a class folder);
 - a folder with train/ and val|valid|validation/ and/or test/, each holding class sub-folders;
-- a CSV file of `path,label[,split][,group][,probability]` (paths relative to the CSV; a probability below 1
-  says how sure the label is, and training then spreads the rest of the target over the other classes);
+- a CSV file of `path,label[,split][,group]` (paths relative to the CSV; other columns are ignored);
 - the built-in ELPV example: "elpv" (functional/defective) or "elpv4" (the 4 defect probabilities).
 """
 from __future__ import annotations
@@ -44,8 +43,6 @@ class Sample:
     group: str = ""  # optional sub-population (ELPV: mono/poly), used for stratification and reports
     origin: str = ""  # where the image comes from (module, batch, day): a CSV's group column, or the sub-folder
                       # inside its class folder; split_groups="origin" keeps each origin in one part
-    probability: float = 1.0  # how sure the label is (a CSV's probability column): training targets this share
-                              # on the label and spreads the rest evenly over the other classes (soft labels)
 
 
 @dataclass
@@ -122,7 +119,7 @@ def _build(name, source, classes, items, split_of=None, groups=None) -> Dataset:
     samples, skipped = [], []
     given: dict[str, list[int]] = defaultdict(list)
     seen_paths = set()
-    for k, (path, label, *rest) in enumerate(items):  # rest: origin, then the label's probability
+    for k, (path, label, *rest) in enumerate(items):  # rest: the origin, where there is one
         reason = _check_header(path)
         if reason:
             skipped.append((path, reason))
@@ -131,7 +128,7 @@ def _build(name, source, classes, items, split_of=None, groups=None) -> Dataset:
             given[split_of[k]].append(len(samples))
         seen_paths.add(path)
         samples.append(Sample(path=path, label=index[label], group=groups[k] if groups else "",
-                              origin=rest[0] if rest else "", probability=rest[1] if len(rest) > 1 else 1.0))
+                              origin=rest[0] if rest else ""))
     if not samples:
         raise DatasetError(f"no usable images found in {source}"
                            + (f" ({len(skipped)} files skipped)" if skipped else ""))
@@ -193,7 +190,6 @@ def _load_csv(path: Path) -> Dataset:
         header = ["path", "label"]
     has_split = "split" in header
     origin_col = next((header.index(c) for c in ("group", "origin") if c in header), None)
-    prob_col = header.index("probability") if "probability" in header else None
     for line_no, row in enumerate(rows, start=2):
         if not row or not "".join(row).strip():
             continue
@@ -204,8 +200,7 @@ def _load_csv(path: Path) -> Dataset:
         if not is_image_name(full):
             continue
         origin = row[origin_col].strip() if origin_col is not None and origin_col < len(row) else ""
-        raw = row[prob_col].strip() if prob_col is not None and prob_col < len(row) else ""
-        items.append((full, label, origin, _label_probability(raw, path, line_no)))
+        items.append((full, label, origin))
         classes.append(label)
         if has_split:
             split = SPLIT_NAMES.get(row[header.index("split")].strip().lower(), "train")
@@ -213,20 +208,6 @@ def _load_csv(path: Path) -> Dataset:
     if not items:
         raise DatasetError(f"{path} lists no image files")
     return _build(path.stem, path, classes, items, split_of if has_split else None)
-
-
-def _label_probability(raw: str, path: Path, line_no: int) -> float:
-    """A CSV's probability cell: empty is a sure label (1); otherwise a number in (0, 1]."""
-    if not raw:
-        return 1.0
-    try:
-        p = float(raw)
-    except ValueError:
-        p = float("nan")
-    if not 0 < p <= 1:  # NaN fails too
-        raise DatasetError(f"{path}, line {line_no}: probability must be a number above 0 and at most 1 (how sure "
-                           f"the label is), not {raw!r}")
-    return p
 
 
 def elpv_root() -> Path:
@@ -372,12 +353,10 @@ def origin_groups(ds: Dataset) -> list[list[int]]:
 
 
 def _split_row(ds: Dataset, s: Sample) -> list:
-    """[path, label, group] + [origin] where there is one + [probability] where the label is not sure."""
+    """[path, label, group] + [origin] where there is one."""
     row = [s.path, ds.classes[s.label], s.group]
-    if s.origin or s.probability != 1.0:
+    if s.origin:
         row.append(s.origin)
-    if s.probability != 1.0:
-        row.append(s.probability)
     return row
 
 
@@ -394,10 +373,10 @@ def split_to_json(ds: Dataset, split: dict[str, list[int]], together: list[list[
 def samples_from_split(split_json: dict, part: str) -> list[Sample]:
     index = {c: i for i, c in enumerate(split_json["classes"])}
     out = []
-    for row in split_json.get(part, []):
+    for row in split_json.get(part, []):  # runs from before 2026-11-25 may carry a 5th item, a label probability
         path, label = row[0], row[1]
         out.append(Sample(path=path, label=index[label], group=row[2] if len(row) > 2 else "",
-                          origin=row[3] if len(row) > 3 else "", probability=float(row[4]) if len(row) > 4 else 1.0))
+                          origin=row[3] if len(row) > 3 else ""))
     return out
 
 

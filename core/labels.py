@@ -163,7 +163,7 @@ class LabelStore:
         over = self.overrides(ds.source)
         if not over:
             return ds
-        entries = []  # (path, label name, group, given split, origin, label probability)
+        entries = []  # (path, label name, group, given split, origin)
         split_of = {}
         for part, idx in ds.given_splits.items():
             for i in idx:
@@ -172,21 +172,19 @@ class LabelStore:
             label, excl = over.get(s.path, (None, False))
             if excl:
                 continue
-            # A corrected label is a sure one: its probability goes back to 1.
-            entries.append((s.path, label or ds.classes[s.label], s.group, split_of.get(i), s.origin,
-                            1.0 if label else s.probability))
+            entries.append((s.path, label or ds.classes[s.label], s.group, split_of.get(i), s.origin))
         for path in ds.unlabeled:
             label, excl = over.get(path, (None, False))
             if label and not excl:
-                entries.append((path, label, "", "train" if ds.given_splits else None, "", 1.0))
+                entries.append((path, label, "", "train" if ds.given_splits else None, ""))
         # Classes: every name still in use (the dataset's and new ones from the store), sorted.
         classes = sorted({e[1] for e in entries}) or ds.classes
         index = {c: i for i, c in enumerate(classes)}
         samples, given = [], {}
-        for path, label, group, part, origin, probability in entries:
+        for path, label, group, part, origin in entries:
             if part:
                 given.setdefault(part, []).append(len(samples))
-            samples.append(Sample(path=path, label=index[label], group=group, origin=origin, probability=probability))
+            samples.append(Sample(path=path, label=index[label], group=group, origin=origin))
         unlabeled = [p for p in ds.unlabeled if p not in over or not (over[p][0] or over[p][1])]
         return replace(ds, classes=classes, samples=samples, given_splits=given, unlabeled=unlabeled)
 

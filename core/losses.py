@@ -7,7 +7,7 @@ adds the squared earth mover's distance between the predicted and the true grade
 cumulative distributions, which grows with how many grades the predicted mass sits from the truth. The model and
 its output stay a softmax over the classes, so evaluation, calibration, Grad-CAM and export are unchanged. The
 grade order is the classes' order, that is their sorted names: name the folders so that they sort by grade
-("1_ok", "2_minor", ...). Targets may be class indices or N x classes distributions (mixup, soft labels).
+("1_ok", "2_minor", ...). Targets may be class indices or N x classes distributions (mixup).
 """
 from __future__ import annotations
 

@@ -21,15 +21,6 @@ class RunData:
     paths: list[str]          # per sample
     rows: np.ndarray          # per sample: its row in `images`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): could not be decoded
-    label_probs: np.ndarray | None = None  # per sample, how sure its label is; None when every label is sure
-
-    def soft_targets(self, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-        """N x classes training targets: the label's probability on the label, the rest spread evenly over the
-        other classes (a sure label is one-hot)."""
-        k = len(self.classes)
-        p = torch.from_numpy(self.label_probs[idx].astype(np.float32)).unsqueeze(1)
-        one_hot = torch.nn.functional.one_hot(torch.from_numpy(self.labels[idx]).long(), k).float()
-        return (one_hot * p + (1 - one_hot) * (1 - p) / max(k - 1, 1)).to(device, non_blocking=True)
 
     def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[idx]
@@ -92,6 +83,5 @@ def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.de
             with warnings.catch_warnings():  # a read-only memory map: copied to the GPU at once, never written
                 warnings.simplefilter("ignore", UserWarning)
                 images = torch.from_numpy(np.asarray(images)).to(device)
-    probs = np.array([s.probability for s in samples], dtype=np.float64)
     return RunData(classes, images, idx, np.array([s.label for s in samples], dtype=np.int64), paths, rows,
-                   skipped, label_probs=probs if (probs < 1).any() else None)
+                   skipped)

@@ -161,9 +161,6 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
         run.write_skipped(data.skipped)
     if len(data.parts["train"]) < 2 or len(data.parts["val"]) < 1:
         raise TrainingError("too few readable images left for training and validation")
-    if data.label_probs is not None:
-        unsure = int((data.label_probs[data.parts["train"]] < 1).sum())
-        reporter.log(f"{unsure} training images have a label probability below 1: trained on soft targets")
     mean, std = channel_stats(*data.train_arrays()) if cfg.normalization == "dataset" else (IMAGENET_MEAN,
                                                                                             IMAGENET_STD)
     normalizer = Normalizer(list(mean), list(std))
@@ -258,8 +255,6 @@ def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
         apply_lr(t.optimizer, *lr_at(t.cfg, (epoch - 1) * t.steps_per_epoch + b, t.steps_per_epoch))
         idx = distributed.shard(global_idx, t.ranks)
         x_u8, y = t.data.batch(idx, t.device)
-        if t.data.label_probs is not None:  # a CSV said how sure the labels are: soft targets
-            y = t.data.soft_targets(idx, t.device)
         x = t.augment(to_unit(x_u8), aug_gen)
         if t.mix is not None:  # the targets become N x classes blends
             x, y = t.mix(x, y, aug_gen)

@@ -184,6 +184,6 @@ def build_mix(spec: MixSpec, n_classes: int):
             lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept, after clipping at the border
         else:
             x = x * lam + other * (1 - lam)
-        one_hot = y if y.ndim == 2 else F.one_hot(y, n_classes).float()  # soft labels come as distributions
+        one_hot = F.one_hot(y, n_classes).float()
         return x.contiguous(memory_format=torch.channels_last), one_hot * lam + one_hot.flip(0) * (1 - lam)
     return mix

@@ -88,10 +88,6 @@ if smallest and largest / smallest >= 3:
                "Consider class-weighted loss on the Train page.")
 fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
 st.plotly_chart(fig, key="class_counts")
-unsure = [s.probability for s in ds.samples if s.probability < 1]
-if unsure:
-    st.caption(f"Soft labels: {len(unsure):,} images have a label probability below 1 (from {min(unsure):.2f}); "
-               "training targets that share on their label and spreads the rest over the other classes.")
 
 split = None
 try:

@@ -167,16 +167,6 @@ def test_datasets_page_registers_a_folder(empty_ws, tmp_path):
                                          "reason": "not a recognised image file (or a format that is not allowed)"}]
 
 
-def test_datasets_page_says_when_a_csv_gives_soft_labels(empty_ws, tmp_path):
-    from test_soft_labels import write_csv_set
-    csv = write_csv_set(tmp_path / "set")
-    at = open_page("pages/datasets.py")
-    at.text_input[0].set_value(str(csv))
-    at.button[0].click().run()
-    assert not at.exception, at.exception
-    assert "Soft labels: 12 images have a label probability below 1 (from 0.70)" in texts(at)
-
-
 def test_datasets_page_lists_near_duplicates_and_those_the_split_separates(empty_ws, tmp_path):
     root, planted = write_set_with_twins(tmp_path / "twins")
     at = open_page("pages/datasets.py")

@@ -88,17 +88,6 @@ def test_elpv_accuracy_reports_what_pretraining_cost(tmp_path):
         "pretraining_view_match": 0.61}
 
 
-def test_elpv_soft_labels_keep_the_paper_split_and_mark_the_middle_grades():
-    sys.path.insert(0, str(ROOT / "bench"))
-    from elpv_accuracy import paper_split
-    hard, soft = paper_split(False, 2019), paper_split(False, 2019, soft=True)
-    for part in ("train", "val", "test"):
-        assert [r[:3] for r in soft[part]] == hard[part]
-    unsure = [r for r in soft["train"] if len(r) == 5]
-    assert unsure and all(r[3] == "" and r[4] == 0.6667 for r in unsure)
-    assert {r[1] for r in unsure} == {"defective", "functional"}
-
-
 def test_elpv_few_labels_moves_the_rest_of_training_to_unlabeled_and_keeps_validation_and_test():
     sys.path.insert(0, str(ROOT / "bench"))
     from elpv_accuracy import paper_split

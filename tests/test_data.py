@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_class_folders
-from core.data import DatasetError, ImageCache, load_dataset, stratified_split
+from core.data import DatasetError, ImageCache, load_dataset, samples_from_split, split_to_json, stratified_split
 
 
 def test_class_folders(dot_folder):
@@ -137,3 +137,27 @@ def test_cache_spills_to_memory_mapped_file_past_its_bound(tmp_path):
     again = ImageCache(max_bytes=1000).get(paths, (16, 16), cache_dir=tmp_path / "cache")  # a new process
     assert again.on_disk and list(again.failed) == [20]
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 1
+
+
+def test_a_csv_with_more_columns_than_path_label_split_group_imports_and_they_are_ignored(tmp_path):
+    """Soft labels left the training path (they measured no gain: bench/RESULTS.md); a CSV that still carries a
+    probability column, or any other, imports as before with its labels as given."""
+    root = tmp_path / "set"
+    root.mkdir()
+    lines = ["path,label,probability,notes"]
+    for label, level in (("dark", 40), ("bright", 200)):
+        for i in range(6):
+            Image.fromarray(np.full((16, 16, 3), level + i, np.uint8)).save(root / f"{label}_{i}.png")
+            lines.append(f"{label}_{i}.png,{label},{'0.7' if i % 2 else ''},seen twice")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(str(root / "labels.csv"))
+    assert len(ds.samples) == 12 and ds.classes == ["bright", "dark"]
+    split = split_to_json(ds, stratified_split(ds, 0.25, 0.0, seed=0))
+    assert all(len(row) == 3 for part in ("train", "val") for row in split[part])  # path, label, group
+
+
+def test_a_split_written_with_label_probabilities_still_loads(tmp_path):
+    """Runs from before soft labels left carry a 5th item per row (the label's probability): read, not used."""
+    split = {"classes": ["a", "b"], "train": [["/x/1.png", "a", "", "", 0.7], ["/x/2.png", "b", "mono"]]}
+    got = samples_from_split(split, "train")
+    assert [(s.path, s.label, s.group, s.origin) for s in got] == [("/x/1.png", 0, "", ""), ("/x/2.png", 1, "mono", "")]
