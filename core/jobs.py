@@ -8,6 +8,7 @@ Importing this module does not import torch, and the studio never needs to for t
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class Job:
         except Exception as exc:  # noqa: BLE001 - the worker thread serves the next job whatever happened here
             try:
                 runs.transition(self.ws, self.run.id, "failed", error=f"{type(exc).__name__}: {exc}")
-            except (runs.RunStateError, KeyError, OSError):
+            except (runs.RunStateError, KeyError, OSError, sqlite3.Error):  # e.g. a full disk: the thread lives on
                 pass
         finally:
             worker.clear_stop(self.run)

@@ -408,3 +408,32 @@ def test_predict_page_zip_reader_refuses_bombs_and_names_skipped_entries():
         read_zip_images(io.BytesIO(_zip(_good_entries())), limits=Limits(total=200))
     with pytest.raises(ImportError_, match="not a zip"):
         read_zip_images(io.BytesIO(b"no zip here"))
+
+
+def test_the_training_thread_serves_the_next_job_after_the_database_failed_under_one(dot_folder, workspace,
+                                                                                     monkeypatch):
+    """A job whose start fails and whose failure cannot be recorded either (the database unreadable, a full disk)
+    must not take the one training thread with it: the next job still trains."""
+    import sqlite3
+    from core import jobs
+    real_start, real_transition = jobs.worker.start_process, jobs.runs.transition
+    calls = {"transition": 0}
+
+    def broken_start(*args, **kwargs):
+        raise RuntimeError("the training process could not be set up")
+
+    def unwritable_transition(*args, **kwargs):
+        calls["transition"] += 1
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(jobs.worker, "start_process", broken_start)
+    monkeypatch.setattr(jobs.runs, "transition", unwritable_transition)
+    jm = JobManager(workspace)
+    first = jm.submit(tiny_config(dot_folder, epochs=1))
+    jm.wait(first, timeout=60)
+    assert calls["transition"] == 1  # the failure was tried to be recorded, and could not be
+    monkeypatch.setattr(jobs.worker, "start_process", real_start)
+    monkeypatch.setattr(jobs.runs, "transition", real_transition)
+    second = jm.submit(tiny_config(dot_folder, epochs=1))
+    snap = jm.wait(second, timeout=180)
+    assert snap.status == "done", snap.error
