@@ -8,8 +8,8 @@ Importing this module does not import torch, and the studio never needs to for t
 """
 from __future__ import annotations
 
-import sqlite3
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -123,11 +123,13 @@ class Job:
         except Exception as exc:  # noqa: BLE001 - the worker thread serves the next job whatever happened here
             try:
                 runs.transition(self.ws, self.run.id, "failed", error=f"{type(exc).__name__}: {exc}")
-            except (runs.RunStateError, KeyError, OSError, sqlite3.Error):  # e.g. a full disk: the thread lives on
+            except (runs.RunStateError, KeyError, OSError):
                 pass
         finally:
-            worker.clear_stop(self.run)
-            self.done_event.set()
+            try:
+                worker.clear_stop(self.run)
+            finally:  # waiters are released whatever happened
+                self.done_event.set()
 
 
 class JobManager:
@@ -280,4 +282,8 @@ class JobManager:
                 while not self._queue:
                     self._wake.wait()
                 job = self._queue.popleft()
-            job.execute()
+            try:
+                job.execute()
+            except Exception:  # noqa: BLE001 - e.g. the failure could not be recorded (a full disk, the database
+                # gone): the one training thread lives on to serve the next job
+                traceback.print_exc()
