@@ -104,6 +104,9 @@ class TrainConfig:
     amp: str = "auto"                # auto: bf16/fp16 on CUDA; on a CPU bf16 where measured faster (core/device.py).
                                      # "bf16" forces it where supported, "off" is fp32
     channels_last: bool = True
+    cuda_graphs: bool = True         # on one CUDA device the training forward/backward is replayed as a CUDA graph
+                                     # per batch shape: a small model's step is bound by kernel launches there
+                                     # (core/graphs.py; no effect on a CPU)
     num_threads: int = 0             # CPU threads for torch (0: all cores, shared out among processes)
     devices: int = 1                 # processes training together (one per GPU; on a CPU each gets a share of the
                                      # cores). Each batch of batch_size is split across them: batch size, learning

@@ -510,8 +510,8 @@ class Stopped(Exception):
 
 
 def decode_workers() -> int:
-    """Threads that decode images into the cache (PIL releases the GIL while decoding)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads that decode images into the cache (PIL releases the GIL while decoding and resizing)."""
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 def _decode_into(arr, paths, hw, progress, should_stop) -> dict[int, str]:
@@ -544,17 +544,29 @@ def _decode_into(arr, paths, hw, progress, should_stop) -> dict[int, str]:
 IMAGE_CACHE = ImageCache()
 
 
-def channel_stats(array: np.ndarray, indices: np.ndarray) -> tuple[list[float], list[float]]:
+def channel_stats(array, indices: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean/std (on the 0-1 scale) of the given 8-bit images, computed in chunks from each channel's
     256-bin histogram: exact, and about 10x faster than summing the pixels as floats (2.2 s for ELPV's training
     part at 160 px, longer than the GPU's first epochs)."""
     hist = np.zeros((3, 256), dtype=np.int64)
-    for start in range(0, len(indices), 256):
-        block = np.asarray(array[indices[start:start + 256]])
-        if block.dtype != np.uint8:
-            raise TypeError(f"channel_stats expects 8-bit images, got {block.dtype}")
-        for c in range(3):
-            hist[c] += np.bincount(block[..., c].ravel(), minlength=256)
+    if not isinstance(array, np.ndarray):  # a torch tensor: images kept on the GPU are counted there
+        import torch
+        if array.dtype != torch.uint8:
+            raise TypeError(f"channel_stats expects 8-bit images, got {array.dtype}")
+        rows = torch.as_tensor(np.asarray(indices), device=array.device)
+        counts = torch.zeros((3, 256), dtype=torch.int64, device=array.device)
+        for start in range(0, len(rows), 256):
+            block = array.index_select(0, rows[start:start + 256])
+            for c in range(3):
+                counts[c] += torch.bincount(block[..., c].reshape(-1), minlength=256)
+        hist += counts.cpu().numpy()
+    else:
+        if array.dtype != np.uint8:
+            raise TypeError(f"channel_stats expects 8-bit images, got {array.dtype}")
+        for start in range(0, len(indices), 256):
+            block = array[indices[start:start + 256]]
+            for c in range(3):
+                hist[c] += np.bincount(block[..., c].ravel(), minlength=256)
     count = max(int(hist[0].sum()), 1)
     levels = np.arange(256) / 255.0
     mean = hist @ levels / count

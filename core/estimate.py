@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,11 +20,12 @@ from .averaging import WeightAverage
 from .config import TrainConfig
 from .data import decode_workers, load_dataset, stratified_split
 from .device import autocast_dtype, select_device
+from .graphs import build_forward
 from .images import ImageLoadError, load_array
 from .labels import LabelStore
 from .model import build_model
 from .pretrain import pretraining_seconds
-from .schedule import mean_pixel_fraction
+from .schedule import cycle_first_epoch, mean_pixel_fraction, train_hw_at
 from .train import WRITE_EVERY_COST, build_optimizer, train_step
 from .transforms import AugmentSpec, MixSpec, Normalizer, build_mix, build_train_augment, to_unit
 
@@ -51,6 +53,7 @@ def _timed_training_steps(cfg: TrainConfig, device: torch.device | None = None, 
     y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
     average = WeightAverage(model, 100, cfg.ema_half_life) if cfg.ema else None
     mix = build_mix(MixSpec.from_config(cfg), 2)
+    forward = build_forward(model, amp, device, cfg.cuda_graphs, cfg.batch_size, log=lambda _: None)
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
@@ -58,10 +61,11 @@ def _timed_training_steps(cfg: TrainConfig, device: torch.device | None = None, 
         if mix is not None:
             x, target = mix(x, y, gen)
         # .item() inside syncs CUDA too
-        train_step(model, torch.nn.CrossEntropyLoss(), opt, scaler, normalizer.normalize(x), target, amp, 1)
+        train_step(model, torch.nn.CrossEntropyLoss(), opt, scaler, normalizer.normalize(x), target, amp, 1,
+                   forward=forward)
         if average is not None:
             average.update(i)
-        if i >= 2:  # the first steps pick and cache kernels
+        if i >= 2:  # the first steps pick and cache kernels (and capture the CUDA graph)
             times.append(time.perf_counter() - t)
     return cfg.batch_size / float(np.median(times)), model, opt
 
@@ -78,26 +82,34 @@ def checkpoint_write_seconds(model: torch.nn.Module, opt: torch.optim.Optimizer)
         return time.perf_counter() - t
 
 
-def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], sample: int = 16) -> float:
-    """Seconds to open and resize one of these files (the median over a sample)."""
-    times = []
-    for path in paths[:: max(1, len(paths) // sample)][:sample]:
-        t = time.perf_counter()
+def decode_seconds_per_image(paths: list[str], hw: tuple[int, int], per_worker: int = 4) -> float:
+    """Wall-clock seconds per image when a sample of these files is opened and resized as the cache does it, on its
+    threads (decode_workers). Timed through the threads rather than divided by their count: on a GPU machine's 16
+    cores decoding ELPV ran at a fifth of 16 threads' worth (Python's share of each image holds the GIL)."""
+    workers = decode_workers()
+    sample = paths[:: max(1, len(paths) // (per_worker * workers))][:per_worker * workers]
+
+    def one(path):
         try:
             load_array(path, hw)
         except ImageLoadError:
-            continue
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) if times else 0.0
+            pass
+    if not sample:
+        return 0.0
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, sample))
+    return (time.perf_counter() - t) / len(sample)
 
 
 def estimate_seconds(epochs: int, n_train: int, n_val: int, n_test: int, images_per_s: float,
                      decode_s_per_image: float = 0.0, tta: bool = False, workers: int = 1,
                      train_pixels: float = 1.0, write_s: float = 0.0, tta_views: str = "flips") -> float:
-    """Wall-clock seconds of a run: the first decode of every image (on `workers` threads; 0 when cached), each
+    """Wall-clock seconds of a run: the first decode of every image (`decode_s_per_image` each, shared by `workers`
+    threads; 0 when cached; decode_seconds_per_image already times the threads, so its callers pass 1), each
     epoch's training, validation and checkpoints, and the final evaluation (three passes with TTA).
-    `train_pixels`: the training pixels relative to the full size (below 1 with progressive resizing;
-    schedule.mean_pixel_fraction). `write_s`: one epoch's checkpoint writes; an epoch shorter than
+    `train_pixels`: the training time relative to every epoch at the full size (below 1 with progressive resizing:
+    progressive_time_fraction). `write_s`: one epoch's checkpoint writes; an epoch shorter than
     WRITE_EVERY_COST writes is not written every time (train.checkpoint_due), so writing adds at most a
     WRITE_EVERY_COST-th of its time. `tta_views`: flips (3 passes), dihedral (8), or auto (the validation part
     scored once with each of the 1 + 3 + 8 views, then at most 8 passes)."""
@@ -111,6 +123,24 @@ def estimate_seconds(epochs: int, n_train: int, n_val: int, n_test: int, images_
     return decode + epochs * epoch + final
 
 
+def progressive_time_fraction(cfg: TrainConfig, images_per_s: float, start_images_per_s: float = 0.0) -> float:
+    """The run's training time relative to every epoch at the full size, with progressive resizing. A step's time
+    per image is taken as affine in its pixels, through the two sizes timed (the full one and the first epoch's):
+    on a GPU a small batch costs nearly what a full one does (kernel launches, not pixels), on a CPU about its
+    pixels. Without the second timing: the pixels alone (schedule.mean_pixel_fraction)."""
+    first = cycle_first_epoch(cfg)
+    h, w = cfg.input_hw
+    sh, sw = train_hw_at(cfg, first)
+    p0 = sh * sw / (h * w)
+    if start_images_per_s <= 0 or images_per_s <= 0 or p0 >= 1:
+        return mean_pixel_fraction(cfg)
+    t_full, t_start = 1 / images_per_s, 1 / start_images_per_s
+    slope = (t_full - t_start) / (1 - p0)
+    per_epoch = [t_start + slope * (eh * ew / (h * w) - p0) for eh, ew in
+                 (train_hw_at(cfg, e) for e in range(first, cfg.epochs + 1))]
+    return max(float(np.mean(per_epoch)), 0.0) / t_full
+
+
 @dataclass
 class Estimate:
     seconds: float
@@ -118,6 +148,7 @@ class Estimate:
     decode_s_per_image: float
     counts: dict
     write_s: float = 0.0   # one epoch's checkpoint writes
+    start_images_per_s: float = 0.0  # at the first epoch's size with progressive resizing (0: not timed)
 
     def text(self) -> str:
         minutes = self.seconds / 60
@@ -135,22 +166,27 @@ def dataset_parts(ws, cfg: TrainConfig) -> tuple[dict, list[str], int]:
 
 
 def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_per_image: float,
-                write_s: float = 0.0) -> float:
+                write_s: float = 0.0, start_images_per_s: float = 0.0) -> float:
     """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads,
     plus self-supervised pretraining when the config asks for it."""
     n_val = counts["val"] * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
     return estimate_seconds(cfg.epochs, counts["train"], n_val, counts["test"], images_per_s,
-                            decode_s_per_image, cfg.tta, workers=decode_workers(),
-                            train_pixels=mean_pixel_fraction(cfg), write_s=write_s, tta_views=cfg.tta_views
+                            decode_s_per_image, cfg.tta,  # decode_s_per_image was timed on the cache's threads
+                            train_pixels=progressive_time_fraction(cfg, images_per_s, start_images_per_s),
+                            write_s=write_s, tta_views=cfg.tta_views
                             ) + pretraining_seconds(cfg, counts["train"] + counts.get("unlabeled", 0), images_per_s)
 
 
 def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:
     """Time the training step and the decoder for this config, and estimate its run."""
     ips, model, opt = _timed_training_steps(cfg)
+    start_ips = 0.0
+    if cfg.progressive_start < 1:  # the first epochs' size too: their steps cost more than their pixels say
+        sh, sw = train_hw_at(cfg, cycle_first_epoch(cfg))
+        start_ips = _timed_training_steps(replace(cfg, image_height=sh, image_width=sw, progressive_start=1.0))[0]
     decode = decode_seconds_per_image(paths, cfg.input_hw)
     write = checkpoint_write_seconds(model, opt)
-    return Estimate(run_seconds(cfg, counts, ips, decode, write), ips, decode, counts, write)
+    return Estimate(run_seconds(cfg, counts, ips, decode, write, start_ips), ips, decode, counts, write, start_ips)
 
 
 def estimate_run(ws, cfg: TrainConfig) -> Estimate:

@@ -134,11 +134,16 @@ def open_image(source) -> Image.Image:
         except Exception as exc:  # pragma: no cover - exotic in-memory images
             raise ImageLoadError(f"cannot convert image: {exc}") from exc
     with _opened(source) as img:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # policy: first frame of animations and multi-page files
-        img.load()
-        rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+        rgb = _to_rgb(_upright(img))
         return img.copy() if rgb is img else rgb
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The decoded first frame (policy for animations and multi-page files), turned as its EXIF says."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img.load()
+    return ImageOps.exif_transpose(img) or img
 
 
 def skip_kind(reason: str) -> str:
@@ -160,4 +165,12 @@ def resize_to_array(img: Image.Image, hw: tuple[int, int]) -> np.ndarray:
 
 
 def load_array(source, hw: tuple[int, int]) -> np.ndarray:
-    return resize_to_array(open_image(source), hw)
+    """open_image then resize_to_array. A grayscale file is resized before it becomes RGB: the same pixels (each
+    channel is the gray one, resized alike) for a third of the resizing (ELPV's cells are grayscale)."""
+    if isinstance(source, Image.Image):
+        return resize_to_array(open_image(source), hw)
+    with _opened(source) as img:
+        up = _upright(img)
+        if up.mode == "L":
+            return np.repeat(resize_to_array(up, hw)[..., None], 3, axis=2)
+        return resize_to_array(_to_rgb(up), hw)

@@ -165,7 +165,7 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     """The auto recipe for a dataset (a registered source) on this machine. `split` (the JSON a run stores)
     gives the part sizes; by default the config's own split of the dataset with the label store's labels.
     `fixed` holds fields the user set themselves: they win over every choice here (and are timed as set)."""
-    from .data import decode_workers, samples_from_split
+    from .data import samples_from_split
     fixed = dict(fixed or {})
     base = TrainConfig.from_dict({"data": source, **fixed})
     if split is None:
@@ -190,11 +190,12 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
         n_val = data.n_val * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
         epoch_s = estimate_seconds(1, data.n_train, n_val, 0, timing.images_per_s, write_s=timing.write_s)
         once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
-                                  timing.decode_s_per_image, cfg.tta, decode_workers(),     # the final evaluation
+                                  timing.decode_s_per_image, cfg.tta,                       # the final evaluation
                                   tta_views=cfg.tta_views)
         once_s += pretraining_seconds(cfg, data.n_train, timing.images_per_s)  # the budget includes pretraining
         cfg.epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
-    seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s)
+    seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s,
+                          timing.start_images_per_s)
     # The reasons describe the config that will run: a field the user set is said to be theirs.
     if {"image_size", "image_height", "image_width"} & fixed.keys():
         why[0] = f"{cfg.input_hw[0]}x{cfg.input_hw[1]} px (as set)" if cfg.image_height else f"{cfg.image_size} px (as set)"
@@ -208,5 +209,6 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if fixed:
         why.append("set by you: " + ", ".join(sorted(k for k in fixed if k not in ("data", "extra"))))
     cfg.validate()
-    estimate = Estimate(seconds, timing.images_per_s, timing.decode_s_per_image, counts, timing.write_s)
+    estimate = Estimate(seconds, timing.images_per_s, timing.decode_s_per_image, counts, timing.write_s,
+                        timing.start_images_per_s)
     return AutoRecipe(cfg, "; ".join(why), estimate, data, machine)

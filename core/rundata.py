@@ -40,9 +40,9 @@ class RunData:
             yield self.batch(idx[start:start + batch_size], device)[0]
 
     def train_arrays(self):
-        """(images, rows of the training samples), for statistics such as the dataset mean/std."""
-        arr = self.images.cpu().numpy() if isinstance(self.images, torch.Tensor) else self.images
-        return arr, self.rows[self.parts["train"]]
+        """(images, rows of the training samples), for statistics such as the dataset mean/std (data.channel_stats
+        counts images kept on the GPU there)."""
+        return self.images, self.rows[self.parts["train"]]
 
 
 def load_run_data(ws: Workspace, run: Run, hw: tuple[int, int], device: torch.device, reporter=None,

@@ -22,9 +22,10 @@ from .checkpoint import CheckpointError, load_checkpoint, refuse_nonfinite, save
 from .config import TrainConfig
 from .data import Stopped, channel_stats
 from . import distributed
-from .device import autocast, autocast_dtype, describe_device, select_device, set_cpu_threads
+from .device import autocast_dtype, describe_device, select_device, set_cpu_threads
 from .distributed import SINGLE, Ranks
 from .evaluate import evaluate_run
+from .graphs import EagerForward, build_forward
 from .inference import forward_probs
 from .model import build_model, model_from_checkpoint
 from .pretrain import SELF_SUPERVISED, pretrained_weights
@@ -59,6 +60,7 @@ class Trainer:
     oom_retries: int = 0
     average: WeightAverage | None = None  # the weights' moving average (cfg.ema), validated beside them
     mix: object = None       # mixup / CutMix (transforms.build_mix), or None
+    forward: EagerForward | None = None  # the step's forward: train_model under autocast, maybe as a CUDA graph
 
 
 @dataclass
@@ -175,6 +177,8 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
     weight = _class_weights(data).to(device) if cfg.class_weights else None
     train_model = distributed.wrap(model, ranks, device, cfg.batch_norm)
     steps_per_epoch = epoch_batches(len(data.parts["train"]), cfg.batch_size)
+    amp_forward = build_forward(train_model, amp, device, cfg.cuda_graphs and not ranks.distributed,
+                                cfg.batch_size, reporter.log)
     return Trainer(cfg=cfg, device=device, amp=amp, data=data, normalizer=normalizer,
                    model=model, criterion=build_criterion(cfg.ordinal, weight, cfg.label_smoothing),
                    optimizer=build_optimizer(cfg, model),
@@ -182,7 +186,7 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
                    gen=torch.Generator().manual_seed(cfg.seed), augment=build_train_augment(AugmentSpec.from_config(cfg)),
                    steps_per_epoch=steps_per_epoch, ranks=ranks, train_model=train_model,
                    average=WeightAverage(model, steps_per_epoch, cfg.ema_half_life) if cfg.ema else None,
-                   mix=build_mix(MixSpec.from_config(cfg), len(data.classes)))
+                   mix=build_mix(MixSpec.from_config(cfg), len(data.classes)), forward=amp_forward)
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -287,7 +291,8 @@ def _step_with_oom_retry(t: Trainer, x, y, weight: float, reporter: Reporter) ->
     """One step; after a CUDA out-of-memory the batch is split in 2, 4, ... parts (same effective batch)."""
     while True:
         try:
-            return train_step(t.train_model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches, weight)
+            return train_step(t.train_model, t.criterion, t.optimizer, t.scaler, x, y, t.amp, t.micro_batches, weight,
+                              forward=t.forward)
         except torch.OutOfMemoryError:
             t.optimizer.zero_grad(set_to_none=True)
             if t.device.type == "cuda":
@@ -300,16 +305,18 @@ def _step_with_oom_retry(t: Trainer, x, y, weight: float, reporter: Reporter) ->
             reporter.log(f"out of memory: batch now processed in {t.micro_batches} parts (same effective batch size)")
 
 
-def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int, weight: float = 1.0) -> tuple[float, int]:
+def train_step(model, criterion, optimizer, scaler, x, y, amp, parts: int, weight: float = 1.0,
+               forward: EagerForward | None = None) -> tuple[float, int]:
     """One optimizer step on a batch (in `parts` micro-batches). Returns the summed loss and the hits.
-    `weight`: this device's share of the step on several devices (distributed.loss_weight)."""
+    `weight`: this device's share of the step on several devices (distributed.loss_weight). `forward`: the
+    model's float logits under autocast (core/graphs.py; built here when not given)."""
+    forward = forward or EagerForward(model, amp)
     optimizer.zero_grad(set_to_none=True)
     loss_total, correct = 0.0, 0
     n = len(y)
     for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
-        with autocast(x.device, amp):
-            logits = model(xs)
-            loss = criterion(logits.float(), ys)
+        logits = forward(xs)
+        loss = criterion(logits, ys)  # on float32 logits, as autocast runs cross-entropy
         scaler.scale(loss * (weight * len(ys) / n)).backward()
         loss_total += loss.item() * len(ys)
         # Blended targets (mixup / CutMix) count a hit on the larger share: train accuracy stays a rough guide.

@@ -247,3 +247,21 @@ def test_channel_stats_are_the_pixels_mean_and_std():
     assert std == pytest.approx(ref.std(0).tolist(), abs=1e-6)
     big = np.concatenate([images] * 2)  # 600 images: three chunks
     assert channel_stats(big, np.arange(600))[0] == pytest.approx((big.reshape(-1, 3) / 255.0).mean(0).tolist(), abs=1e-6)
+    # Images kept on the GPU are counted where they are (a CPU tensor takes the same path here)
+    assert channel_stats(torch.from_numpy(big), np.arange(600)) == channel_stats(big, np.arange(600))
+    with pytest.raises(TypeError, match="8-bit"):
+        channel_stats(torch.from_numpy(big).float(), np.arange(600))
+
+
+def test_a_grayscale_file_decodes_to_the_pixels_it_has_as_rgb(tmp_path):
+    # load_array resizes a grayscale file before it becomes RGB (a third of the work): the pixels must be the ones
+    # the RGB route gives, at shrinking, enlarging and odd sizes.
+    from PIL import Image
+    from core.images import load_array, open_image, resize_to_array
+    rng = np.random.default_rng(1)
+    path = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (300, 290), dtype=np.uint8), "L").save(path)
+    for hw in [(160, 160), (96, 128), (300, 290), (451, 333), (17, 5)]:
+        fast = load_array(path, hw)
+        assert fast.shape == (*hw, 3)
+        np.testing.assert_array_equal(fast, resize_to_array(open_image(path), hw))

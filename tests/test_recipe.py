@@ -83,6 +83,24 @@ def test_progressive_resizing_is_a_pure_function_of_the_epoch():
     assert [train_hw_at(extended, e)[0] for e in range(5, 9)] == [32, 48, 64, 64]
 
 
+def test_the_estimate_prices_small_first_epochs_by_their_timed_step_not_only_their_pixels():
+    from core.config import TrainConfig
+    from core.estimate import progressive_time_fraction
+    from core.schedule import mean_pixel_fraction
+    cfg = TrainConfig(data="x", image_size=64, epochs=4, progressive_start=0.5)  # 32, 48, 64, 64 px
+    # A step whose time follows its pixels (about a CPU): the pixel fraction
+    assert progressive_time_fraction(cfg, 100.0, 400.0) == pytest.approx(mean_pixel_fraction(cfg))
+    # A step that costs the same at any size (launch-bound on a GPU): no saving at all
+    assert progressive_time_fraction(cfg, 100.0, 100.0) == pytest.approx(1.0)
+    # Between the two: the 48 px epoch is priced on the line through the two timed sizes
+    t32, t64 = 1 / 200.0, 1 / 100.0
+    t48 = t32 + (t64 - t32) * (0.5625 - 0.25) / 0.75
+    assert progressive_time_fraction(cfg, 100.0, 200.0) == pytest.approx((t32 + t48 + 2 * t64) / 4 / t64)
+    # Not timed, or no progressive resizing: the pixels, and 1
+    assert progressive_time_fraction(cfg, 100.0) == pytest.approx(mean_pixel_fraction(cfg))
+    assert progressive_time_fraction(TrainConfig(data="x", image_size=64, epochs=4), 100.0, 50.0) == 1.0
+
+
 def test_a_progressive_run_trains_small_first_and_keeps_the_full_size_for_its_model(tmp_path):
     from core import runs
     from core.inference import Classifier

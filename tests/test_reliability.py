@@ -242,11 +242,11 @@ def test_out_of_memory_halves_the_batch_then_fails_clearly(dot_folder, workspace
     real_step = train_mod.train_step
     calls = {"n": 0}
 
-    def flaky(model, criterion, optimizer, scaler, x, y, amp, parts, weight=1.0):
+    def flaky(model, criterion, optimizer, scaler, x, y, amp, parts, weight=1.0, **kw):
         calls["n"] += 1
         if parts < 2:
             raise torch.OutOfMemoryError("simulated CUDA out of memory")
-        return real_step(model, criterion, optimizer, scaler, x, y, amp, parts, weight)
+        return real_step(model, criterion, optimizer, scaler, x, y, amp, parts, weight, **kw)
 
     class Logs(train_mod.Reporter):
         lines = []
