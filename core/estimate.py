@@ -181,8 +181,8 @@ def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:
     """Time the training step and the decoder for this config, and estimate its run."""
     ips, model, opt = _timed_training_steps(cfg)
     start_ips = 0.0
-    if cfg.progressive_start < 1:  # the first epochs' size too: their steps cost more than their pixels say
-        sh, sw = train_hw_at(cfg, cycle_first_epoch(cfg))
+    sh, sw = train_hw_at(cfg, cycle_first_epoch(cfg))
+    if (sh, sw) != cfg.input_hw:  # the first epochs' size too: their steps cost more than their pixels say
         start_ips = _timed_training_steps(replace(cfg, image_height=sh, image_width=sw, progressive_start=1.0))[0]
     decode = decode_seconds_per_image(paths, cfg.input_hw)
     write = checkpoint_write_seconds(model, opt)

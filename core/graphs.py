@@ -11,11 +11,18 @@ under the same autocast.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
 from .device import autocast
 
+# The estimate captures a step inside the studio's own process, where another page may be running a prediction on
+# the same GPU: by default ("global") a capture makes CUDA calls such as cudaMalloc fail in every other thread.
+# "thread_local" limits that to the capturing thread (torch passes it to cudaStreamBeginCapture).
+_THIS_THREAD_ONLY = ({"capture_error_mode": "thread_local"}
+                     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
 MAX_CAPTURES = 12  # a shape that keeps changing (it should not: progressive resizing only grows) falls back to eager
 
 
@@ -82,7 +89,8 @@ class GraphedForward(EagerForward):
         # BatchNorm's running statistics, so those are put back afterwards (in place: the graph holds their memory).
         buffers = [b.detach().clone() for b in self.model.buffers()]
         try:
-            return torch.cuda.make_graphed_callables(_Autocast(self.model, self.amp), (x.detach(),))
+            return torch.cuda.make_graphed_callables(_Autocast(self.model, self.amp), (x.detach(),),
+                                                     **_THIS_THREAD_ONLY)
         finally:  # a capture that failed half-way leaves them as they were too
             with torch.no_grad():
                 for b, saved in zip(self.model.buffers(), buffers):

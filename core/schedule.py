@@ -79,6 +79,10 @@ def apply_lr(optimizer, lr: float, momentum: float | None) -> None:
 
 PROGRESSIVE_FULL_AT = 0.75  # fraction of the epochs by which training reaches the full size
 SIZE_STEP = 16              # sizes move in steps of 16 px (whole feature-map cells after ResNet's stride 32 / 2)
+# Never below 32 px: at 16 px ResNet's layer3 hands layer4's stride-2 convolution a 1x1 map, where bf16 autocast on
+# a CPU (torch 2.15, oneDNN) returned NaN weight gradients in 1 to 10% of steps (fp32: none in 300): a tiny-image
+# run then failed as "diverged" by chance.
+MIN_PROGRESSIVE_SIDE = 32
 
 
 def train_hw_at(cfg, epoch: int) -> tuple[int, int]:
@@ -95,7 +99,7 @@ def train_hw_at(cfg, epoch: int) -> tuple[int, int]:
     scale = start + (1.0 - start) * pct
 
     def side(n: int) -> int:
-        return min(n, max(SIZE_STEP, int(round(n * scale / SIZE_STEP)) * SIZE_STEP))
+        return min(n, max(MIN_PROGRESSIVE_SIDE, int(round(n * scale / SIZE_STEP)) * SIZE_STEP))
     return side(h), side(w)
 
 

@@ -25,7 +25,7 @@ from . import distributed
 from .device import autocast_dtype, describe_device, select_device, set_cpu_threads
 from .distributed import SINGLE, Ranks
 from .evaluate import evaluate_run
-from .graphs import EagerForward, build_forward
+from .graphs import EagerForward, GraphedForward, build_forward
 from .inference import forward_probs
 from .model import build_model, model_from_checkpoint
 from .pretrain import SELF_SUPERVISED, pretrained_weights
@@ -179,6 +179,9 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
     steps_per_epoch = epoch_batches(len(data.parts["train"]), cfg.batch_size)
     amp_forward = build_forward(train_model, amp, device, cfg.cuda_graphs and not ranks.distributed,
                                 cfg.batch_size, reporter.log)
+    if isinstance(amp_forward, GraphedForward):
+        reporter.log("CUDA graphs: each batch shape's forward and backward is captured once, then replayed "
+                     "(cuda_graphs=false turns this off)")
     return Trainer(cfg=cfg, device=device, amp=amp, data=data, normalizer=normalizer,
                    model=model, criterion=build_criterion(cfg.ordinal, weight, cfg.label_smoothing),
                    optimizer=build_optimizer(cfg, model),
