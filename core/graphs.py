@@ -31,7 +31,6 @@ class EagerForward:
 
     def __init__(self, model: nn.Module, amp: torch.dtype | None):
         self.model, self.amp = model, amp
-        self.captures = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.amp):
@@ -60,7 +59,7 @@ class GraphedForward(EagerForward):
         super().__init__(model, amp)
         self.batch_size, self.log = batch_size, log
         self.shape, self.graphed = None, None
-        self.failed = False
+        self.captures, self.failed = 0, False
         # The graphed backward hands each parameter its gradient from the capture's stream; autograd warns about
         # that once per process, though the update is the eager one's (bench/cuda_graphs.py: the same losses).
         quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)

@@ -16,7 +16,7 @@ not of epochs, is what a one-cycle run needs, so the epochs follow from the trai
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .config import TrainConfig
 from .estimate import Estimate, dataset_parts, estimate_seconds, measure, run_seconds
@@ -209,6 +209,5 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if fixed:
         why.append("set by you: " + ", ".join(sorted(k for k in fixed if k not in ("data", "extra"))))
     cfg.validate()
-    estimate = Estimate(seconds, timing.images_per_s, timing.decode_s_per_image, counts, timing.write_s,
-                        timing.start_images_per_s)
+    estimate = replace(timing, seconds=seconds)  # the timings as measured, the run's seconds for the chosen epochs
     return AutoRecipe(cfg, "; ".join(why), estimate, data, machine)
