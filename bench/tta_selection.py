@@ -29,34 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import core.train as train  # noqa: E402
-from core.device import autocast  # noqa: E402
+from core.inference import forward_probs  # noqa: E402
 from _common import environment  # noqa: E402
 from time_to_accuracy import paper_split, run_studio, subset  # noqa: E402
 
-VIEWS = {"none": lambda x: [x], "hflip": lambda x: [x, x.flip(3)], "flips": lambda x: [x, x.flip(3), x.flip(2)]}
+# Views of an N x H x W x 3 uint8 batch. A flip commutes with the per-channel normalization, so each view goes
+# through the one inference path (core.inference.forward_probs) as it is.
+VIEWS = {"none": lambda x: [x], "hflip": lambda x: [x, x.flip(2)], "flips": lambda x: [x, x.flip(2), x.flip(1)]}
 
 
-@torch.inference_mode()
 def part_accuracy(t, part: str, views: str) -> float:
-    """Accuracy of the trained weights on a split part, probabilities averaged over the views (as
-    core.inference.forward_probs does for TTA)."""
-    t.model.eval()
+    """Accuracy of the trained weights on a split part, probabilities averaged over the views (as TTA does)."""
     idx = t.data.parts[part]
-    hits = 0
-    for x_u8, y in zip(t.data.batches(idx, 64, t.device, None), _chunks(t.data.labels[idx], 64)):
-        x = t.normalizer(x_u8)
-        with autocast(x.device, t.amp):
-            each = VIEWS[views](x)
-            p = sum(t.model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in each)
-        hits += int((p.argmax(1).cpu().numpy() == y).sum())
-    return hits / len(idx)
-
-
-def _chunks(a, n):
-    for i in range(0, len(a), n):
-        yield a[i:i + n]
+    probs = []
+    for x in t.data.batches(idx, 64, t.device, None):
+        each = VIEWS[views](x)
+        probs.append((sum(forward_probs(t.model, v, t.normalizer, t.amp) for v in each) / len(each)).cpu())
+    p = torch.cat(probs).numpy().astype(np.float64)
+    return train.accuracy_and_loss(p, t.data.labels[idx])[0]
 
 
 def main() -> None:
