@@ -207,10 +207,31 @@ def test_cpu_bf16_only_where_measured_faster(fresh_precision, monkeypatch, fp32_
     assert used == ("bf16" if chosen else "fp32")
 
 
-def test_the_calibration_times_real_steps():
+def test_the_calibration_times_real_steps_and_leaves_the_random_state_alone():
     from core.device import time_training_steps
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     t = time_training_steps(size=32, batch=4, steps=1)
     assert set(t) == {"fp32_s", "bf16_s"} and all(0 < v < 60 for v in t.values())
+    # A run seeds torch, then (first on a machine) measures: its initial weights must be the seed's all the same.
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_seed_trains_alike_whether_or_not_the_process_measured_the_precision(fresh_precision, dot_folder,
+                                                                             tmp_path):
+    from conftest import tiny_config
+    from core.runs import prepare_run
+    from core.storage import Workspace
+    from core.train import fit
+    losses = []
+    for name in ("measures", "reads"):  # the first fit measures bf16 (fresh cache file), the second reads it
+        ws = Workspace(tmp_path / name)
+        run = prepare_run(ws, tiny_config(dot_folder, epochs=1, amp="off"))
+        fit(ws, run)
+        losses.append(run.history()[0]["train_loss"])
+    assert fresh_precision.precision_cache_path().exists()
+    assert losses[0] == losses[1]
 
 
 # ------------------------------------------------------------------------------------ time estimate
