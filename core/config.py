@@ -96,6 +96,12 @@ class TrainConfig:
                                      # (core/averaging.py)
     ema_half_life: float = 1.0       # epochs after which a step's weights count half in the average (timm's
                                      # ImageNet default is about 1.4)
+    swa_epochs: int = 0              # stochastic weight averaging: the last N epochs train at a constant rate
+                                     # (swa_lr) and the plain mean of their weights, with batch-norm statistics of
+                                     # its own, is validated beside them like ema's (core/averaging.py; 0: off)
+    swa_lr: float = 0.05             # the SWA epochs' learning rate, as a share of lr (Izmailov et al.'s VGG-16
+                                     # recipe is 0.2; 0.05 lost less on ELPV and gained more on digits:
+                                     # bench/RESULTS.md, "Stochastic weight averaging")
     schedule_start_epoch: int = 0    # the lr schedule's cycle runs over the epochs after this one (0: all). Set
                                      # when a finished run is extended, so the added epochs get a cycle of their own
     seed: int = 0
@@ -174,6 +180,10 @@ class TrainConfig:
         need(self.early_stop_metric in EARLY_STOP_METRICS, "early_stop_metric",
              f"must be one of {EARLY_STOP_METRICS}")
         need(0 < self.ema_half_life <= 100, "ema_half_life", "must be more than 0 and at most 100 epochs")
+        need(isinstance(self.swa_epochs, int) and self.swa_epochs >= 0, "swa_epochs", "must be 0 (off) or more")
+        need(0 < self.swa_lr <= 1, "swa_lr", "must be more than 0 and at most 1 (a share of lr)")
+        need(not (self.ema and self.swa_epochs), "swa_epochs",
+             "cannot be used with ema: a run keeps one average of its weights")
         need(self.step_size >= 1, "step_size", "must be at least 1")
         need(0 <= self.schedule_start_epoch < self.epochs, "schedule_start_epoch", "must be in [0, epochs)")
         need(self.amp in AMP_MODES, "amp", f"must be one of {AMP_MODES}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .averaging import WeightAverage
+from .averaging import build_average, extra_eval_images
 from .config import TrainConfig
 from .data import decode_workers, load_dataset, stratified_split
 from .device import autocast_dtype, select_device
@@ -51,7 +51,7 @@ def _timed_training_steps(cfg: TrainConfig, device: torch.device | None = None, 
     h, w = cfg.input_hw
     x_u8 = torch.randint(0, 256, (cfg.batch_size, h, w, 3), dtype=torch.uint8, device=device)
     y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
-    average = WeightAverage(model, 100, cfg.ema_half_life) if cfg.ema else None
+    average = build_average(cfg, model, 100)
     mix = build_mix(MixSpec.from_config(cfg), 2)
     forward = build_forward(model, amp, device, cfg.cuda_graphs, cfg.batch_size, log=lambda _: None)
     times = []
@@ -169,7 +169,7 @@ def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_pe
                 write_s: float = 0.0, start_images_per_s: float = 0.0) -> float:
     """estimate_seconds for this config's epochs, TTA and progressive resizing, decoding on the cache's threads,
     plus self-supervised pretraining when the config asks for it."""
-    n_val = counts["val"] * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
+    n_val = counts["val"] + extra_eval_images(cfg, counts["train"], counts["val"])  # weight averaging's passes
     return estimate_seconds(cfg.epochs, counts["train"], n_val, counts["test"], images_per_s,
                             decode_s_per_image, cfg.tta,  # decode_s_per_image was timed on the cache's threads
                             train_pixels=progressive_time_fraction(cfg, images_per_s, start_images_per_s),

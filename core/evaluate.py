@@ -83,7 +83,7 @@ def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
         metrics["grade_mae"] = float(np.abs(probs.argmax(1) - y).mean())
     metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": clf.meta["epoch"],
                     "best_val_acc": clf.meta["best"]["val_acc"] if "best" in clf.meta else None,
-                    # "averaged" when weight averaging (cfg.ema) validated better than the trained weights
+                    # "averaged" when weight averaging (ema, swa) validated better than the trained weights
                     "checkpoint_weights": clf.meta.get("best", {}).get("weights", "trained"),
                     "tta": clf.tta, "skipped": skipped_files(run.skipped()),
                     "temperature": cal["temperature"], "ece_before": cal["ece_before"], "ece_after": cal["ece_after"],

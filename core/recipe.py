@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from .averaging import extra_eval_images
 from .config import TrainConfig
 from .estimate import Estimate, dataset_parts, estimate_seconds, measure, run_seconds
 from .pretrain import pretraining_seconds
@@ -187,7 +188,7 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     if "epochs" in fixed:
         epochs_why = f"{cfg.epochs} epochs (as set)"
     else:
-        n_val = data.n_val * (2 if cfg.ema else 1)  # weight averaging validates the averaged weights too
+        n_val = data.n_val + extra_eval_images(cfg, data.n_train, data.n_val)  # weight averaging's passes
         epoch_s = estimate_seconds(1, data.n_train, n_val, 0, timing.images_per_s, write_s=timing.write_s)
         once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
                                   timing.decode_s_per_image, cfg.tta,                       # the final evaluation

@@ -4,13 +4,16 @@ Nothing here is restored from a checkpoint: on every start and resume the rate i
 config and the step, so a resumed or extended run can never disagree with its config (a restored scheduler
 state used to: extending a one-cycle run raised "Tried to step 7 times", a cosine run trained on at lr 0).
 
-A run's schedule is one cycle over the epochs after `cfg.schedule_start_epoch` (0 for a new run). Extending a
+A run's schedule is one cycle over the epochs after `cfg.schedule_start_epoch` (0 for a new run), up to the SWA
+phase where there is one (its epochs train at the constant `cfg.swa_lr` share of the rate: core/averaging.py). Extending a
 finished run moves that start to the last finished epoch: the added epochs get a cycle of their own (one-cycle
 warms up and decays again; cosine decays again from `cfg.lr`; step drops again every `step_size` epochs).
 """
 from __future__ import annotations
 
 import math
+
+from .averaging import swa_first_epoch
 
 # torch.optim.lr_scheduler.OneCycleLR's defaults, so recipes tuned with it keep their schedule exactly.
 ONECYCLE_PCT_START = 0.3
@@ -40,7 +43,10 @@ def lr_at(cfg, step: int, steps_per_epoch: int) -> tuple[float, float | None]:
     """(learning rate, momentum or None) for the optimizer step `step` (0-based, counted from the run's first
     epoch). The momentum is set only by one-cycle; None leaves the optimizer's own."""
     start_epoch = cycle_first_epoch(cfg) - 1
-    total = max(1, (cfg.epochs - start_epoch) * steps_per_epoch)
+    swa_start = swa_first_epoch(cfg) - 1  # the epochs from here on train at a constant rate (cfg.swa_epochs)
+    if step >= swa_start * steps_per_epoch:
+        return cfg.lr * cfg.swa_lr, None
+    total = max(1, (swa_start - start_epoch) * steps_per_epoch)
     t = min(max(step - start_epoch * steps_per_epoch, 0), total - 1)
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * t / total)), None

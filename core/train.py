@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .averaging import WeightAverage
+from .averaging import WeightAverage, averages_in, build_average
 from .losses import build_criterion
 from .checkpoint import CheckpointError, load_checkpoint, refuse_nonfinite, save_checkpoint
 from .config import TrainConfig
 from .data import Stopped, channel_stats
 from . import distributed
-from .device import autocast_dtype, describe_device, select_device, set_cpu_threads
+from .device import autocast, autocast_dtype, describe_device, select_device, set_cpu_threads
 from .distributed import SINGLE, Ranks
 from .evaluate import evaluate_run
 from .graphs import EagerForward, GraphedForward, build_forward
@@ -58,7 +58,7 @@ class Trainer:
     ranks: Ranks = SINGLE
     micro_batches: int = 1   # >1 after a CUDA out-of-memory: the batch is split, gradients accumulated
     oom_retries: int = 0
-    average: WeightAverage | None = None  # the weights' moving average (cfg.ema), validated beside them
+    average: WeightAverage | None = None  # the weights' average (cfg.ema or cfg.swa_epochs), validated beside them
     mix: object = None       # mixup / CutMix (transforms.build_mix), or None
     forward: EagerForward | None = None  # the step's forward: train_model under autocast, maybe as a CUDA graph
 
@@ -100,8 +100,8 @@ def fit(ws: Workspace, run: Run, reporter: Reporter | None = None, resume: bool 
             train_m = train_one_epoch(t, epoch, reporter)
             reporter.stage("validating")
             row = {"epoch": epoch, **train_m, **validate(t, "val", reporter)}
-            if t.average is not None:
-                avg = validate(t, "val", reporter, t.average.model)
+            if t.average is not None and averages_in(cfg, epoch):
+                avg = validate_average(t, reporter)
                 row.update(avg_val_loss=avg["val_loss"], avg_val_acc=avg["val_acc"])
             row["seconds"] = time.perf_counter() - t0
             improved = update_progress(progress, row, cfg)  # every rank decides alike: same metrics everywhere
@@ -188,7 +188,7 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
                    scaler=torch.amp.GradScaler(device.type, enabled=(amp == torch.float16)),
                    gen=torch.Generator().manual_seed(cfg.seed), augment=build_train_augment(AugmentSpec.from_config(cfg)),
                    steps_per_epoch=steps_per_epoch, ranks=ranks, train_model=train_model,
-                   average=WeightAverage(model, steps_per_epoch, cfg.ema_half_life) if cfg.ema else None,
+                   average=build_average(cfg, model, steps_per_epoch),
                    mix=build_mix(MixSpec.from_config(cfg), len(data.classes)), forward=amp_forward)
 
 
@@ -345,6 +345,20 @@ def validate(t: Trainer, part: str, reporter: Reporter, model: nn.Module | None 
     p = distributed.gather_rows(p, t.ranks).astype(np.float64)  # in rank order: the order of idx
     acc, loss = accuracy_and_loss(p, t.data.labels[idx])
     return {f"{part}_loss": loss, f"{part}_acc": acc}
+
+
+def validate_average(t: Trainer, reporter: Reporter) -> dict:
+    """validate() for the averaged weights. SWA's mean weights first get batch-norm statistics of their own, from
+    a pass over the training part (every rank the whole part, so that all hold the same); where batch norm is
+    frozen the statistics stay the pretrained ones."""
+    if t.cfg.swa_epochs and not (t.cfg.freeze_backbone or t.cfg.batch_norm == "frozen"):
+        reporter.stage("batch-norm statistics of the averaged weights")
+        check = _stop_check(reporter)
+        with autocast(t.device, t.amp):
+            t.average.recompute_batch_norm(
+                t.normalizer(x) for x in t.data.batches(t.data.parts["train"], max(t.cfg.batch_size, 64), t.device,
+                                                         check))
+    return validate(t, "val", reporter, t.average.model)
 
 
 def accuracy_and_loss(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:

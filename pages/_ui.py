@@ -222,7 +222,7 @@ def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, 
             fig.add_scatter(x=ep, y=[h[f"train_{metric}"] for h in history], mode="lines+markers", name="train")
             fig.add_scatter(x=ep, y=[h[f"val_{metric}"] for h in history], mode="lines+markers", name="validation")
             averaged = [h for h in history if f"avg_val_{metric}" in h]
-            if averaged:  # weight averaging (EMA) on: the averaged weights' validation too
+            if averaged:  # weight averaging (EMA or SWA) on: the averaged weights' validation too
                 fig.add_scatter(x=[h["epoch"] for h in averaged], y=[h[f"avg_val_{metric}"] for h in averaged],
                                 mode="lines+markers", name="validation, averaged weights", line=dict(dash="dot"))
     fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10),
