@@ -387,7 +387,7 @@ def test_train_page_offers_self_supervised_pretraining_with_its_settings(empty_w
     at = train_page(epochs=2, batch_size=4)
     assert not any(n.key == "cfg_ssl_epochs" for n in at.number_input)  # shown only when asked for
     at.selectbox(key="cfg_weights").set_value("self-supervised").run()
-    assert any(c.value.startswith("Worth it when most of your images have no label yet") for c in at.caption)
+    assert any(c.value.startswith("Worth it when nearly all of your images have no label yet") for c in at.caption)
     at.number_input(key="cfg_ssl_epochs").set_value(3)
     at.number_input(key="cfg_ssl_image_size").set_value(32).run()
     next(b for b in at.button if b.label == "Estimate the time").click().run()
