@@ -128,6 +128,12 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form metadata (preset name, ...)
 
     @property
+    def batch_norm_frozen(self) -> bool:
+        """Whether batch norm's running statistics stay as they are (a frozen backbone, or batch_norm=frozen):
+        training leaves them alone, and so does weight averaging."""
+        return self.freeze_backbone or self.batch_norm == "frozen"
+
+    @property
     def input_hw(self) -> tuple[int, int]:
         if self.image_height > 0 and self.image_width > 0:
             return (self.image_height, self.image_width)

@@ -241,7 +241,7 @@ def restore(run: Run, t: Trainer, reporter: Reporter) -> Progress:
 
 def train_one_epoch(t: Trainer, epoch: int, reporter: Reporter) -> dict:
     t.train_model.train()
-    if t.cfg.freeze_backbone or t.cfg.batch_norm == "frozen":  # the running statistics stay as they are
+    if t.cfg.batch_norm_frozen:  # the running statistics stay as they are
         for m in t.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
@@ -351,7 +351,7 @@ def validate_average(t: Trainer, reporter: Reporter) -> dict:
     """validate() for the averaged weights. SWA's mean weights first get batch-norm statistics of their own, from
     a pass over the training part (every rank the whole part, so that all hold the same); where batch norm is
     frozen the statistics stay the pretrained ones."""
-    if t.cfg.swa_epochs and not (t.cfg.freeze_backbone or t.cfg.batch_norm == "frozen"):
+    if t.cfg.swa_epochs and not t.cfg.batch_norm_frozen:
         reporter.stage("batch-norm statistics of the averaged weights")
         check = _stop_check(reporter)
         with autocast(t.device, t.amp):
