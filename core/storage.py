@@ -73,7 +73,8 @@ RUN_COLUMNS = ("id", "dataset", "arch", "weights", "status", "created", "started
                "epochs_done", "best_val_acc", "test_acc", "pid", "error", "label_version")
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
-                 "avg_val_loss", "avg_val_acc"]  # the last two: the averaged weights' (ema, swa), else empty
+                 "avg_val_loss", "avg_val_acc",  # the averaged weights' (ema, swa), else empty
+                 "train_size"]  # the side the epoch trained at: below the run's size in progressive resizing's epochs
 
 
 def default_workspace() -> Path:

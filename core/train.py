@@ -429,6 +429,11 @@ def update_progress(progress: Progress, row: dict, cfg: TrainConfig) -> bool:
     if monitored > best.get("monitor", -float("inf")):
         best["monitor"] = monitored
         progress.stale = 0
+    elif row.get("train_size", cfg.input_hw[0]) < cfg.input_hw[0]:
+        # Trained on smaller images (progressive resizing) and validated at the full size, which the weights have
+        # not seen yet: such epochs read low (ELPV: 31% after epoch 2, 62% at their own size;
+        # bench/progressive_validation.py), so early stopping's patience starts at the full size.
+        progress.stale = 0
     else:
         progress.stale += 1
     return improved

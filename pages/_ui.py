@@ -207,8 +207,18 @@ def pick_run(label: str, rows: list[dict], key: str) -> str | None:
     return chosen
 
 
-def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, list[dict]] | None = None):
-    """Train vs val curves of one metric ("loss" or "acc"); or val curves of several runs."""
+def image_side(run) -> int:
+    """The run's image side for curves_figure; 0 (nothing shaded) when its config cannot be read."""
+    try:
+        return run.config().input_hw[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, list[dict]] | None = None,
+                  full_size: int = 0):
+    """Train vs val curves of one metric ("loss" or "acc"); or val curves of several runs. `full_size`: the run's
+    image side; the epochs that trained below it (progressive resizing) are shaded and said to validate low."""
     import plotly.graph_objects as go
     fig = go.Figure()
     if runs:
@@ -225,6 +235,15 @@ def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, 
             if averaged:  # weight averaging (EMA or SWA) on: the averaged weights' validation too
                 fig.add_scatter(x=[h["epoch"] for h in averaged], y=[h[f"avg_val_{metric}"] for h in averaged],
                                 mode="lines+markers", name="validation, averaged weights", line=dict(dash="dot"))
+    small = [h["epoch"] for h in history if 0 < h.get("train_size", full_size) < full_size]
+    if small and not runs:
+        # Validation always scores the full size, which these epochs' weights and batch-norm statistics have not
+        # seen yet: on ELPV it read 31-77% there where the same weights scored 62-80% at their own size
+        # (bench/RESULTS.md, "Progressive resizing and the validation curve"). Said, so nobody stops a good run.
+        fig.add_vrect(x0=min(small) - 0.5, x1=max(small) + 0.5, fillcolor="grey", opacity=0.12, line_width=0)
+        fig.add_annotation(text=f"smaller images (progressive resizing):<br>validation at {full_size} px reads low",
+                           x=(min(small) + max(small)) / 2, y=1, yref="paper", yanchor="top", showarrow=False,
+                           font=dict(size=10))
     fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis_title="epoch", legend=dict(orientation="h", y=-0.25))
     epochs = max([len(h) for h in (runs or {}).values()] + [len(history)])

@@ -49,8 +49,9 @@ st.dataframe(per_class, hide_index=True, column_config={
 history = run.history()
 if history:
     h1, h2 = st.columns(2)
-    h1.plotly_chart(_ui.curves_figure(history, "loss", "Loss"), key="eval_loss")
-    h2.plotly_chart(_ui.curves_figure(history, "acc", "Accuracy"), key="eval_acc")
+    full = _ui.image_side(run)
+    h1.plotly_chart(_ui.curves_figure(history, "loss", "Loss", full_size=full), key="eval_loss")
+    h2.plotly_chart(_ui.curves_figure(history, "acc", "Accuracy", full_size=full), key="eval_acc")
 
 # --- confusion matrix: click a cell to filter the gallery ---------------------------------------------
 st.subheader("Confusion matrix")

@@ -280,8 +280,9 @@ def live_view() -> None:
     if snap.error:
         st.error(snap.error)
     c1, c2 = st.columns(2)
-    c1.plotly_chart(_ui.curves_figure(snap.history, "loss", "Loss"), key=f"loss_{run_id}")
-    c2.plotly_chart(_ui.curves_figure(snap.history, "acc", "Accuracy"), key=f"acc_{run_id}")
+    full = _ui.image_side(ws.run(run_id))
+    c1.plotly_chart(_ui.curves_figure(snap.history, "loss", "Loss", full_size=full), key=f"loss_{run_id}")
+    c2.plotly_chart(_ui.curves_figure(snap.history, "acc", "Accuracy", full_size=full), key=f"acc_{run_id}")
     if snap.status in ("done", "stopped") and ws.run(run_id).eval_path.exists():
         st.success(f"Finished{' (stopped)' if snap.status == 'stopped' else ''}: test accuracy "
                    f"{snap.test_acc if snap.test_acc is not None else ws.run_row(run_id)['test_acc']:.1%}.")

@@ -316,6 +316,31 @@ def test_curves_have_whole_epoch_ticks_and_a_fraction_axis():
     assert long.layout.xaxis.dtick == 6 and long.layout.yaxis.rangemode == "tozero"
 
 
+def test_curves_shade_the_epochs_trained_below_the_run_size():
+    """Progressive resizing's first epochs validate at a size they have not trained at, and read low (ELPV: 31%
+    after epoch 2): the chart says so over exactly those epochs, and only there."""
+    from pages import _ui
+    rows = [{"epoch": e, "train_acc": 0.5, "val_acc": 0.6, "train_size": s} for e, s in ((1, 32), (2, 48), (3, 64))]
+    fig = _ui.curves_figure(rows, "acc", "Accuracy", full_size=64)
+    (shade,) = fig.layout.shapes
+    assert (shade.x0, shade.x1) == (0.5, 2.5)
+    assert "validation at 64 px reads low" in fig.layout.annotations[0].text
+    for plain in (_ui.curves_figure(rows, "acc", "Accuracy"),  # size unknown
+                  _ui.curves_figure([{**r, "train_size": 64} for r in rows], "acc", "Accuracy", full_size=64),
+                  _ui.curves_figure([{k: v for k, v in r.items() if k != "train_size"} for r in rows], "acc", "A",
+                                    full_size=64)):  # a run from before the column
+        assert not plain.layout.shapes and not plain.layout.annotations
+
+
+def test_history_keeps_the_size_each_epoch_trained_at(tmp_path):
+    from core.storage import Workspace
+    from conftest import tiny_config
+    ws = Workspace(tmp_path / "ws")
+    run = ws.create_run(tiny_config("x"), "x")
+    run.write_history([{"epoch": 1, "train_loss": 1.0, "train_size": 32}, {"epoch": 2, "train_loss": 0.9}])
+    assert [r.get("train_size") for r in run.history()] == [32, None]
+
+
 def test_runs_page_exports_a_model(finished_ws, trained):
     from pathlib import Path
     rid = trained["run"].id

@@ -272,3 +272,37 @@ def test_the_training_forward_is_eager_off_cuda_and_falls_back_when_a_graph_cann
     torch.testing.assert_close(out.detach(), ref)
     graphed(x)
     assert graphed.failed and len(lines) == 1 and "CUDA graphs off" in lines[0]
+
+
+def _scripted_validation(monkeypatch, accuracies):
+    """fit()'s per-epoch validation returns these accuracies in turn (training itself runs as usual)."""
+    import core.train
+    scores = iter(accuracies)
+
+    def validate(t, part, reporter, model=None):
+        acc = next(scores)
+        return {f"{part}_loss": 1.0 - acc, f"{part}_acc": acc}
+    monkeypatch.setattr(core.train, "validate", validate)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(dot_folder, workspace, monkeypatch):
+    _scripted_validation(monkeypatch, [0.6, 0.7, 0.65, 0.65, 0.9, 0.9])
+    lines = []
+
+    class Log(Reporter):
+        def log(self, message):
+            lines.append(message)
+    run = prepare_run(workspace, tiny_config(dot_folder, epochs=6, early_stop_patience=2))
+    result = fit(workspace, run, reporter=Log())
+    assert [row["epoch"] for row in result["history"]] == [1, 2, 3, 4]
+    assert load_checkpoint(run.best_path)[1]["epoch"] == 2
+    assert "early stopping: no improvement of val_acc for 2 epochs" in lines
+
+
+def test_early_stopping_waits_for_the_full_size_with_progressive_resizing(dot_folder, workspace, monkeypatch):
+    """Progressive resizing's small-image epochs validate at the full size and read low (ELPV: 31% after epoch 2):
+    counted as stale, they stopped a run with patience 2 at its 3rd epoch, before it had trained at full size."""
+    _scripted_validation(monkeypatch, [0.7, 0.4, 0.4, 0.4, 0.6, 0.6, 0.6, 0.6])
+    cfg = tiny_config(dot_folder, image_size=64, epochs=8, progressive_start=0.5, early_stop_patience=2)
+    result = fit(workspace, prepare_run(workspace, cfg))
+    assert [row["train_size"] for row in result["history"]] == [32, 32, 48, 48, 64, 64]
