@@ -207,6 +207,26 @@ def test_cpu_bf16_only_where_measured_faster(fresh_precision, monkeypatch, fp32_
     assert used == ("bf16" if chosen else "fp32")
 
 
+def test_a_cpu_of_the_same_name_but_another_generation_measures_again(fresh_precision, monkeypatch):
+    """A home directory kept across machines: a VM's CPU is often just "AMD EPYC", whatever its generation."""
+    dev, calls = fresh_precision, []
+    monkeypatch.setattr(dev, "cpu_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(dev, "time_training_steps", lambda: calls.append(1) or {"fp32_s": 1.0, "bf16_s": 0.5 * len(calls)})
+    monkeypatch.setattr(dev, "cpu_signature", lambda: "family 25 model 17 stepping 1; avx2 avx512f avx512_bf16")
+    assert dev.cpu_bf16_measurement()["bf16"] is True               # 2x: measured on the first machine
+    monkeypatch.setattr(dev, "_measured", {})                       # a later process on another machine
+    monkeypatch.setattr(dev, "cpu_signature", lambda: "family 26 model 2 stepping 1; avx2 avx512f avx512_bf16")
+    assert dev.cpu_bf16_measurement()["bf16"] is False and calls == [1, 1]  # 1x: its own measurement
+    assert len(json.loads(dev.precision_cache_path().read_text())) == 2
+
+
+def test_the_cpu_signature_names_family_model_and_precision_flags():
+    from core.device import cpu_signature
+    sig = cpu_signature()
+    if sig:  # Linux
+        assert sig.startswith("family ") and ("avx2" in sig or "no avx2" in sig)
+
+
 def test_the_calibration_times_real_steps_and_leaves_the_random_state_alone():
     from core.device import time_training_steps
     torch.manual_seed(123)
