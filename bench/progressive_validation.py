@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import core.train as train  # noqa: E402
 from core.schedule import train_hw_at  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import emit, environment  # noqa: E402
 from core.device import cpu_name  # noqa: E402
 from time_to_accuracy import cpu_flags, paper_split, run_studio, subset  # noqa: E402
 
@@ -109,10 +109,7 @@ def main() -> None:
     doc = {"benchmark": "progressive_validation", "seed": args.seed, "bn_images": args.bn_images, "cpu": cpu_name(),
            "cpu_flags": cpu_flags(), **environment(),
            "epochs": rows, "studio": {k: v for k, v in studio.items() if k != "recipe"}}
-    text = json.dumps(doc, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import core.train as train  # noqa: E402
 from core.inference import forward_probs  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import emit, environment  # noqa: E402
 from time_to_accuracy import paper_split, run_studio, subset  # noqa: E402
 
 # Views of an N x H x W x 3 uint8 batch. A flip commutes with the per-channel normalization, so each view goes
@@ -96,10 +96,7 @@ def main() -> None:
         doc["seeds"][seed] = {"rules": rules, "epochs": list(rows),
                               "studio": {k: v for k, v in studio.items() if k not in ("recipe", "curve")}}
         print(f"seed {seed}: " + json.dumps(rules), file=sys.stderr, flush=True)
-    text = json.dumps(doc, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":
