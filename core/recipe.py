@@ -184,17 +184,29 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     values, why = choose_settings(data, machine)
     cfg = TrainConfig.from_dict({**base.to_dict(), **values, **fixed, "extra": {"preset": "auto"}}).validate()
 
-    timing = measure(cfg, counts, paths)  # the step and the decoder, timed at the chosen size
-    if "epochs" in fixed:
-        epochs_why = f"{cfg.epochs} epochs (as set)"
-    else:
+    def budgeted_epochs(timing: Estimate) -> tuple[int, str]:
         n_val = data.n_val + extra_eval_images(cfg, data.n_train, data.n_val)  # weight averaging's passes
         epoch_s = estimate_seconds(1, data.n_train, n_val, 0, timing.images_per_s, write_s=timing.write_s)
         once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
                                   timing.decode_s_per_image, cfg.tta,                       # the final evaluation
                                   tta_views=cfg.tta_views)
         once_s += pretraining_seconds(cfg, data.n_train, timing.images_per_s)  # the budget includes pretraining
-        cfg.epochs, epochs_why = choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
+        return choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
+
+    timing = measure(cfg, counts, paths)  # the step and the decoder, timed at the chosen size
+    if "epochs" in fixed:
+        epochs_why = f"{cfg.epochs} epochs (as set)"
+    else:
+        cfg.epochs, epochs_why = budgeted_epochs(timing)
+        if cfg.epochs < choose_epochs(data, machine, cfg.batch_size, 0.0)[0]:
+            # The budget cuts the run short. The timing steps are a few seconds and take the machine as they find
+            # it: with a test running beside them they ran 3x slow and a 13-epoch ELPV run became 5 (80.3% test
+            # instead of 82.3%, bench/RESULTS.md). So time once more and keep the faster: a machine that stays
+            # busy is slow both times and still gets the cap.
+            again = measure(cfg, counts, paths)
+            if again.images_per_s > timing.images_per_s:
+                timing = again
+                cfg.epochs, epochs_why = budgeted_epochs(timing)
     seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s,
                           timing.start_images_per_s)
     # The reasons describe the config that will run: a field the user set is said to be theirs.

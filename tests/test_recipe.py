@@ -118,3 +118,25 @@ def test_a_progressive_run_trains_small_first_and_keeps_the_full_size_for_its_mo
     assert result["status"] == "done", result
     assert [row["train_size"] for row in result["history"]] == [32, 48, 64, 64]
     assert Classifier.from_checkpoint(run.best_path).hw == (64, 64)  # the model is for full-size images
+
+
+@pytest.mark.parametrize("speeds,capped", [((1e-3, 1e4), False), ((1e-3, 2e-3), True), ((1e4,), False)],
+                         ids=["slow-then-fast", "slow-twice", "fast"])
+def test_a_slow_timing_that_would_cap_the_run_is_taken_again(tmp_path, monkeypatch, speeds, capped):
+    """Seen: a test running beside the timing steps made them 3x slow, and a 13-epoch ELPV run was capped at 5."""
+    import core.recipe
+    from core.estimate import Estimate
+    from core.storage import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=12, size=40)
+    timings = iter(speeds)
+    calls = []
+
+    def measure(cfg, counts, paths):
+        calls.append(1)
+        return Estimate(0.0, next(timings), 0.0, counts)
+    monkeypatch.setattr(core.recipe, "measure", measure)
+    recipe = auto_recipe(Workspace(tmp_path / "ws"), str(data), fixed={"amp": "off"})
+    lo, hi = EPOCH_RANGE["scratch"]
+    assert len(calls) == len(speeds)  # timed again only when the first timing capped the run
+    assert (recipe.config.epochs == lo and "capped" in recipe.why) if capped else recipe.config.epochs > lo
+    assert recipe.estimate.images_per_s == max(speeds)
