@@ -161,7 +161,9 @@ with st.container(border=True):
                          "many grades off a prediction is. The Evaluate page then shows the mean grade error.")
         a2.checkbox("Freeze backbone (train the last layer only)", key="cfg_freeze_backbone")
         a2.number_input("Early stopping patience (0: off)", 0, 100, key="cfg_early_stop_patience",
-                        help="Stop after this many epochs without a better validation accuracy.")
+                        help="Stop after this many epochs without a better validation accuracy. With progressive "
+                             "resizing the count starts at the first full-size epoch: the smaller-image epochs "
+                             "before it validate low.")
         a2.selectbox("Normalization", ["imagenet", "dataset"], key="cfg_normalization",
                      help="ImageNet mean/std, or mean/std computed on the training split.")
         a2.number_input("Seed", 0, 2**31 - 1, key="cfg_seed")
