@@ -18,7 +18,7 @@ then trains on to its own end, and its test accuracy is that of its best-validat
     python bench/time_to_accuracy.py                       # full: both pipelines (about 35 minutes on 2 cores)
     python bench/time_to_accuracy.py --precision fp32      # the studio forced to fp32 (a CPU without bf16)
     python bench/time_to_accuracy.py --classic-from FILE   # reuse a classic result (a JSON this bench wrote)
-    python bench/time_to_accuracy.py --quick               # a subset, about 2 minutes, for checks (CI runs it)
+    python bench/time_to_accuracy.py --quick               # a subset, about a minute, for checks (CI runs it)
 
 Prints one JSON document (keys: speedup_to_target, classic_minutes_to_target, studio_minutes_to_target,
 classic_test_acc, studio_test_acc, precision, cpu, device, ...) and writes the curves (validation accuracy
@@ -48,10 +48,10 @@ from elpv_accuracy import paper_split  # noqa: E402
 from train_speed import accuracy, link_split_as_image_folders  # noqa: E402
 
 CLASSIC = {"image_size": 224, "batch_size": 32, "lr": 1e-3, "epochs": 10}
-# --quick checks that both pipelines run and the figures come out, in about 2 minutes; its ratio is not a result
+# --quick checks that both pipelines run and the figures come out, in about a minute; its ratio is not a result
 # (96 validation images: one image is a point). The studio gets the epoch count auto picks for the full ELPV
 # training part, since on 256 images alone auto would pick its maximum (60) and the check would take longer.
-QUICK = {"train": 256, "val": 96, "test": 96, "classic_epochs": 2, "studio_epochs": 13}
+QUICK = {"train": 256, "val": 96, "test": 96, "classic_epochs": 1, "studio_epochs": 13}
 
 
 def subset(split: dict, n: dict, seed: int = 0) -> dict:
