@@ -90,13 +90,3 @@ def emit(document: dict, out: str | None) -> int:
     if out:
         Path(out).write_text(text + "\n")
     return 0
-
-
-def emit(doc: dict, out: str = "") -> None:
-    """Print a bench's JSON document, and write it to `out` too when given (for bench/results/)."""
-    import json
-    from pathlib import Path
-    text = json.dumps(doc, indent=1)
-    if out:
-        Path(out).write_text(text)
-    print(text)

@@ -51,14 +51,9 @@ def with_full_size_statistics(t, n_images: int) -> nn.Module:
     """A copy of the trained weights whose batch-norm statistics are the plain mean over n_images training images
     at the full size."""
     model = copy.deepcopy(t.model)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the pass
-    model.train()
-    with torch.no_grad(), train.autocast(t.device, t.amp):
-        for x in t.data.batches(t.data.parts["train"][:n_images], 64, t.device):
-            model(t.normalizer(x))
+    with train.autocast(t.device, t.amp):  # SWA's recomputation in core/averaging.py calls the same
+        torch.optim.swa_utils.update_bn(
+            (t.normalizer(x) for x in t.data.batches(t.data.parts["train"][:n_images], 64, t.device)), model)
     return model.eval()
 
 

@@ -198,7 +198,7 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
         epochs_why = f"{cfg.epochs} epochs (as set)"
     else:
         cfg.epochs, epochs_why = budgeted_epochs(timing)
-        if cfg.epochs < choose_epochs(data, machine, cfg.batch_size, 0.0)[0]:
+        if cfg.epochs < choose_epochs(data, machine, cfg.batch_size, 0.0)[0]:  # 0 s an epoch: never capped
             # The budget cuts the run short. The timing steps are a few seconds and take the machine as they find
             # it: with a test running beside them they ran 3x slow and a 13-epoch ELPV run became 5 (80.3% test
             # instead of 82.3%, bench/RESULTS.md). So time once more and keep the faster: a machine that stays
