@@ -332,6 +332,19 @@ def test_curves_shade_the_epochs_trained_below_the_run_size():
         assert not plain.layout.shapes and not plain.layout.annotations
 
 
+def test_curves_of_a_run_whose_config_cannot_be_read_shade_nothing(tmp_path):
+    from pages import _ui
+    from core.storage import Workspace
+    from conftest import tiny_config
+    run = Workspace(tmp_path / "ws").create_run(tiny_config("x", image_size=64), "x")
+    run.write_config(tiny_config("x", image_size=64))
+    assert _ui.image_side(run) == 64
+    run.config_path.write_text("{not json")
+    assert _ui.image_side(run) == 0
+    run.config_path.unlink()
+    assert _ui.image_side(run) == 0
+
+
 def test_history_keeps_the_size_each_epoch_trained_at(tmp_path):
     from core.storage import Workspace
     from conftest import tiny_config
