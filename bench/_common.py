@@ -54,12 +54,13 @@ def untrained_elpv_run(root, size: int):
     import json
     from pathlib import Path
 
-    from core.checkpoint import save_checkpoint
     from core.config import TrainConfig
-    from core.data import load_dataset, split_to_json, stratified_split
-    from core.model import build_model
-    from core.storage import Workspace
-    from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from core.data.sources import load_dataset
+    from core.data.split import split_to_json, stratified_split
+    from core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from core.models.checkpoint import save_checkpoint
+    from core.models.resnet import build_model
+    from core.workspace.store import Workspace
     ds = load_dataset("elpv")
     split = split_to_json(ds, stratified_split(ds, 0.15, 0.15, 42))
     ws = Workspace(Path(root) / "ws")

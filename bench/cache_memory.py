@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
 from _common import MemoryPeak, environment, status_bytes  # noqa: E402
 
 
@@ -35,11 +36,11 @@ def main() -> None:
     from PIL import Image
 
     from core.config import TrainConfig
-    from core.data import IMAGE_CACHE
-    from core.storage import Workspace
-    from core.device import describe_device
-    from core.runs import prepare_run
-    from core.train import fit
+    from core.data.cache import IMAGE_CACHE
+    from core.models.device import describe_device
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

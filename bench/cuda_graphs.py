@@ -1,4 +1,4 @@
-"""The training step eager and replayed as a CUDA graph (core/graphs.py, TrainConfig.cuda_graphs): the engine's
+"""The training step eager and replayed as a CUDA graph (core/train/graphs.py, TrainConfig.cuda_graphs): the engine's
 step in images/s at ELPV's shapes, and the same short fit on generated images with graphs on and off (time per
 epoch, losses and accuracies side by side: graphs must change the speed, not the training).
 
@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import environment  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
-from core.device import describe_device, select_device  # noqa: E402
-from core.estimate import training_images_per_s  # noqa: E402
+from core.models.device import describe_device, select_device  # noqa: E402
+from core.train.estimate import training_images_per_s  # noqa: E402
 
 dev = select_device("auto")
 out = {"benchmark": "cuda_graphs", "device": describe_device(dev), **environment(), "step_images_per_s": {}}
@@ -35,9 +35,10 @@ for bs, size in [(64, 80), (64, 128), (64, 160), (128, 160), (32, 224)]:
     print(bs, size, row, file=sys.stderr, flush=True)
 
 from ddp_scaling import generated_data  # noqa: E402
-import core.train as T  # noqa: E402
-from core.runs import prepare_run  # noqa: E402
-from core.storage import Workspace  # noqa: E402
+
+import core.train.loop as T
+from core.runs.life import prepare_run  # noqa: E402
+from core.workspace.store import Workspace  # noqa: E402
 
 data = generated_data(Path(tempfile.mkdtemp()) / "gen", 640, 160)
 out["fit"] = {}

@@ -1,5 +1,5 @@
 """Multi-device scaling: training images/s with 1, 2, 4... processes (DistributedDataParallel through the engine's
-own launcher, core/distributed.py), on what this machine has: GPUs (NCCL, one process each) or the CPU (Gloo, the
+own launcher, core/train/distributed.py), on what this machine has: GPUs (NCCL, one process each) or the CPU (Gloo, the
 cores shared out among the processes).
 
     python bench/ddp_scaling.py                          # generated images, 2 epochs per process count
@@ -60,9 +60,9 @@ def default_counts() -> list[int]:
 
 def train_once(ws_root: Path, data: str, procs: int, args) -> dict:
     from core.config import TrainConfig
-    from core.runs import prepare_run
-    from core.storage import Workspace
-    from core.worker import child_env, job_command
+    from core.jobs.worker import child_env, job_command
+    from core.runs.life import prepare_run
+    from core.workspace.store import Workspace
     ws = Workspace(ws_root)
     cfg = TrainConfig(data=data, weights="none", epochs=args.epochs, image_size=args.image_size,
                       batch_size=args.batch_size, devices=procs, hflip=True, seed=0, amp=args.amp)
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     args = ap.parse_args()
 
-    from core.device import cpu_name, describe_device, select_device
+    from core.models.device import cpu_name, describe_device, select_device
     counts = [int(c) for c in args.procs.split(",") if c.strip()] or default_counts()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

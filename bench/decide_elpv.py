@@ -23,18 +23,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import environment  # noqa: E402
 from elpv_accuracy import paper_split  # noqa: E402
 from time_to_accuracy import cpu_flags, run_studio  # noqa: E402
+
+from _common import environment  # noqa: E402
 
 COSTS = {"positive": "defective", "cost_miss": 10.0, "cost_false_alarm": 1.0}
 TARGET = 0.95
 
 
 def score(run) -> dict:
-    from core import decide
+    from core.decide.stored import decide_run
     cal = run.calibration()
-    r = decide.decide_run(run, **COSTS, target_accuracy=TARGET, save=False)
+    r = decide_run(run, **COSTS, target_accuracy=TARGET, save=False)
     return {"run_id": run.id, "test_acc": run.evaluation()["accuracy"], "temperature": cal["temperature"],
             "ece_before": cal["ece_before"], "ece_after": cal["ece_after"], "nll_before": cal["nll_before"],
             "nll_after": cal["nll_after"], "threshold": r["threshold"], "test_cost": r["test_cost"],
@@ -53,8 +54,8 @@ def main() -> None:
     ap.add_argument("--workspace")
     ap.add_argument("--keep", help="train in this folder and keep it (score the runs again later with --run)")
     args = ap.parse_args()
-    from core.device import cpu_name
-    from core.storage import Workspace
+    from core.models.device import cpu_name
+    from core.workspace.store import Workspace
     torch.set_num_threads(os.cpu_count() or 1)
     doc = {"benchmark": "decide_elpv", "data": "ELPV 2-class, paper split", "costs": COSTS,
            "target_accuracy": TARGET, "cpu": cpu_name(), "cpu_flags": cpu_flags(), **environment(), "runs": []}

@@ -49,7 +49,7 @@ def paper_split(four_class: bool, seed: int, val_fraction: float = 0.15, labelle
     that share of each stratum's training cells keeps its label; the others become "unlabeled" images (only
     self-supervised pretraining looks at them), as a user with a few labelled and many unlabelled images has.
     Validation and test stay as they are."""
-    from core.data import elpv_label, load_elpv_table
+    from core.data.sources import elpv_label, load_elpv_table
     rows = load_elpv_table()
     strata = defaultdict(list)
     for path, prob, cell_type in rows:
@@ -96,13 +96,13 @@ def main() -> None:
                     help="recipe tuning: report the validation part only; the test part is left out of the run")
     args = ap.parse_args()
 
-    from core.cli import ProgressBar
+    from core.cli.main import ProgressBar
     from core.config import parse_overrides
-    from core.estimate import estimate_seconds, training_images_per_s
-    from core.pretrain import pretraining_seconds
-    from core.storage import Workspace
-    from core.device import describe_device, select_device
-    from core.train import fit
+    from core.models.device import describe_device, select_device
+    from core.train.estimate import estimate_seconds, training_images_per_s
+    from core.train.loop import fit
+    from core.train.pretrain import pretraining_seconds
+    from core.workspace.store import Workspace
 
     four = args.task == "4"
     if not 0 < args.labelled <= 1:
@@ -207,7 +207,7 @@ def per_class_recall(classes: list[str], per_seed: list[dict]) -> dict:
 def test_summary(run, split: dict, seed: int, epochs: int, ips: float, train_seconds: float) -> dict:
     """Test-part figures of one training run, from the evaluation fit() wrote at its end (eval.json and
     predictions.csv), plus accuracy per cell type."""
-    from core.evaluate import read_predictions
+    from core.infer.evaluate import read_predictions
     ev = run.evaluation()
     type_of = {r[0]: r[2] for r in split["test"]}
     rows = read_predictions(run)
@@ -249,7 +249,8 @@ def grades_summary(ev: dict) -> dict:
 def two_class_threshold_summary(run) -> dict:
     """4-class: the 2-class answer from p(grade 2/3) + p(grade 1), thresholded where it is most accurate on the
     validation part (decide.best_threshold with equal costs), scored on the test part."""
-    from core.decide import best_threshold, load_scores
+    from core.decide.rule import best_threshold
+    from core.decide.stored import load_scores
     sc = load_scores(run)
     if len(sc.classes) != 4:
         return {}
@@ -262,8 +263,8 @@ def two_class_threshold_summary(run) -> dict:
 def averaging_summary(run) -> dict:
     """With weight averaging on (ema): which weights the best checkpoint holds, and in how many epochs the averaged
     weights validated better than the trained ones."""
-    from core.checkpoint import load_checkpoint
-    from core.train import kept_weights
+    from core.models.checkpoint import load_checkpoint
+    from core.train.loop import kept_weights
     hist = run.history()
     if not hist or "avg_val_acc" not in hist[0]:
         return {}

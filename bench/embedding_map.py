@@ -1,4 +1,4 @@
-"""How long each projection of the embedding map takes (core/embedding.py) at the sizes users have: a run's real
+"""How long each projection of the embedding map takes (core/explain/embedding.py) at the sizes users have: a run's real
 features (ELPV: 2,624 images) and 20,000 rows made from them (each repeated with small noise, so that neighbours
 stay realistic). UMAP is measured when umap-learn is installed (it compiles with numba on first use: the first
 call's time includes that and is reported apart).
@@ -30,9 +30,9 @@ def main() -> int:
     ap.add_argument("--methods", default="pca,tsne,umap")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from core.embedding import project
-    from core.features import run_features
-    from core.storage import Workspace
+    from core.explain.embedding import project
+    from core.explain.features import run_features
+    from core.workspace.store import Workspace
     ws = Workspace(args.workspace)
     t0 = time.perf_counter()
     rf = run_features(ws, ws.run(args.run))

@@ -1,4 +1,4 @@
-"""How close the Train page's time estimate is: estimate a run on ELPV (core/estimate.py), then train it and time it.
+"""How close the Train page's time estimate is: estimate a run on ELPV (core/train/estimate.py), then train it and time it.
 
     python bench/estimate_check.py [--set image_size=128 --set epochs=3 ...] [--recipe NAME]
 
@@ -19,17 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
 from _common import environment  # noqa: E402
 
 
 def main() -> None:
-    from core import runs
     from core.config import PRESETS, TrainConfig, parse_overrides
-    from core.data import IMAGE_CACHE
-    from core.device import describe_device
-    from core.estimate import estimate_run
-    from core.storage import Workspace
-    from core.train import fit
+    from core.data.cache import IMAGE_CACHE
+    from core.models.device import describe_device
+    from core.runs import life as runs
+    from core.train.estimate import estimate_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="classic", choices=["auto", *PRESETS],
                     help="auto: the studio's default, chosen for ELPV on this machine (its own size and epochs)")
@@ -40,7 +41,7 @@ def main() -> None:
         ws = Workspace(Path(tmp) / "ws")
         t = time.perf_counter()
         if args.recipe == "auto":
-            from core.recipe import auto_recipe
+            from core.train.recipe import auto_recipe
             recipe = auto_recipe(ws, "elpv", fixed=parse_overrides(args.set))
             cfg, est = recipe.config, recipe.estimate
         else:

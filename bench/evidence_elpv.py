@@ -16,13 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from PIL import Image
+
 from conftest import make_dot_image
-from core.storage import Workspace
-from core.features import run_features, training_neighbours
-from core.predict import nearest_training
-from core.similarity import run_duplicates, feature_pairs, nearest
-ws = Workspace(sys.argv[1]); run = ws.run(sys.argv[2])
-t = time.time(); rf = run_features(ws, run); tf = time.time() - t
+from core.deploy.predict import nearest_training
+from core.explain.features import run_features, training_neighbours
+from core.explain.leakage import run_duplicates
+from core.explain.neighbours import feature_pairs, nearest
+from core.workspace.store import Workspace
+
+ws = Workspace(sys.argv[1])
+run = ws.run(sys.argv[2])
+t = time.time()
+rf = run_features(ws, run)
+tf = time.time() - t
 idx = training_neighbours(ws, run)
 test = rf.part("test")
 q = idx.query(rf.features[test], k=3)
@@ -32,9 +38,11 @@ agree = np.mean([r["neighbours"][0]["label"] == rf.labels[i] for r, i in zip(q, 
 rng = np.random.default_rng(0)
 ood = [Image.fromarray(make_dot_image(rng, 128, dot=bool(k % 2))[0]) for k in range(40)]
 o = nearest_training(ws, run.id, ood)
-out = {"features_seconds": round(tf, 1), "threshold": idx.threshold, "val_distance_pct": np.percentile(idx.val_distance, [50, 95, 99]).round(3).tolist(),
+out = {"features_seconds": round(tf, 1), "threshold": idx.threshold,
+       "val_distance_pct": np.percentile(idx.val_distance, [50, 95, 99]).round(3).tolist(),
        "test_unlike_rate": float(unlike_test), "test_nearest_label_agrees": float(agree),
-       "ood_generated_unlike_rate": float(np.mean([r["unlike"] for r in o])), "ood_distance_median": float(np.median([r["distance"] for r in o]))}
+       "ood_generated_unlike_rate": float(np.mean([r["unlike"] for r in o])),
+       "ood_distance_median": float(np.median([r["distance"] for r in o]))}
 centred = rf.features - rf.features[rf.part("train")].mean(0)
 hash_groups = run_duplicates(ws, run, ("hash",))
 hash_pairs_set = {frozenset(m["path"] for m in g["members"]) for g in hash_groups["groups"]}
@@ -42,7 +50,8 @@ for s in (0.95, 0.97, 0.98, 0.99):
     pairs = feature_pairs(centred, s)
     out[f"feature_pairs_{s}"] = len(pairs)
     r = run_duplicates(ws, run, ("features",), similarity=s)
-    out[f"feature_groups_{s}"] = {"n_groups": r["n_groups"], "largest": max([len(g["members"]) for g in r["groups"]], default=0), "straddling": r["n_straddling"]}
+    out[f"feature_groups_{s}"] = {"n_groups": r["n_groups"], "straddling": r["n_straddling"],
+                                  "largest": max([len(g["members"]) for g in r["groups"]], default=0)}
 # similarity of the hash-twins in feature space
 pos = {p: i for i, p in enumerate(rf.paths)}
 sims = []

@@ -17,9 +17,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+
 from _common import environment  # noqa: E402
-from core.device import describe_device, select_device  # noqa: E402
-from core.model import build_model  # noqa: E402
+from core.models.device import describe_device, select_device  # noqa: E402
+from core.models.resnet import build_model  # noqa: E402
 
 dev = select_device("auto")
 out = {"device": describe_device(dev), **environment()}
@@ -39,14 +40,19 @@ def steps(bs, hw, fused, sync, n=40):
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            logits = model(x); loss = crit(logits.float(), y)
-        loss.backward(); opt.step()
+            logits = model(x)
+            loss = crit(logits.float(), y)
+        loss.backward()
+        opt.step()
         if sync:
             return loss.item(), (logits.argmax(1) == y).sum().item()
         return loss.detach(), (logits.argmax(1) == y).sum()
-    for _ in range(5): step()
-    sync_device(); t = time.perf_counter()
-    for _ in range(n): step()
+    for _ in range(5):
+        step()
+    sync_device()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
     sync_device()
     return round(bs * n / (time.perf_counter() - t))
 
@@ -57,43 +63,56 @@ for bs, hw in [(64, 80), (64, 160), (128, 160), (256, 160), (32, 224)]:
 
 # the engine's own step (augmentation included), as the estimate times it
 from core.config import TrainConfig
-from core.estimate import training_images_per_s
+from core.train.estimate import training_images_per_s
+
 for bs in (64, 256):
     cfg = TrainConfig(data="x", image_size=160, batch_size=bs, hflip=True)
     out[f"engine_step_{bs}"] = round(training_images_per_s(cfg, dev, steps=10))
 print("engine step", out["engine_step_64"], out["engine_step_256"], file=sys.stderr, flush=True)
 
 # checkpoint cost
-from core.checkpoint import save_checkpoint
+from core.models.checkpoint import save_checkpoint
+
 model = build_model("resnet18", 2, "none").to(dev)
-opt = torch.optim.AdamW(model.parameters()); opt.zero_grad()
-model(torch.randn(2, 3, 64, 64, device=dev)).sum().backward(); opt.step()
+opt = torch.optim.AdamW(model.parameters())
+opt.zero_grad()
+model(torch.randn(2, 3, 64, 64, device=dev)).sum().backward()
+opt.step()
 d = Path(tempfile.mkdtemp())
 for name, kw in [("best", {}), ("last", {"optimizer": opt.state_dict()})]:
     ts = []
-    for i in range(3):
-        t = time.perf_counter(); save_checkpoint(d / f"{name}.pt", model.state_dict(), {"x": 1}, **kw); ts.append(time.perf_counter() - t)
+    for _ in range(3):
+        t = time.perf_counter()
+        save_checkpoint(d / f"{name}.pt", model.state_dict(), {"x": 1}, **kw)
+        ts.append(time.perf_counter() - t)
     out[f"save_{name}_s"] = [round(v, 3) for v in ts]
 print("save", out["save_best_s"], out["save_last_s"], file=sys.stderr, flush=True)
 
 # a fit's timeline on generated 300 px images, 2624 of them (ELPV's count)
-import core.train as T
 from ddp_scaling import generated_data
-from core.runs import prepare_run
-from core.storage import Workspace
+
+import core.train.loop as T
+from core.runs.life import prepare_run
+from core.workspace.store import Workspace
+
 data = generated_data(Path(tempfile.mkdtemp()) / "gen300", 1312, 300)
 timers = {"validate": 0.0, "save": 0.0, "train": 0.0}
 orig_v, orig_s, orig_t = T.validate, T.save_checkpoints, T.train_one_epoch
 def wrap(fn, key):
     def w(*a, **k):
-        t = time.perf_counter(); r = fn(*a, **k); timers[key] += time.perf_counter() - t; return r
+        t = time.perf_counter()
+        r = fn(*a, **k)
+        timers[key] += time.perf_counter() - t
+        return r
     return w
 T.validate, T.save_checkpoints, T.train_one_epoch = wrap(orig_v, "validate"), wrap(orig_s, "save"), wrap(orig_t, "train")
 ws = Workspace(Path(tempfile.mkdtemp()))
 cfg = TrainConfig(data=data, weights="none", epochs=10, image_size=160, batch_size=64, lr=2.8e-3, optimizer="adamw",
                   schedule="onecycle", progressive_start=0.5, normalization="dataset", hflip=True, seed=0)
 run = prepare_run(ws, cfg)
-t0 = time.perf_counter(); res = T.fit(ws, run); total = time.perf_counter() - t0
+t0 = time.perf_counter()
+res = T.fit(ws, run)
+total = time.perf_counter() - t0
 out["fit"] = {"total_s": round(total, 2), **{k: round(v, 2) for k, v in timers.items()},
               "epoch_train_s": [round(r["train_seconds"], 3) for r in res["history"]],
               "epoch_s": [round(r["seconds"], 3) for r in res["history"]]}

@@ -40,8 +40,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from core.config import PRESETS, TrainConfig
-    from core.data import load_dataset, stratified_split
-    from core.similarity import dataset_duplicate_groups
+    from core.data.duplicates import dataset_duplicate_groups
+    from core.data.sources import load_dataset
+    from core.data.split import stratified_split
 
     ds = load_dataset(args.data)
     out = {"bench": "leakage", "data": args.data, "n_images": len(ds.samples), "env": environment(),
@@ -58,9 +59,9 @@ def main() -> int:
             "seconds": round(seconds, 2), **split_report(ds, today, groups),
             "after_group_split": split_report(ds, stratified_split(ds, 0.15, 0.15, 42, groups), groups)}
     if args.train:
-        from core.runs import prepare_run
-        from core.storage import Workspace
-        from core.train import fit
+        from core.runs.life import prepare_run
+        from core.train.loop import fit
+        from core.workspace.store import Workspace
         ws = Workspace(Path(tempfile.mkdtemp(prefix="leakage-")) / "ws")
         out["training"] = {"recipe": args.recipe, "epochs": args.epochs, "workspace": str(ws.root)}
         for name in ("none", "duplicates"):

@@ -62,11 +62,12 @@ def main() -> None:
     levers = args.lever or ["none", "ema=true", "mixup=0.8,cutmix=1.0"]
 
     import torch
+
     from core.config import TrainConfig, parse_overrides
-    from core.device import describe_device, select_device
-    from core.runs import Reporter, prepare_run
-    from core.storage import Workspace
-    from core.train import fit
+    from core.models.device import describe_device, select_device
+    from core.runs.life import Reporter, prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
 
     torch.set_num_threads(os.cpu_count() or 1)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from _common import environment, untrained_elpv_run  # noqa: E402
 import torch  # noqa: E402
+
+from _common import environment, untrained_elpv_run  # noqa: E402
 
 
 def percentile_ms(samples: list[float], q: float) -> float:
@@ -37,10 +38,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
 
-    from core.data import IMAGE_CACHE
-    from core.device import describe_device, select_device
-    from core.evaluate import evaluate_run
-    from core.predict import Predictor
+    from core.data.cache import IMAGE_CACHE
+    from core.deploy.predict import Predictor
+    from core.infer.evaluate import evaluate_run
+    from core.models.device import describe_device, select_device
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = select_device("auto")
@@ -75,8 +76,9 @@ def main() -> None:
 
         # The same single-image path through onnxruntime and the exported fp32 graph (decode and resize included).
         import onnxruntime as ort
-        from core.export import export_run
-        from core.images import load_array
+
+        from core.data.images import load_array
+        from core.deploy.export import export_run
         session = ort.InferenceSession(export_run(ws, run.id, "onnx", tta=False)["path"],
                                        providers=["CPUExecutionProvider"])
         hw = (args.size, args.size)

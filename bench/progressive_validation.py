@@ -30,11 +30,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import core.train as train  # noqa: E402
-from core.schedule import train_hw_at  # noqa: E402
-from _common import emit, environment  # noqa: E402
-from core.device import cpu_name  # noqa: E402
 from time_to_accuracy import cpu_flags, paper_split, run_studio, subset  # noqa: E402
+
+import core.train.loop as train
+from _common import emit, environment  # noqa: E402
+from core.models.device import cpu_name  # noqa: E402
+from core.train.schedule import train_hw_at  # noqa: E402
 
 
 def resized_batches(batches, hw):
@@ -51,7 +52,7 @@ def with_full_size_statistics(t, n_images: int) -> nn.Module:
     """A copy of the trained weights whose batch-norm statistics are the plain mean over n_images training images
     at the full size."""
     model = copy.deepcopy(t.model)
-    with train.autocast(t.device, t.amp):  # SWA's recomputation in core/averaging.py calls the same
+    with train.autocast(t.device, t.amp):  # SWA's recomputation in core/train/averaging.py calls the same
         torch.optim.swa_utils.update_bn(
             (t.normalizer(x) for x in t.data.batches(t.data.parts["train"][:n_images], 64, t.device)), model)
     return model.eval()

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
+
 from _common import environment, free_port, untrained_elpv_run  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main() -> None:
                     break
                 except requests.RequestException:
                     if proc.poll() is not None:
-                        raise SystemExit("the server exited")
+                        raise SystemExit("the server exited") from None
                     time.sleep(0.3)
             load(url, images, 1, 5)  # warm-up: the first requests pick oneDNN's kernels
             rows = [load(url, images, c, args.requests) for c in args.clients]

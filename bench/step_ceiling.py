@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+
 from _common import environment  # noqa: E402
 
 

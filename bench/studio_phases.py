@@ -30,9 +30,10 @@ def wrap(mod, name):
     setattr(mod, name, timed)
 
 
-import core.estimate as E  # noqa: E402
-import core.recipe as R  # noqa: E402
-import core.train as TR  # noqa: E402
+import core.train.estimate as E
+import core.train.loop as TR
+import core.train.recipe as R
+
 for n in ("_timed_training_steps", "decode_seconds_per_image", "checkpoint_write_seconds"):
     wrap(E, n)
 for n in ("measure", "machine_facts", "image_facts"):
@@ -42,6 +43,7 @@ for n in ("build_trainer", "train_one_epoch", "validate", "evaluate_run", "save_
     wrap(TR, n)
 import time_to_accuracy as TA  # noqa: E402
 from elpv_accuracy import paper_split  # noqa: E402
+
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of the recipe")
 args = ap.parse_args()

@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from _common import environment  # noqa: E402
 from elpv_accuracy import paper_split  # noqa: E402
 from train_speed import accuracy, link_split_as_image_folders  # noqa: E402
+
+from _common import environment  # noqa: E402
 
 CLASSIC = {"image_size": 224, "batch_size": 32, "lr": 1e-3, "epochs": 10}
 # --quick checks that both pipelines run and the figures come out, in about a minute; its ratio is not a result
@@ -65,7 +65,7 @@ def subset(split: dict, n: dict, seed: int = 0) -> dict:
         for r in rows:
             by_class.setdefault(r[1], []).append(r)
         keep = []
-        for label, members in sorted(by_class.items()):
+        for _, members in sorted(by_class.items()):
             keep += members[:max(1, round(n[part] * len(members) / len(rows)))]
         out[part] = keep
     return out
@@ -127,11 +127,11 @@ def run_classic(split: dict, tmp: Path, epochs: int, seed: int) -> dict:
 
 def run_studio(split: dict, tmp: Path, target: float, precision: str, overrides: list[str], seed: int) -> dict:
     from core.config import parse_overrides
-    from core.data import IMAGE_CACHE
-    from core.recipe import auto_recipe
-    from core.runs import Reporter
-    from core.storage import Workspace
-    from core.train import fit
+    from core.data.cache import IMAGE_CACHE
+    from core.runs.life import Reporter
+    from core.train.loop import fit
+    from core.train.recipe import auto_recipe
+    from core.workspace.store import Workspace
 
     class Clock(Reporter):
         def __init__(self, t_start):
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the curves")
     args = ap.parse_args()
 
-    from core.device import cpu_name, describe_device, select_device
+    from core.models.device import cpu_name, describe_device, select_device
     device = select_device("auto")
     torch.set_num_threads(os.cpu_count() or 1)
     if device.type == "cuda":  # CUDA's start (seconds) is paid once per process: by neither pipeline's clock

@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from _common import MemoryPeak, environment  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+
+from _common import MemoryPeak, environment  # noqa: E402
 
 
 def make_generated_set(root: Path, n: int, classes: int = 2, size: int = 300, seed: int = 0) -> Path:
@@ -117,8 +118,8 @@ def accuracy(model, loader) -> float:
 
 def train_engine(ws, data: str, split: dict, epochs: int, batch_size: int, size: int, seed: int) -> dict:
     from core.config import TrainConfig
-    from core.data import IMAGE_CACHE
-    from core.train import fit
+    from core.data.cache import IMAGE_CACHE
+    from core.train.loop import fit
     cfg = TrainConfig(data=data, weights="none", epochs=epochs, batch_size=batch_size, image_size=size, seed=seed)
     run = ws.create_run(cfg, Path(data).name)
     run.split_path.write_text(json.dumps(split))
@@ -159,9 +160,10 @@ def main() -> None:
     epochs = args.epochs or (1 if args.quick else 2)
     n_train, n_val = (320, 96) if args.quick else (0, 0)
 
-    from core.data import load_dataset, split_to_json, stratified_split
-    from core.storage import Workspace
-    from core.device import autocast_dtype, describe_device, select_device
+    from core.data.sources import load_dataset
+    from core.data.split import split_to_json, stratified_split
+    from core.models.device import autocast_dtype, describe_device, select_device
+    from core.workspace.store import Workspace
 
     device = select_device("auto")
     torch.set_num_threads(os.cpu_count() or 1)

@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import core.train as train  # noqa: E402
-from core.inference import forward_probs  # noqa: E402
-from _common import emit, environment  # noqa: E402
 from time_to_accuracy import paper_split, run_studio, subset  # noqa: E402
+
+import core.train.loop as train
+from _common import emit, environment  # noqa: E402
+from core.infer.classifier import forward_probs  # noqa: E402
 
 # Views of an N x H x W x 3 uint8 batch. A flip commutes with the per-channel normalization, so each view goes
 # through the one inference path (core.inference.forward_probs) as it is.

@@ -29,11 +29,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from core.data import samples_from_split
-    from core.device import describe_device
-    from core.inference import Classifier
-    from core.storage import Workspace
-    from core.train import accuracy_and_loss
+
+    from core.data.split import samples_from_split
+    from core.infer.classifier import Classifier
+    from core.models.device import describe_device
+    from core.train.loop import accuracy_and_loss
+    from core.workspace.store import Workspace
 
     ws = Workspace(Path(args.workspace))
     per_run = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from .errors import UserError
+from core.errors import UserError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet18-custom")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -44,7 +44,7 @@ class TrainConfig:
                                      # duplicate_distance bits) go to one part together, so none is tested on its
                                      # twin; "origin": the images of one module/batch/day (a CSV's group column, or
                                      # the sub-folder inside each class folder) go to one part together
-    duplicate_distance: int = 2      # most differing bits of 64-bit perceptual hashes (core/similarity.py). On
+    duplicate_distance: int = 2      # most differing bits of 64-bit perceptual hashes (core/data/duplicates.py). On
                                      # ELPV (cells that all look alike) pairs within 2 bits are sister cells with
                                      # one grain pattern; at 4 groups start to chain (23 cells in one), at 6 (363)
     normalization: str = "imagenet"  # "imagenet" mean/std, or "dataset": computed on the training split
@@ -67,7 +67,7 @@ class TrainConfig:
     # --- model ---
     arch: str = "resnet18"           # resnet18 | resnet34 | resnet50 | resnet18-custom (hand-built, [2,2,2,2])
     weights: str = "imagenet"        # "imagenet", "none" (from scratch), "self-supervised" (pretrained first on
-                                     # the run's own training and unlabeled images, without labels: core/pretrain.py),
+                                     # the run's own training and unlabeled images, without labels: core/train/pretrain.py),
                                      # or a path to a state_dict file
     ssl_epochs: int = 20             # self-supervised pretraining: passes over those images, two views of each
     ssl_image_size: int = 64         # ... at this side in pixels (the pooled backbone works at any size; smaller
@@ -88,17 +88,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: bool = False      # weight the loss by inverse class frequency (imbalanced sets)
     ordinal: bool = False            # the classes are ordered grades, in their sorted names' order: the loss also
-                                     # charges for how many grades off a prediction is (core/losses.py)
+                                     # charges for how many grades off a prediction is (core/train/losses.py)
     early_stop_patience: int = 0     # epochs without improvement before stopping (0: off)
     early_stop_metric: str = "val_acc"
     ema: bool = False                # also keep an exponential moving average of the weights; each epoch keeps
                                      # the averaged or the trained weights, whichever validates better
-                                     # (core/averaging.py)
+                                     # (core/train/averaging.py)
     ema_half_life: float = 1.0       # epochs after which a step's weights count half in the average (timm's
                                      # ImageNet default is about 1.4)
     swa_epochs: int = 0              # stochastic weight averaging: the last N epochs train at a constant rate
                                      # (swa_lr) and the plain mean of their weights, with batch-norm statistics of
-                                     # its own, is validated beside them like ema's (core/averaging.py; 0: off)
+                                     # its own, is validated beside them like ema's (core/train/averaging.py; 0: off)
     swa_lr: float = 0.05             # the SWA epochs' learning rate, as a share of lr (Izmailov et al.'s VGG-16
                                      # recipe is 0.2; 0.05 lost less on ELPV and gained more on digits:
                                      # bench/RESULTS.md, "Stochastic weight averaging")
@@ -107,22 +107,22 @@ class TrainConfig:
     seed: int = 0
     # --- runtime ---
     device: str = "auto"             # auto: CUDA, else MPS, else CPU
-    amp: str = "auto"                # auto: bf16/fp16 on CUDA; on a CPU bf16 where measured faster (core/device.py).
+    amp: str = "auto"                # auto: bf16/fp16 on CUDA; on a CPU bf16 where measured faster (core/models/device.py).
                                      # "bf16" forces it where supported, "off" is fp32
     channels_last: bool = True
     cuda_graphs: bool = True         # on one CUDA device the training forward/backward is replayed as a CUDA graph
                                      # per batch shape: a small model's step is bound by kernel launches there
-                                     # (core/graphs.py; no effect on a CPU)
+                                     # (core/train/graphs.py; no effect on a CPU)
     num_threads: int = 0             # CPU threads for torch (0: all cores, shared out among processes)
     devices: int = 1                 # processes training together (one per GPU; on a CPU each gets a share of the
                                      # cores). Each batch of batch_size is split across them: batch size, learning
-                                     # rate and schedule mean the same as on one device (core/distributed.py)
+                                     # rate and schedule mean the same as on one device (core/train/distributed.py)
     batch_norm: str = "auto"         # with several devices: auto = sync on GPUs (SyncBatchNorm), local on CPUs;
                                      # local: each device's own share; frozen: running statistics not updated
     tta: bool = False                # test-time augmentation: evaluation and prediction average several views
     tta_views: str = "flips"         # flips: the image and its two flips; dihedral: its 8 flips and quarter turns
                                      # (square inputs); auto: flips, dihedral or none, whichever validates best
-                                     # with the best checkpoint at the end of training (core/inference.py).
+                                     # with the best checkpoint at the end of training (core/infer/classifier.py).
                                      # Neither beat flips on ELPV (bench/RESULTS.md): CLI and --set only
     notes: str = ""
     extra: dict = field(default_factory=dict)  # free-form metadata (preset name, ...)
@@ -244,7 +244,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 # Named recipes the studio offers; each is a set of overrides on TrainConfig. ("auto", the default, is chosen per
-# dataset and machine by core/recipe.py, so it is not a fixed set.) "classic" is TrainConfig's own defaults: the
+# dataset and machine by core/train/recipe.py, so it is not a fixed set.) "classic" is TrainConfig's own defaults: the
 # seed notebooks' recipe.
 PRESETS: dict[str, dict] = {
     "classic": {},

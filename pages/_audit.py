@@ -1,18 +1,18 @@
-"""The Evaluate page's "Where the model looks" section: the Grad-CAM audit of core/audit.py, drawn."""
+"""The Evaluate page's "Where the model looks" section: the Grad-CAM audit of core/explain/cam_audit.py, drawn."""
 import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from core.audit import CamAudits, Region, load_cam_audit, save_region, saved_region
-from core.images import ImageLoadError
+from core.data.images import ImageLoadError
+from core.explain.cam_audit import CamAudits, Region, load_cam_audit, save_region, saved_region
 
 REGION_KINDS = ["each image's foreground (automatic)", "a rectangle for this dataset"]
 
 
 @st.cache_resource(show_spinner=False)
 def _audits(root: str) -> CamAudits:
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     return CamAudits(Workspace(root))
 
 

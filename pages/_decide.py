@@ -1,11 +1,12 @@
-"""The Evaluate page's "Calibration" and "Decide" sections: the arithmetic is core/decide.py's; this draws it."""
+"""The Evaluate page's "Calibration" and "Decide" sections: the arithmetic is core/decide/'s; this draws it."""
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import decide
-from core.evaluate import evaluate_run, write_decisions
+from core.decide.rule import DecisionError, Rule, cost_matrix
+from core.decide.stored import clear_rule, decide_run, load_rule, load_scores, save_rule
+from core.infer.evaluate import evaluate_run, write_decisions
 
 BAND_MODES = ["no review band", "reach a target accuracy", "within a review budget"]
 
@@ -70,7 +71,7 @@ def calibration_section(ws, run) -> dict | None:
     return cal
 
 
-def _cost_inputs(classes: list[str], saved: decide.Rule | None, ordinal: bool) -> dict:
+def _cost_inputs(classes: list[str], saved: Rule | None, ordinal: bool) -> dict:
     inputs = saved.inputs if saved else {}
     if len(classes) == 2:
         c1, c2, c3 = st.columns(3)
@@ -84,7 +85,7 @@ def _cost_inputs(classes: list[str], saved: decide.Rule | None, ordinal: bool) -
         return {"positive": positive, "cost_miss": miss, "cost_false_alarm": fa}
     st.caption("Cost of each mistake: rows are the true class, columns the decided class."
                + (" The classes are ordered grades: a mistake costs the grades it is off by." if ordinal else ""))
-    default = inputs.get("cost") or decide.cost_matrix(classes, ordinal=ordinal).tolist()
+    default = inputs.get("cost") or cost_matrix(classes, ordinal=ordinal).tolist()
     frame = st.data_editor(pd.DataFrame(default, index=classes, columns=classes), key="decide_cost_matrix")
     return {"cost": np.asarray(frame.values, dtype=float).tolist()}
 
@@ -94,11 +95,11 @@ def decide_section(ws, run) -> None:
     st.caption("Turn probabilities into a rule: which images pass, which fail, which go to a person, at the least "
                "cost. The rule is chosen on the validation part and scored on the test part, which it never saw.")
     try:
-        scores = decide.load_scores(run)
-    except decide.DecisionError as exc:
+        scores = load_scores(run)
+    except DecisionError as exc:
         st.info(str(exc))
         return
-    saved = decide.load_rule(run)
+    saved = load_rule(run)
     inputs = _cost_inputs(scores.classes, saved, run.config().ordinal)
     b1, b2 = st.columns([2, 1])
     saved_mode = (1 if saved and saved.target_accuracy is not None else
@@ -111,11 +112,11 @@ def decide_section(ws, run) -> None:
         inputs["review_budget"] = b2.number_input("Largest share reviewed", 0.0, 0.99, saved.review_budget if saved and
                                                   saved.review_budget is not None else 0.10, 0.01, key="decide_budget")
     try:
-        result = decide.decide_run(run, save=False, **inputs)
-    except decide.DecisionError as exc:
+        result = decide_run(run, save=False, **inputs)
+    except DecisionError as exc:
         st.error(str(exc))
         return
-    rule, on, part = decide.Rule.from_dict(result["rule"]), result["test"], result["part"]
+    rule, on, part = Rule.from_dict(result["rule"]), result["test"], result["part"]
     if rule.threshold is not None:
         st.markdown(f"**Threshold**: {rule.positive} when p({rule.positive}) ≥ **{rule.threshold:.3f}** "
                     f"(argmax would use 0.5)")
@@ -159,7 +160,7 @@ def decide_section(ws, run) -> None:
     m2.plotly_chart(coverage_figure(result), key="decide_coverage")
     s1, s2 = st.columns([1, 3])
     if s1.button("Save this rule", type="primary", key="decide_save"):
-        decide.save_rule(run, rule)  # the rule shown above, not chosen again
+        save_rule(run, rule)  # the rule shown above, not chosen again
         write_decisions(run)
         st.toast("Saved: Predict, the CLI, exports and the predictions CSV now say pass / fail / review.")
         st.rerun()
@@ -167,7 +168,7 @@ def decide_section(ws, run) -> None:
         s2.caption("A rule is saved with this run: predictions say " +
                    ("pass / fail / review." if saved.binary else "the rule's class or review."))
         if s2.button("Remove the saved rule", key="decide_clear"):
-            decide.clear_rule(run)
+            clear_rule(run)
             write_decisions(run)
             st.rerun()
 
@@ -175,7 +176,7 @@ def decide_section(ws, run) -> None:
 def learning_curve_figure(lc: dict):
     """Per class: the measured error against its training images (log-log), the fitted power law and its reach to
     twice today's images."""
-    from core.learning_curve import power_law_at
+    from core.studies.learning_curve import power_law_at
     fig = go.Figure()
     for c, fit in lc["fits"].items():
         n = [p["per_class"][c]["n_train"] for p in lc["points"]]
@@ -196,7 +197,7 @@ def learning_curve_figure(lc: dict):
 
 
 def learning_curve_section(ws, run, jm) -> None:
-    from core.learning_curve import FRACTIONS, latest_for, read_learning_curve
+    from core.studies.learning_curve import FRACTIONS, latest_for, read_learning_curve
     st.subheader("How many more images")
     st.caption("A learning curve trains this run's recipe on " + ", ".join(f"{f:.0%}" for f in FRACTIONS) +
                " of its training images (same validation part), fits a power law per class to the error, and says "

@@ -5,19 +5,17 @@ Nothing here imports torch: the Start page paints before it is loaded (see devic
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
 import threading
+from pathlib import Path
 
 import streamlit as st
 
-from core.data import DatasetError, load_dataset
-from core.images import ImageLoadError
-from core.jobs import JobManager
-from core.storage import Workspace, default_workspace
+from core.data.images import ImageLoadError
+from core.data.sources import DatasetError, load_dataset
+from core.jobs.queue import JobManager
+from core.workspace.store import Workspace, default_workspace
 from pages import _nav
-
 
 _nav.end_legacy_mode()  # a page visited first after the server starts: rerun it through app.py
 
@@ -56,7 +54,7 @@ _device: dict = {}
 
 
 def _detect_device() -> None:
-    from core.device import describe_device  # imports torch: about 2 s, off the page's thread
+    from core.models.device import describe_device  # imports torch: about 2 s, off the page's thread
     _device["text"] = describe_device()
 
 
@@ -67,8 +65,8 @@ def precompile() -> None:
     or audit thread). Seen in CI on a fresh clone; with the bytecode written, imports compile nothing."""
     import compileall
     root = Path(__file__).resolve().parents[1]
-    for folder in ("core", "pages"):
-        compileall.compile_dir(str(root / folder), quiet=2, maxlevels=0)
+    for folder, depth in (("core", 1), ("pages", 0)):  # core's packages are one level down
+        compileall.compile_dir(str(root / folder), quiet=2, maxlevels=depth)
 
 
 def detect_device() -> None:
@@ -96,7 +94,7 @@ def dataset_info(source: str):
 @st.cache_data(show_spinner="Looking for near-duplicate images…", ttl=60, max_entries=8)
 def duplicate_groups(source: str, distance: int) -> list[list[int]]:
     """Near-duplicate groups (sample indices of the dataset) by perceptual hash."""
-    from core.similarity import dataset_duplicate_groups
+    from core.data.duplicates import dataset_duplicate_groups
     return dataset_duplicate_groups(dataset_info(source), distance, ws().cache_dir)
 
 
@@ -261,7 +259,7 @@ def curves_figure(history: list[dict], metric: str, title: str, runs: dict[str, 
 
 def nearest_training_row(evidence: dict, image) -> None:
     """The training images a prediction is most alike (thumbnails with their labels), and the warning when the
-    image is unlike anything in training (core/features.py)."""
+    image is unlike anything in training (core/explain/features.py)."""
     if evidence.get("unlike"):
         st.warning(f"Unlike anything in training: the model places it farther from every training image "
                    f"({evidence['distance']:.2f}) than 95% of the validation images. Treat the prediction with "

@@ -4,11 +4,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import runs
 from core.config import TrainConfig
-from core.data import DatasetError, load_dataset, stratified_split
-from core.images import ImageLoadError, load_array
-from core.imports import ImportError_, import_zip
+from core.data.images import ImageLoadError, load_array
+from core.data.sources import DatasetError, load_dataset
+from core.data.split import stratified_split
+from core.data.zips import ImportError_, import_zip
+from core.runs import life as runs
 from pages import _ui
 
 st.title("Datasets")

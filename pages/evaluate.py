@@ -3,11 +3,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.evaluate import evaluate_run, gallery
-from core.explain import METHODS
-from core.images import ImageLoadError
-from core.labels import LabelStore
-from core.predict import get_predictor, nearest_training
+from core.data.images import ImageLoadError
+from core.data.labels import LabelStore
+from core.deploy.predict import get_predictor, nearest_training
+from core.explain.gradcam import METHODS
+from core.infer.evaluate import evaluate_run, gallery
 from pages import _audit, _decide, _ui
 
 st.title("Evaluate")

@@ -2,11 +2,11 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core.embedding import METHODS, run_map
+from core.data.images import ImageLoadError
+from core.data.labels import LabelStore
+from core.deploy.predict import get_predictor
 from core.errors import UserError
-from core.images import ImageLoadError
-from core.labels import LabelStore
-from core.predict import get_predictor
+from core.explain.embedding import METHODS, run_map
 from pages import _ui
 
 MAX_SHOWN = 48

@@ -4,12 +4,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.curation import crossval_config, export_dataset, least_confident, read_label_issues, review_band
-from core.decide import load_rule
-from core.features import outliers
-from core.images import ImageLoadError, load_array
-from core.labels import LabelStore
-from core.predict import get_predictor
+from core.data.images import ImageLoadError, load_array
+from core.data.labels import LabelStore
+from core.decide.stored import load_rule
+from core.deploy.predict import get_predictor
+from core.explain.features import outliers
+from core.studies.curation import crossval_config, export_dataset, least_confident, read_label_issues, review_band
 from pages import _ui
 
 

@@ -2,10 +2,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core.explain import METHODS
-from core.images import ImageLoadError
-from core.imports import ImportError_, read_zip_images
-from core.predict import get_predictor, nearest_training
+from core.data.images import ImageLoadError
+from core.data.zips import ImportError_, read_zip_images
+from core.deploy.predict import get_predictor, nearest_training
+from core.explain.gradcam import METHODS
 from pages import _ui
 
 MAX_ZIP_IMAGES = 500

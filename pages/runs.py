@@ -3,10 +3,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.auditpack import build_audit_pack
+from core.deploy.audit_pack import build_audit_pack
+from core.deploy.export import FORMATS, ExportError, export_run
 from core.errors import UserError
-from core.export import FORMATS, ExportError, export_run
-
 from pages import _ui
 
 st.title("Runs")

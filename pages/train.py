@@ -2,15 +2,14 @@ import uuid
 
 import streamlit as st
 
-from core import runs
-from core.config import (ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError,
-                         TrainConfig)
-from core.data import DatasetError
-from core.estimate import estimate_run
-from core.labels import LabelStore
-from core.model import imagenet_weights_file
-from core.recipe import auto_recipe
-from core.storage import Workspace
+from core.config import ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError, TrainConfig
+from core.data.labels import LabelStore
+from core.data.sources import DatasetError
+from core.models.resnet import imagenet_weights_file
+from core.runs import life as runs
+from core.train.estimate import estimate_run
+from core.train.recipe import auto_recipe
+from core.workspace.store import Workspace
 from pages import _ui
 
 st.title("Train")
@@ -31,7 +30,7 @@ RECIPES = ["auto", *PRESETS]
 @st.cache_data(show_spinner="Choosing settings for this dataset on this machine (a few timed steps)…",
                max_entries=32)
 def _auto(ws_root: str, source: str, label_version: int) -> dict:
-    """The auto recipe (core/recipe.py), kept per dataset and label version: its timing is taken once."""
+    """The auto recipe (core/train/recipe.py), kept per dataset and label version: its timing is taken once."""
     recipe = auto_recipe(Workspace(ws_root), source)
     return {"values": recipe.config.to_dict(), "why": recipe.why, "estimate": recipe.estimate.text()}
 

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("STUDIO_WORKSPACE", str(ROOT / "test-artifacts" / "default-workspace"))
-# bf16-or-fp32 is measured once per machine (core/device.py); the tests measure afresh, as a cold machine would,
+# bf16-or-fp32 is measured once per machine (core/models/device.py); the tests measure afresh, as a cold machine would,
 # and share the result with the processes they start (CLI, studio server).
 os.environ.setdefault("STUDIO_PRECISION_CACHE", str(Path(tempfile.mkdtemp(prefix="studio-precision-")) / "p.json"))
 
@@ -96,7 +96,7 @@ def dot_folder(tmp_path) -> Path:
 
 @pytest.fixture
 def workspace(tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     return Workspace(tmp_path / "ws")
 
 
@@ -108,6 +108,21 @@ def tiny_config(data, **over):
     return TrainConfig(**base)
 
 
+def plant_seeded_weights(checkpoint, seed: int = 0) -> None:
+    """Replace a trained checkpoint's weights by a seeded random initialization of the same model. A test that needs
+    a model whose output responds to a flip or a turn uses it instead of the trained weights: a model trained for a
+    few epochs on a tiny set can be saturated (p = 0.99999) on one CPU and not on another, while a random ResNet's
+    probabilities sit near 1/classes and change with any transform of the image (its filters are not symmetric)."""
+    from core.models.checkpoint import load_checkpoint, save_checkpoint
+    from core.models.resnet import build_model
+    state, meta, _ = load_checkpoint(checkpoint)
+    cfg = meta["config"]
+    torch.manual_seed(seed)
+    model = build_model(cfg["arch"], len(meta["classes"]), "none", cfg.get("dropout", 0.0))
+    assert set(model.state_dict()) == set(state)
+    save_checkpoint(checkpoint, model.state_dict(), meta)
+
+
 SIZE = 128
 
 
@@ -115,14 +130,14 @@ SIZE = 128
 def trained(tmp_path_factory):
     # 128 px: layer4 is then 4x4, fine enough for Grad-CAM to localise a 42 px square
     """One run trained to the end on a generated set; shared by evaluation, Grad-CAM, predict, CLI tests."""
-    from core.storage import Workspace
-    from core.runs import prepare_run
-    from core.train import fit
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     tmp = tmp_path_factory.mktemp("trained")
     data = write_class_folders(tmp / "dots", per_class=40, size=SIZE, seed=1)
     ws = Workspace(tmp / "ws")
     cfg = tiny_config(data, image_size=SIZE, epochs=8, batch_size=16)
-    from core import runs
+    from core.runs import life as runs
     run = prepare_run(ws, cfg)
     result = runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())
     return {"ws": ws, "run": run, "result": result, "data": data, "size": SIZE}
@@ -130,10 +145,10 @@ def trained(tmp_path_factory):
 
 def train_small_run(tmp: Path, tta: bool, seed: int):
     """(workspace, run) of a 48 px run trained to the end, flip-augmented, with or without TTA."""
-    from core import runs
-    from core.runs import prepare_run
-    from core.storage import Workspace
-    from core.train import fit
+    from core.runs import life as runs
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp / "dots", per_class=24, size=48, seed=seed)
     ws = Workspace(tmp / "ws")
     run = prepare_run(ws, tiny_config(data, image_size=48, epochs=2, tta=tta, hflip=True))

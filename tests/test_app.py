@@ -86,11 +86,12 @@ def test_evaluate_page_shows_metrics_matrix_and_gallery_filter(finished_ws, trai
 
 
 def test_evaluate_page_shows_grade_error_and_grade_costs_for_ordered_classes(tmp_path, monkeypatch):
-    from core.storage import Workspace
-    from core.runs import prepare_run
-    from core.train import fit
-    from conftest import tiny_config
     from test_losses import write_graded_folders
+
+    from conftest import tiny_config
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     ws = Workspace(tmp_path / "ws")
     run = prepare_run(ws, tiny_config(write_graded_folders(tmp_path / "graded"), epochs=1, ordinal=True,
                                       val_fraction=0.25, test_fraction=0.25))
@@ -104,9 +105,9 @@ def test_evaluate_page_shows_grade_error_and_grade_costs_for_ordered_classes(tmp
 
 
 def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained):
-    from core import decide
-    from core.evaluate import evaluate_run, read_predictions
-    from core.storage import Workspace
+    from core.decide.stored import load_rule, save_rule
+    from core.infer.evaluate import evaluate_run, read_predictions
+    from core.workspace.store import Workspace
     ws = Workspace(finished_ws)
     run = ws.run(trained["run"].id)
     evaluate_run(ws, run)  # this copy's own calibration and scores
@@ -119,16 +120,16 @@ def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained)
     at.radio(key="decide_band_mode").set_value("reach a target accuracy").run()
     assert not at.exception, at.exception
     assert "Threshold" in texts(at) and "Review band" in texts(at)
-    assert decide.load_rule(run) is None  # nothing saved until asked
+    assert load_rule(run) is None  # nothing saved until asked
     at.button(key="decide_save").click().run()
     assert not at.exception, at.exception
-    rule = decide.load_rule(run)
+    rule = load_rule(run)
     assert rule.positive == "dot" and rule.inputs["cost_miss"] == 10 and rule.target_accuracy == 0.95
     assert {r["decision"] for r in read_predictions(run)} <= {"pass", "fail", "review"}
     # the Predict page's caption names the rule; the label queue pulls what a band sends to a person
     ws.register_dataset("dots", run.split()["source"])
     rule.band_low, rule.band_high = 0.0, 1.0  # every image is reviewed
-    decide.save_rule(run, rule)
+    save_rule(run, rule)
     label = open_page("pages/label.py")
     label.radio(key="queue_kind").set_value("Review band").run()
     assert not label.exception, label.exception
@@ -136,11 +137,11 @@ def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained)
     assert f"{n} images the model's decision rule sends to a person" in texts(label)
     label.radio(key="queue_kind").set_value("Outliers").run()  # the images far from every class centre
     assert not label.exception, label.exception
-    from core.features import outliers
+    from core.explain.features import outliers
     far = sum(o["far"] for o in outliers(ws, run))
     assert f"\n{far} images farther from every class centre" in "\n" + texts(label)
     at.button(key="decide_clear").click().run()
-    assert decide.load_rule(run) is None and {r["decision"] for r in read_predictions(run)} == {""}
+    assert load_rule(run) is None and {r["decision"] for r in read_predictions(run)} == {""}
     # how many more images: a learning-curve job started from the page, its advice shown when done
     at.number_input(key="lc_epochs").set_value(1)
     at.button(key="lc_start").click().run()
@@ -185,7 +186,7 @@ def test_datasets_page_lists_near_duplicates_and_those_the_split_separates(empty
 
 
 def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=20, size=32)
     Workspace(empty_ws).register_dataset("parts", str(data))
     at = train_page(epochs=2)
@@ -211,7 +212,7 @@ def test_train_page_starts_a_job_that_reaches_done(empty_ws, tmp_path):
 
 
 def test_second_start_while_training_is_refused(empty_ws, tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=20, size=32)
     Workspace(empty_ws).register_dataset("parts", str(data))
 
@@ -236,8 +237,8 @@ def test_second_start_while_training_is_refused(empty_ws, tmp_path):
 
 def test_gallery_relabel_and_label_page_history(finished_ws, trained):
     """Relabel one image from the evaluation gallery; the Label page shows it in the history and undoes it."""
-    from core.labels import LabelStore
-    from core.storage import Workspace
+    from core.data.labels import LabelStore
+    from core.workspace.store import Workspace
     at = open_page("pages/evaluate.py")
     at.selectbox(key="cell_true").set_value("dot")
     at.selectbox(key="cell_pred").set_value("dot").run()
@@ -259,7 +260,7 @@ def test_gallery_relabel_and_label_page_history(finished_ws, trained):
 
 def test_train_settings_survive_a_visit_to_another_page(empty_ws, tmp_path):
     """Bug: the Train page forgot the recipe and every setting after a visit to another page."""
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=6, size=16)
     Workspace(empty_ws).register_dataset("parts", str(data))
     at = open_page("pages/train.py")
@@ -280,8 +281,8 @@ def test_train_settings_survive_a_visit_to_another_page(empty_ws, tmp_path):
 
 
 def test_picking_a_dataset_offers_its_last_config(empty_ws, tmp_path):
-    from core.runs import prepare_run
-    from core.storage import Workspace
+    from core.runs.life import prepare_run
+    from core.workspace.store import Workspace
     ws = Workspace(empty_ws)
     first = write_class_folders(tmp_path / "first", per_class=6, size=16)
     second = write_class_folders(tmp_path / "second", per_class=6, size=16)
@@ -333,9 +334,9 @@ def test_curves_shade_the_epochs_trained_below_the_run_size():
 
 
 def test_curves_of_a_run_whose_config_cannot_be_read_shade_nothing(tmp_path):
-    from pages import _ui
-    from core.storage import Workspace
     from conftest import tiny_config
+    from core.workspace.store import Workspace
+    from pages import _ui
     run = Workspace(tmp_path / "ws").create_run(tiny_config("x", image_size=64), "x")
     run.write_config(tiny_config("x", image_size=64))
     assert _ui.image_side(run) == 64
@@ -346,8 +347,8 @@ def test_curves_of_a_run_whose_config_cannot_be_read_shade_nothing(tmp_path):
 
 
 def test_history_keeps_the_size_each_epoch_trained_at(tmp_path):
-    from core.storage import Workspace
     from conftest import tiny_config
+    from core.workspace.store import Workspace
     ws = Workspace(tmp_path / "ws")
     run = ws.create_run(tiny_config("x"), "x")
     run.write_history([{"epoch": 1, "train_loss": 1.0, "train_size": 32}, {"epoch": 2, "train_loss": 0.9}])
@@ -372,7 +373,7 @@ def test_runs_page_exports_a_model(finished_ws, trained):
 
 
 def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=10, size=16)
     Workspace(empty_ws).register_dataset("parts", str(data))
     at = train_page(epochs=10, batch_size=4)
@@ -391,8 +392,8 @@ def test_train_page_estimates_the_time_before_start(empty_ws, tmp_path):
 
 
 def test_evaluate_page_runs_the_gradcam_audit_in_the_background(finished_ws, trained):
-    from core.audit import load_cam_audit, saved_region
-    from core.storage import Workspace
+    from core.explain.cam_audit import load_cam_audit, saved_region
+    from core.workspace.store import Workspace
     from pages import _audit
     ws = Workspace(finished_ws)
     run = ws.run(trained["run"].id)
@@ -419,7 +420,7 @@ def test_evaluate_page_runs_the_gradcam_audit_in_the_background(finished_ws, tra
 
 
 def test_train_page_offers_self_supervised_pretraining_with_its_settings(empty_ws, tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=10, size=16)
     Workspace(empty_ws).register_dataset("parts", str(data))
     at = train_page(epochs=2, batch_size=4)

@@ -12,9 +12,19 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from core.audit import (AUDIT_FILE, CamAudits, Region, box_from, foreground_mask, load_cam_audit, outside_share,
-                        run_cam_audit, save_region, saved_region)
 from core.errors import UserError
+from core.explain.cam_audit import (
+    AUDIT_FILE,
+    CamAudits,
+    Region,
+    box_from,
+    foreground_mask,
+    load_cam_audit,
+    outside_share,
+    run_cam_audit,
+    save_region,
+    saved_region,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224
@@ -41,10 +51,10 @@ def write_parts(root: Path, marker: bool, per_class: int = 40, seed: int = 0) ->
 
 
 def train(tmp: Path, marker: bool):
-    from core import runs
-    from core.runs import prepare_run
-    from core.storage import Workspace
-    from core.train import fit
+    from core.runs import life as runs
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     data = write_parts(tmp / "parts", marker)
     ws = Workspace(tmp / "ws")
     run = prepare_run(ws, tiny_config(data, image_size=SIZE, epochs=6, batch_size=16))
@@ -153,8 +163,9 @@ def test_the_audit_runs_in_the_background_and_from_the_cli(shortcut):
 def test_the_audit_pack_is_one_self_contained_report_and_the_files_it_cites(shortcut, tmp_path):
     import re
     import zipfile
-    from core.auditpack import build_audit_pack
-    from core.export import dataset_hash
+
+    from core.deploy.audit_pack import build_audit_pack
+    from core.deploy.export import dataset_hash
     ws, run = shortcut
     run_cam_audit(ws, run, CENTRE)
     out = build_audit_pack(ws, run.id, tmp_path / "pack")
@@ -177,9 +188,9 @@ def test_the_audit_pack_is_one_self_contained_report_and_the_files_it_cites(shor
 
 def test_an_audit_pack_needs_an_evaluated_run(tmp_path):
     from conftest import write_class_folders
-    from core.auditpack import build_audit_pack
-    from core.runs import prepare_run
-    from core.storage import Workspace
+    from core.deploy.audit_pack import build_audit_pack
+    from core.runs.life import prepare_run
+    from core.workspace.store import Workspace
     ws = Workspace(tmp_path / "ws")
     run = prepare_run(ws, tiny_config(write_class_folders(tmp_path / "d", per_class=6, size=32), batch_size=4))
     with pytest.raises(UserError, match="no evaluation yet"):

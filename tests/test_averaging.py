@@ -7,12 +7,19 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_config
-from core.averaging import (EMA_WARMUP, WeightAverage, average_weight, averages_in, ema_decay, extra_eval_images,
-                            swa_first_epoch)
 from core.config import ConfigError
-from core.checkpoint import load_checkpoint
-from core.runs import Reporter, prepare_run
-from core.train import Progress, best_state, build_trainer, fit, kept_weights, restore, update_progress
+from core.models.checkpoint import load_checkpoint
+from core.runs.life import Reporter, prepare_run
+from core.train.averaging import (
+    EMA_WARMUP,
+    WeightAverage,
+    average_weight,
+    averages_in,
+    ema_decay,
+    extra_eval_images,
+    swa_first_epoch,
+)
+from core.train.loop import Progress, best_state, build_trainer, fit, kept_weights, restore, update_progress
 
 
 class StopAfter(Reporter):
@@ -87,7 +94,7 @@ def test_training_with_averaging_validates_both_saves_the_average_and_resumes_it
 
 
 def test_best_checkpoint_holds_the_averaged_weights_when_they_win(dot_folder, workspace, monkeypatch):
-    import core.train as train_mod
+    import core.train.loop as train_mod
     # Every epoch's averaged weights made to "validate" best, each better than the last: best.pt must then be the
     # final epoch's average, the one last.pt carries beside the trained weights.
     monkeypatch.setattr(train_mod, "kept_weights", lambda row: ("averaged", row["epoch"] / 10, 0.0))
@@ -102,7 +109,7 @@ def test_best_checkpoint_holds_the_averaged_weights_when_they_win(dot_folder, wo
 
 
 def test_estimate_counts_the_second_validation_pass():
-    from core.estimate import EVAL_COST, run_seconds
+    from core.train.estimate import EVAL_COST, run_seconds
     counts = {"train": 100, "val": 40, "test": 30}
     off = run_seconds(tiny_config("x", epochs=5), counts, 50.0, 0.0)
     on = run_seconds(tiny_config("x", epochs=5, ema=True), counts, 50.0, 0.0)
@@ -144,7 +151,7 @@ def test_swa_is_the_plain_mean_of_every_step_in_its_last_epochs():
 
 
 def test_swa_epochs_train_at_a_constant_share_of_the_rate_after_a_full_cycle():
-    from core.schedule import lr_at
+    from core.train.schedule import lr_at
     spe, lr = 10, 2e-3
     cfg = tiny_config("x", epochs=10, schedule="onecycle", lr=lr, swa_epochs=3, swa_lr=0.2)
     rates = [lr_at(cfg, s, spe)[0] for s in range(100)]
@@ -193,7 +200,7 @@ def test_training_with_swa_validates_the_average_in_its_epochs_only_and_saves_it
 
 
 def test_estimate_counts_swa_passes_in_its_epochs_only():
-    from core.estimate import EVAL_COST, run_seconds
+    from core.train.estimate import EVAL_COST, run_seconds
     counts = {"train": 100, "val": 40, "test": 30}
     cfg = tiny_config("x", epochs=5, swa_epochs=2)
     assert extra_eval_images(cfg, 100, 40) == pytest.approx((100 + 40) * 2 / 5)
@@ -203,7 +210,7 @@ def test_estimate_counts_swa_passes_in_its_epochs_only():
 
 
 def test_a_run_stopped_in_its_swa_phase_resumes_to_the_same_average(dot_folder, workspace, tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     cfg = tiny_config(dot_folder, epochs=4, swa_epochs=2)
     other = Workspace(tmp_path / "whole")
     whole = prepare_run(other, cfg)

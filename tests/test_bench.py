@@ -62,6 +62,7 @@ def test_elpv_accuracy_reads_grade_error_and_the_two_class_answer_off_the_four_c
 
 def test_elpv_accuracy_thresholds_the_defect_grades_on_validation(tmp_path):
     from types import SimpleNamespace
+
     import numpy as np
     sys.path.insert(0, str(ROOT / "bench"))
     from elpv_accuracy import two_class_threshold_summary

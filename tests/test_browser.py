@@ -1,7 +1,8 @@
 """End to end in a real browser: Playwright drives Debian's Chromium against `streamlit run app.py`.
 
 Register a tiny dataset, train, watch the curves grow, open the evaluation (confusion matrix, a gallery
-image with its Grad-CAM), and predict an uploaded image. Screenshots go to test-artifacts/browser/.
+image with its Grad-CAM), and predict an uploaded image. Screenshots go to test-artifacts/browser/; with
+STUDIO_UPDATE_SCREENSHOT=1 the Evaluate page's first screen also replaces the README's docs/studio.png.
 """
 import os
 import re
@@ -151,6 +152,9 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         expect(gallery.first).to_be_visible()
         assert gallery.count() >= 1
         page.screenshot(path=ARTIFACTS / "3-evaluate.png", full_page=True)
+        if os.environ.get("STUDIO_UPDATE_SCREENSHOT"):  # the README's picture, as a person sees the page
+            page.get_by_text("Confusion matrix", exact=True).scroll_into_view_if_needed()
+            page.screenshot(path=ROOT / "docs" / "studio.png")
 
         # 3a. Calibration and Decide: a reliability diagram, a cost-based rule saved with the run
         expect(page.get_by_role("heading", name="Decide")).to_be_visible()

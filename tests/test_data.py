@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_class_folders
-from core.data import DatasetError, ImageCache, load_dataset, samples_from_split, split_to_json, stratified_split
+from core.data.cache import ImageCache
+from core.data.sources import DatasetError, load_dataset
+from core.data.split import samples_from_split, split_to_json, stratified_split
 
 
 def test_class_folders(dot_folder):

@@ -1,4 +1,4 @@
-"""Training as its own process, and on several processes (core/worker.py, core/distributed.py): torchrun and our
+"""Training as its own process, and on several processes (core/jobs/worker.py, core/train/distributed.py): torchrun and our
 launcher with the Gloo backend on the CPU, stop requests, and ranks or whole trainings killed with SIGKILL."""
 import json
 import os
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_config, write_class_folders
-from core import worker
-from core.checkpoint import load_checkpoint
-from core.jobs import JobManager
-from core.model import model_from_checkpoint
-from core.runs import prepare_run
-from core.storage import Workspace
+from core.jobs import worker
+from core.jobs.queue import JobManager
+from core.models.checkpoint import load_checkpoint
+from core.models.resnet import model_from_checkpoint
+from core.runs.life import prepare_run
+from core.workspace.store import Workspace
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the ranks")
 
@@ -187,7 +187,7 @@ def test_a_training_process_stops_when_the_studio_that_started_it_is_gone(data, 
     ws = Workspace(tmp_path / "ws")
     run = prepare_run(ws, tiny_config(data, epochs=300))
     studio = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from core import worker; from core.storage import Workspace; "
+        "import sys, time; from core.jobs import worker; from core.workspace.store import Workspace; "
         f"ws = Workspace({str(ws.root)!r}); worker.start_process(ws, ws.run({run.id!r}), False); time.sleep(600)")],
         cwd=ROOT, env=worker.child_env())
     try:

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import tiny_config, train_small_run, write_class_folders
-from core import runs
 from core.config import TrainConfig
-from core.evaluate import read_predictions
-from core.jobs import JobManager
-from core.predict import Predictor
-from core.runs import RunStateError, prepare_run
-from core.schedule import epoch_batches, lr_at
-from core.train import fit
+from core.deploy.predict import Predictor
+from core.infer.evaluate import read_predictions
+from core.jobs.queue import JobManager
+from core.runs import life as runs
+from core.runs.life import RunStateError, prepare_run
+from core.train.loop import fit
+from core.train.schedule import epoch_batches, lr_at
 
 
 def _train(ws, cfg):
@@ -142,7 +142,7 @@ def test_every_consumer_gets_the_evaluations_probabilities(small_run):
 
 
 def test_crossval_folds_use_the_same_inference(tmp_path, workspace):
-    from core.curation import crossval
+    from core.studies.curation import crossval
     root = write_class_folders(tmp_path / "d", per_class=12, size=32, seed=5)
     run = prepare_run(workspace, tiny_config(root, epochs=1, batch_size=8, tta=True, test_fraction=0.0))
     assert crossval(workspace, run, runs.Reporter(), folds=2)["status"] == "done"
@@ -185,7 +185,7 @@ def test_a_failed_run_records_why(dot_folder, workspace):
 
 @pytest.fixture
 def fresh_precision(tmp_path, monkeypatch):
-    import core.device as dev
+    import core.models.device as dev
     monkeypatch.setenv("STUDIO_PRECISION_CACHE", str(tmp_path / "precision.json"))
     monkeypatch.setattr(dev, "_measured", {})
     monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
@@ -221,14 +221,14 @@ def test_a_cpu_of_the_same_name_but_another_generation_measures_again(fresh_prec
 
 
 def test_the_cpu_signature_names_family_model_and_precision_flags():
-    from core.device import cpu_signature
+    from core.models.device import cpu_signature
     sig = cpu_signature()
     if sig:  # Linux
         assert sig.startswith("family ") and ("avx2" in sig or "no avx2" in sig)
 
 
 def test_the_calibration_times_real_steps_and_leaves_the_random_state_alone():
-    from core.device import time_training_steps
+    from core.models.device import time_training_steps
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -241,9 +241,9 @@ def test_the_calibration_times_real_steps_and_leaves_the_random_state_alone():
 def test_a_seed_trains_alike_whether_or_not_the_process_measured_the_precision(fresh_precision, dot_folder,
                                                                              tmp_path):
     from conftest import tiny_config
-    from core.runs import prepare_run
-    from core.storage import Workspace
-    from core.train import fit
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     losses = []
     for name in ("measures", "reads"):  # the first fit measures bf16 (fresh cache file), the second reads it
         ws = Workspace(tmp_path / name)
@@ -257,7 +257,7 @@ def test_a_seed_trains_alike_whether_or_not_the_process_measured_the_precision(f
 # ------------------------------------------------------------------------------------ time estimate
 
 def test_the_estimate_is_the_runs_arithmetic():
-    from core.estimate import estimate_seconds
+    from core.train.estimate import estimate_seconds
     # decode 1400 images x 10 ms on 2 threads = 7 s; an epoch = 1000/50 + 200/3/50 s; the test with TTA = 3 passes
     got = estimate_seconds(10, 1000, 200, 200, images_per_s=50, decode_s_per_image=0.01, tta=True, workers=2)
     assert got == pytest.approx(7 + 10 * (20 + 200 / 3 / 50) + 200 / 3 * 3 / 50)
@@ -269,7 +269,7 @@ def test_the_estimate_is_the_runs_arithmetic():
 
 
 def test_an_estimate_times_the_engines_own_step(dot_folder, workspace):
-    from core.estimate import estimate_run
+    from core.train.estimate import estimate_run
     est = estimate_run(workspace, tiny_config(dot_folder, epochs=3, batch_size=8))
     assert est.images_per_s > 0 and est.decode_s_per_image > 0 and est.seconds > 0
     assert sum(est.counts.values()) == 60 and est.text().startswith("about ")
@@ -277,7 +277,7 @@ def test_an_estimate_times_the_engines_own_step(dot_folder, workspace):
 
 
 def test_channel_stats_are_the_pixels_mean_and_std():
-    from core.data import channel_stats
+    from core.data.cache import channel_stats
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (300, 8, 9, 3), dtype=np.uint8)
     images[..., 2] //= 4  # a darker, narrower third channel
@@ -298,7 +298,8 @@ def test_a_grayscale_file_decodes_to_the_pixels_it_has_as_rgb(tmp_path):
     # load_array resizes a grayscale file before it becomes RGB (a third of the work): the pixels must be the ones
     # the RGB route gives, at shrinking, enlarging and odd sizes.
     from PIL import Image
-    from core.images import load_array, open_image, resize_to_array
+
+    from core.data.images import load_array, open_image, resize_to_array
     rng = np.random.default_rng(1)
     path = tmp_path / "gray.png"
     Image.fromarray(rng.integers(0, 256, (300, 290), dtype=np.uint8), "L").save(path)

@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_dot_image
-from core.evaluate import compute_metrics, gallery, read_predictions
-from core.explain import METHODS
-from core.predict import Predictor, get_predictor
+from core.deploy.predict import Predictor, get_predictor
+from core.explain.gradcam import METHODS
+from core.infer.evaluate import compute_metrics, gallery, read_predictions
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix():

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config, train_small_run, without_torch
-from core.evaluate import read_predictions
-from core.export import ExportError, export_run, read_onnx_card
-from core.inference import Classifier
-from core.runs import prepare_run
+from core.deploy.export import ExportError, export_run, read_onnx_card
+from core.infer.classifier import Classifier
+from core.infer.evaluate import read_predictions
+from core.runs.life import prepare_run
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tta-run", "plain-run"])
@@ -114,6 +114,6 @@ def test_predict_from_onnx_without_torch(exported, tmp_path):
 
 
 def test_the_cli_names_the_export_formats_without_importing_torch():
-    from core.cli import EXPORT_FORMATS
-    from core.export import FORMATS
+    from core.cli.main import EXPORT_FORMATS
+    from core.deploy.export import FORMATS
     assert tuple(FORMATS) == EXPORT_FORMATS

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import ImageLoadError, load_array, open_image
+from core.data.images import ImageLoadError, load_array, open_image
 
 
 def _save(img, path, **kw):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_class_folders
-from core.curation import export_dataset, label_issue_scores, read_label_issues
-from core.data import load_dataset
-from core.jobs import JobManager
-from core.labels import LabelStore
-from core.storage import Workspace
-from core.runs import prepare_run
+from core.data.labels import LabelStore
+from core.data.sources import load_dataset
+from core.jobs.queue import JobManager
+from core.runs.life import prepare_run
+from core.studies.curation import export_dataset, label_issue_scores, read_label_issues
+from core.workspace.store import Workspace
 
 
 def test_history_and_undo(dot_folder, workspace):
@@ -129,8 +129,8 @@ def test_export_as_folders_and_csv(dot_folder, tmp_path, workspace):
 
 
 def test_least_confident_queue_ranks_by_the_models_top_probability(trained):
-    from core.curation import least_confident
-    from core.predict import get_predictor
+    from core.deploy.predict import get_predictor
+    from core.studies.curation import least_confident
     pred = get_predictor(trained["ws"], trained["run"].id)
     paths = [r[0] for r in trained["run"].split()["test"]] + ["/no/such/file.png"]
     ranked = least_confident(pred, paths)

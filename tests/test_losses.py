@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from core.losses import OrdinalLoss, build_criterion
-from core.runs import prepare_run
-from core.train import build_trainer, fit
+from core.runs.life import prepare_run
+from core.train.loop import build_trainer, fit
+from core.train.losses import OrdinalLoss, build_criterion
 
 
 def logits_for(probs):
@@ -59,7 +59,7 @@ def write_graded_folders(root, per_class=16, size=40):
 
 
 def test_an_ordinal_run_trains_with_the_ordinal_loss_and_reports_grade_error(tmp_path, workspace):
-    from core.runs import Reporter
+    from core.runs.life import Reporter
     data = write_graded_folders(tmp_path / "graded")
     run = prepare_run(workspace, tiny_config(data, epochs=2, ordinal=True, val_fraction=0.25, test_fraction=0.25))
     assert isinstance(build_trainer(workspace, run, run.config(), Reporter()).criterion, OrdinalLoss)
@@ -71,12 +71,12 @@ def test_an_ordinal_run_trains_with_the_ordinal_loss_and_reports_grade_error(tmp
 
 
 def test_ordinal_cost_matrix_decides_the_median_grade():
-    from core import decide
+    from core.decide.rule import Rule, cost_matrix
     grades = ["g0", "g1", "g2", "g3"]
-    cost = decide.cost_matrix(grades, ordinal=True)
+    cost = cost_matrix(grades, ordinal=True)
     assert cost[0].tolist() == [0, 1, 2, 3] and cost[3, 1] == 2
-    assert decide.cost_matrix(["a", "b"], "b", 5, 1, ordinal=True)[1, 0] == 5  # a positive class keeps its costs
-    rule = decide.Rule(classes=grades, cost=cost.tolist())
+    assert cost_matrix(["a", "b"], "b", 5, 1, ordinal=True)[1, 0] == 5  # a positive class keeps its costs
+    rule = Rule(classes=grades, cost=cost.tolist())
     probs = np.array([[0.45, 0.10, 0.10, 0.35]])  # argmax: grade 0; half the mass is reached at grade 1
     decided, _, _ = rule.decide(probs)
     assert probs.argmax(1)[0] == 0 and decided[0] == 1

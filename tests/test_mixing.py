@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from core.runs import prepare_run
-from core.train import fit
-from core.transforms import MixSpec, build_mix
+from core.data.transforms import MixSpec, build_mix
+from core.runs.life import prepare_run
+from core.train.loop import fit
 
 
 def constant_batch():

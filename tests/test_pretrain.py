@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (weights="self-supervised", core/pretrain.py): the loss, the schedule, which images
+"""Self-supervised pretraining (weights="self-supervised", core/train/pretrain.py): the loss, the schedule, which images
 it sees, and how a run pretrains, saves, fine-tunes from and resumes with its backbone."""
 import math
 import shutil
@@ -9,11 +9,11 @@ import torch
 
 from conftest import tiny_config
 from core.config import ConfigError
-from core.model import read_state_dict_file
-from core.pretrain import LR, nt_xent, lr_at, pretraining_images, pretraining_seconds
-from core.rundata import load_run_data
-from core.runs import Reporter, prepare_run
-from core.train import build_trainer, fit
+from core.models.resnet import read_state_dict_file
+from core.runs.life import Reporter, prepare_run
+from core.runs.rundata import load_run_data
+from core.train.loop import build_trainer, fit
+from core.train.pretrain import LR, lr_at, nt_xent, pretraining_images, pretraining_seconds
 
 
 class Recorder(Reporter):
@@ -130,7 +130,7 @@ def test_the_backbone_file_starts_another_run(dot_folder, workspace):
 
 
 def test_run_estimate_includes_pretraining():
-    from core.estimate import run_seconds
+    from core.train.estimate import run_seconds
     counts = {"train": 100, "val": 20, "test": 20}
     ssl = ssl_config("x", image_size=64, ssl_image_size=32, ssl_epochs=10)
     plain = ssl_config("x", image_size=64, weights="none")

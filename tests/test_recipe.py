@@ -1,9 +1,17 @@
-"""The auto recipe (core/recipe.py): its rules as pure functions of the facts, then the whole thing on a small set."""
+"""The auto recipe (core/train/recipe.py): its rules as pure functions of the facts, then the whole thing on a small set."""
 import pytest
 
 from conftest import write_class_folders
-from core.recipe import (BUDGET_S, EPOCH_RANGE, STEPS, DataFacts, MachineFacts, auto_recipe, choose_epochs,
-                         choose_settings)
+from core.train.recipe import (
+    BUDGET_S,
+    EPOCH_RANGE,
+    STEPS,
+    DataFacts,
+    MachineFacts,
+    auto_recipe,
+    choose_epochs,
+    choose_settings,
+)
 
 CPU_SCRATCH = MachineFacts("cpu", "bf16", imagenet_weights=False)
 GPU_PRETRAINED = MachineFacts("gpu", "bf16", imagenet_weights=True)
@@ -55,7 +63,7 @@ def test_epochs_are_capped_to_fit_the_budget_but_not_below_the_minimum():
 
 
 def test_auto_recipe_on_a_small_set_keeps_what_the_user_set(tmp_path):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=12, size=40)
     ws = Workspace(tmp_path / "ws")
     recipe = auto_recipe(ws, str(data), fixed={"epochs": 2, "amp": "off", "weights": "none"})
@@ -73,13 +81,14 @@ def test_auto_recipe_on_a_small_set_keeps_what_the_user_set(tmp_path):
 
 def test_progressive_resizing_is_a_pure_function_of_the_epoch():
     from core.config import TrainConfig
-    from core.schedule import mean_pixel_fraction, train_hw_at
+    from core.train.schedule import mean_pixel_fraction, train_hw_at
     cfg = TrainConfig(data="x", image_size=64, epochs=4, progressive_start=0.5)
     assert [train_hw_at(cfg, e) for e in range(1, 5)] == [(32, 32), (48, 48), (64, 64), (64, 64)]
     assert mean_pixel_fraction(cfg) == pytest.approx((0.25 + 0.5625 + 1 + 1) / 4)
     assert train_hw_at(TrainConfig(data="x", image_size=64, epochs=4), 1) == (64, 64)  # off by default
     # Never below 32 px (a 1x1 map in layer4 made bf16 CPU gradients NaN now and then): tiny images train at their size
-    assert {train_hw_at(TrainConfig(data="x", image_size=32, epochs=4, progressive_start=0.5), e) for e in range(1, 5)} == {(32, 32)}
+    tiny = TrainConfig(data="x", image_size=32, epochs=4, progressive_start=0.5)
+    assert {train_hw_at(tiny, e) for e in range(1, 5)} == {(32, 32)}
     assert train_hw_at(TrainConfig(data="x", image_size=48, epochs=4, progressive_start=0.25), 1) == (32, 32)
     # An extended run's added epochs grow again from the start size, like its new learning-rate cycle.
     extended = TrainConfig(data="x", image_size=64, epochs=8, progressive_start=0.5, schedule_start_epoch=4)
@@ -88,8 +97,8 @@ def test_progressive_resizing_is_a_pure_function_of_the_epoch():
 
 def test_the_estimate_prices_small_first_epochs_by_their_timed_step_not_only_their_pixels():
     from core.config import TrainConfig
-    from core.estimate import progressive_time_fraction
-    from core.schedule import mean_pixel_fraction
+    from core.train.estimate import progressive_time_fraction
+    from core.train.schedule import mean_pixel_fraction
     cfg = TrainConfig(data="x", image_size=64, epochs=4, progressive_start=0.5)  # 32, 48, 64, 64 px
     # A step whose time follows its pixels (about a CPU): the pixel fraction
     assert progressive_time_fraction(cfg, 100.0, 400.0) == pytest.approx(mean_pixel_fraction(cfg))
@@ -105,12 +114,12 @@ def test_the_estimate_prices_small_first_epochs_by_their_timed_step_not_only_the
 
 
 def test_a_progressive_run_trains_small_first_and_keeps_the_full_size_for_its_model(tmp_path):
-    from core import runs
-    from core.inference import Classifier
-    from core.runs import prepare_run
-    from core.storage import Workspace
-    from core.train import fit
     from conftest import tiny_config
+    from core.infer.classifier import Classifier
+    from core.runs import life as runs
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "dots", per_class=16, size=48)
     ws = Workspace(tmp_path / "ws")
     run = prepare_run(ws, tiny_config(data, image_size=64, epochs=4, batch_size=8, progressive_start=0.5))
@@ -124,9 +133,9 @@ def test_a_progressive_run_trains_small_first_and_keeps_the_full_size_for_its_mo
                          ids=["slow-then-fast", "slow-twice", "fast"])
 def test_a_slow_timing_that_would_cap_the_run_is_taken_again(tmp_path, monkeypatch, speeds, capped):
     """Seen: a test running beside the timing steps made them 3x slow, and a 13-epoch ELPV run was capped at 5."""
-    import core.recipe
-    from core.estimate import Estimate
-    from core.storage import Workspace
+    import core.train.recipe
+    from core.train.estimate import Estimate
+    from core.workspace.store import Workspace
     data = write_class_folders(tmp_path / "parts", per_class=12, size=40)
     timings = iter(speeds)
     calls = []
@@ -134,7 +143,7 @@ def test_a_slow_timing_that_would_cap_the_run_is_taken_again(tmp_path, monkeypat
     def measure(cfg, counts, paths):
         calls.append(1)
         return Estimate(0.0, next(timings), 0.0, counts)
-    monkeypatch.setattr(core.recipe, "measure", measure)
+    monkeypatch.setattr(core.train.recipe, "measure", measure)
     recipe = auto_recipe(Workspace(tmp_path / "ws"), str(data), fixed={"amp": "off"})
     lo, hi = EPOCH_RANGE["scratch"]
     assert len(calls) == len(speeds)  # timed again only when the first timing capped the run

@@ -17,16 +17,15 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_dot_image, tiny_config, write_class_folders
-from core.checkpoint import CheckpointError, load_checkpoint, safe_torch_load
-from core.model import model_from_checkpoint
-from core.data import DatasetError, load_dataset
-from core.images import ImageLoadError, open_image
-from core.imports import ImportError_, import_zip
-from core.jobs import JobManager
-from core.runs import TrainingError, prepare_run
-from core.similarity import dataset_duplicate_groups
-from core.train import fit
-
+from core.data.duplicates import dataset_duplicate_groups
+from core.data.images import ImageLoadError, open_image
+from core.data.sources import DatasetError, load_dataset
+from core.data.zips import ImportError_, import_zip
+from core.jobs.queue import JobManager
+from core.models.checkpoint import CheckpointError, load_checkpoint, safe_torch_load
+from core.models.resnet import model_from_checkpoint
+from core.runs.life import TrainingError, prepare_run
+from core.train.loop import fit
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -43,7 +42,7 @@ def test_formats_outside_the_allowed_list_are_refused(tmp_path):
 
 
 def test_exif_rotated_photo_is_upright_in_prediction_and_overlay(trained, tmp_path):
-    from core.predict import Predictor
+    from core.deploy.predict import Predictor
     size = trained["size"]
     rng = np.random.default_rng(4)
     img, _ = make_dot_image(rng, size, dot=True)
@@ -238,7 +237,7 @@ def test_truncated_and_mismatched_checkpoints(trained, tmp_path):
 # ----------------------------------------------------------------------------------- training faults
 
 def test_out_of_memory_halves_the_batch_then_fails_clearly(dot_folder, workspace, monkeypatch):
-    import core.train as train_mod
+    import core.train.loop as train_mod
     real_step = train_mod.train_step
     calls = {"n": 0}
 
@@ -267,7 +266,7 @@ def test_out_of_memory_halves_the_batch_then_fails_clearly(dot_folder, workspace
 
 
 def test_disk_full_during_checkpoint_keeps_the_previous_one(dot_folder, workspace, monkeypatch):
-    import core.checkpoint as ckpt
+    import core.models.checkpoint as ckpt
     real_save = torch.save
     state = {"saves": 0}
 
@@ -278,8 +277,8 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(dot_folder, workspac
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(ckpt.torch, "save", save)
-    # What a job's training process does (core/worker.py), in this process so that torch.save is the patched one.
-    from core.worker import run_job
+    # What a job's training process does (core/jobs/worker.py), in this process so that torch.save is the patched one.
+    from core.jobs.worker import run_job
     run_id = prepare_run(workspace, tiny_config(dot_folder, epochs=3)).id
     run_job(workspace, run_id)
     row = workspace.run_row(run_id)
@@ -292,7 +291,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(dot_folder, workspac
 
 
 def test_weights_gone_nan_fail_the_run_and_keep_the_last_good_checkpoint(dot_folder, workspace, monkeypatch):
-    import core.train as train_mod
+    import core.train.loop as train_mod
     # The loss of each step is checked, but the update after it can still turn weights into NaN (an overflow in
     # the optimizer, a running variance gone infinite): such a model must never replace a good checkpoint.
     real_step = train_mod.train_step
@@ -307,7 +306,7 @@ def test_weights_gone_nan_fail_the_run_and_keep_the_last_good_checkpoint(dot_fol
         return out
 
     monkeypatch.setattr(train_mod, "train_step", poisoning)
-    from core.worker import run_job
+    from core.jobs.worker import run_job
     run_id = prepare_run(workspace, tiny_config(dot_folder, epochs=3)).id
     run_job(workspace, run_id)
     row = workspace.run_row(run_id)
@@ -325,8 +324,9 @@ def test_killed_process_run_is_interrupted_then_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "core", "--workspace", str(ws_root), "train", "--data", str(data),
                              "--weights", "none", "--epochs", "200", "--batch-size", "8", "--image-size", "32",
                              # fp32 and a constant learning rate: this test is about the kill, not the recipe
-                             "--recipe", "classic", "--amp", "off", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    from core.storage import Workspace
+                             "--recipe", "classic", "--amp", "off", "--quiet"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    from core.workspace.store import Workspace
     deadline = time.time() + 120
     run_dir = None
     while time.time() < deadline:
@@ -356,7 +356,7 @@ def test_killed_process_run_is_interrupted_then_resumes(tmp_path):
 # ----------------------------------------------------------------------------------- sessions & load
 
 def test_concurrent_predictions_with_gradcam_while_training(trained, dot_folder, workspace):
-    from core.predict import Predictor
+    from core.deploy.predict import Predictor
     pred = Predictor(trained["run"].best_path)
     rng = np.random.default_rng(21)
     images = [Image.fromarray(make_dot_image(rng, trained["size"], dot=bool(i % 2))[0]) for i in range(6)]
@@ -395,7 +395,7 @@ def test_streamlit_server_settings():
 
 def test_predict_page_zip_reader_refuses_bombs_and_names_skipped_entries():
     """Uploads on the Predict page go through core's safe reader: counted sizes, not the ones a zip declares."""
-    from core.imports import Limits, read_zip_images
+    from core.data.zips import Limits, read_zip_images
     data = _zip(_good_entries() + [("set/notes.txt", b"hi"), ("../evil.png", _png_bytes())])
     images, skipped, more = read_zip_images(io.BytesIO(data), max_images=4)
     assert len(images) == 4 and more == 2 and all(b.startswith(b"\x89PNG") for _, b in images)
@@ -415,7 +415,8 @@ def test_the_training_thread_serves_the_next_job_after_the_database_failed_under
     """A job whose start fails and whose failure cannot be recorded either (the database unreadable, a full disk)
     must not take the one training thread with it: the next job still trains."""
     import sqlite3
-    from core import jobs
+
+    from core.jobs import queue as jobs
     real_start, real_transition = jobs.worker.start_process, jobs.runs.transition
     calls = {"transition": 0}
 

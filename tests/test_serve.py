@@ -12,8 +12,8 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, free_port, make_dot_image, without_torch
-from core.evaluate import read_predictions
-from core.predict import get_predictor
+from core.deploy.predict import get_predictor
+from core.infer.evaluate import read_predictions
 
 
 def _start(args, tmp_path, env=None):
@@ -111,7 +111,7 @@ def test_eight_clients_at_once_all_answered(server, trained):
 
 
 def test_serving_an_onnx_file_needs_no_torch(trained, tmp_path):
-    from core.export import export_run
+    from core.deploy.export import export_run
     model = tmp_path / "model.onnx"
     export_run(trained["ws"], trained["run"].id, "onnx", out=model)
     proc, url = _start(["serve", str(model)], tmp_path, env=without_torch(tmp_path))

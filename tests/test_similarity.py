@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, make_dot_image, near_copy, tiny_config, write_set_with_twins
-from core.data import load_dataset, stratified_split
-from core.similarity import (dataset_duplicate_groups, groups_from_pairs, hash_pairs, nearest, perceptual_hashes,
-                             run_duplicates)
+from core.data.duplicates import dataset_duplicate_groups, groups_from_pairs, hash_pairs, perceptual_hashes
+from core.data.sources import load_dataset
+from core.data.split import stratified_split
+from core.explain.leakage import run_duplicates
+from core.explain.neighbours import nearest
 
 
 @pytest.fixture
@@ -70,7 +72,7 @@ def test_group_aware_split_never_separates_a_group(twins):
 
 
 def test_a_group_larger_than_a_part_stays_in_training(tmp_path):
-    from core.data import Dataset, Sample
+    from core.data.sources import Dataset, Sample
     samples = [Sample(f"p{i}", i % 2) for i in range(20)]
     ds = Dataset("x", "x", ["a", "b"], samples)
     big = [i for i in range(20) if i % 2 == 0][:8]  # 8 of class a's 10: larger than any val/test share
@@ -83,7 +85,7 @@ def test_a_group_larger_than_a_part_stays_in_training(tmp_path):
 
 
 def test_runs_split_with_groups_do_not_leak_and_the_report_says_so(twins, workspace):
-    from core.runs import prepare_run
+    from core.runs.life import prepare_run
     root, planted = twins
     plain = prepare_run(workspace, tiny_config(root))
     grouped = prepare_run(workspace, tiny_config(root, split_groups="duplicates"))
@@ -100,9 +102,9 @@ def test_runs_split_with_groups_do_not_leak_and_the_report_says_so(twins, worksp
 
 def test_nearest_training_image_of_a_twin_is_its_twin(twins, workspace):
     # Features of a briefly trained model: a near-identical image lands near its twin whatever the model learnt.
-    from core.features import run_features
-    from core.runs import prepare_run
-    from core.train import fit
+    from core.explain.features import run_features
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
     root, planted = twins
     run = prepare_run(workspace, tiny_config(root, epochs=1))
     fit(workspace, run)
@@ -132,8 +134,8 @@ def test_nearest_training_image_of_a_twin_is_its_twin(twins, workspace):
 
 
 def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path):
-    from core.runs import prepare_run
-    from core.storage import Workspace
+    from core.runs.life import prepare_run
+    from core.workspace.store import Workspace
     root, planted = twins
     ws = Workspace(tmp_path / "ws")
     run = prepare_run(ws, tiny_config(root))
@@ -159,10 +161,10 @@ def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path):
 
 
 def test_prediction_evidence_names_the_twin_and_flags_the_unfamiliar(twins, workspace):
-    from core.features import training_neighbours
-    from core.predict import nearest_training
-    from core.runs import prepare_run
-    from core.train import fit
+    from core.deploy.predict import nearest_training
+    from core.explain.features import training_neighbours
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
     root, planted = twins
     run = prepare_run(workspace, tiny_config(root, epochs=2))
     fit(workspace, run)
@@ -188,7 +190,7 @@ def test_prediction_evidence_names_the_twin_and_flags_the_unfamiliar(twins, work
 
 
 def test_projections_keep_clusters_apart():
-    from core.embedding import project
+    from core.explain.embedding import project
     rng = np.random.default_rng(0)
     a = rng.normal(0, 1, (40, 64)) + 8
     b = rng.normal(0, 1, (40, 64)) - 8
@@ -203,9 +205,9 @@ def test_projections_keep_clusters_apart():
 
 
 def test_run_map_describes_every_image_and_is_cached(twins, workspace):
-    from core.embedding import run_map
-    from core.runs import prepare_run
-    from core.train import fit
+    from core.explain.embedding import run_map
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
     root, _ = twins
     run = prepare_run(workspace, tiny_config(root, epochs=2))
     fit(workspace, run)
@@ -217,7 +219,7 @@ def test_run_map_describes_every_image_and_is_cached(twins, workspace):
     # right or wrong agrees with the label doubt: a negative margin means the model prefers another class
     assert all(ok == (d > 0) for ok, d in zip(m["correct"], m["label_doubt"]) if d != 0)
     # the test part's predictions are the evaluation's (one inference path)
-    from core.evaluate import read_predictions
+    from core.infer.evaluate import read_predictions
     evaluated = {r["path"]: r["predicted"] for r in read_predictions(run)}
     mine = {p: q for p, q, part in zip(m["path"], m["predicted"], m["part"]) if part == "test"}
     assert mine == evaluated
@@ -226,8 +228,8 @@ def test_run_map_describes_every_image_and_is_cached(twins, workspace):
 
 
 def test_unlike_means_beyond_the_validation_percentile():
-    from core.features import TrainingNeighbours
-    from core.similarity import normalize_rows
+    from core.explain.features import TrainingNeighbours
+    from core.explain.neighbours import normalize_rows
     rng = np.random.default_rng(0)
     train = rng.normal(0, 1, (50, 8))
     index = TrainingNeighbours(np.zeros(8), normalize_rows(train), train, [f"t{i}" for i in range(50)], ["a"] * 50,
@@ -252,7 +254,7 @@ def _module_folders(root, modules=6, per=5):
 
 
 def test_origin_split_keeps_each_module_in_one_part(tmp_path, workspace):
-    from core.runs import prepare_run
+    from core.runs.life import prepare_run
     root = _module_folders(tmp_path / "cells")
     ds = load_dataset(str(root))
     assert {s.origin for s in ds.samples} == {f"module{m}" for m in range(6)}
@@ -274,7 +276,7 @@ def test_origin_split_keeps_each_module_in_one_part(tmp_path, workspace):
 
 def test_origin_from_a_csv_group_column_and_a_clear_error_without_one(tmp_path, workspace):
     from core.config import ConfigError
-    from core.runs import prepare_run
+    from core.runs.life import prepare_run
     root = _module_folders(tmp_path / "cells", modules=4)
     lines = ["path,label,group"] + [f"{p.relative_to(root)},{p.parent.parent.name},batch-{p.parent.name[-1]}"
                                     for p in sorted(root.rglob("*.png"))]
@@ -288,10 +290,10 @@ def test_origin_from_a_csv_group_column_and_a_clear_error_without_one(tmp_path, 
 
 
 def test_outliers_rank_planted_odd_images_first(tmp_path, workspace):
-    from core.features import outliers
-    from core.runs import prepare_run
-    from core.train import fit
     from conftest import write_class_folders
+    from core.explain.features import outliers
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
     root = write_class_folders(tmp_path / "d", per_class=30, size=48)
     odd = []
     for k, c in enumerate(("blank", "dot", "blank")):  # nothing like the noise-and-square images

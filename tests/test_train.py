@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from core.checkpoint import load_checkpoint
-from core.model import model_from_checkpoint
 from core.config import ConfigError, TrainConfig
-from core.jobs import JobManager
-from core.model import WeightsError, build_model
-from core.runs import Reporter, TrainingError, prepare_run
-from core.train import fit
+from core.jobs.queue import JobManager
+from core.models.checkpoint import load_checkpoint
+from core.models.resnet import WeightsError, build_model, model_from_checkpoint
+from core.runs.life import Reporter, TrainingError, prepare_run
+from core.train.loop import fit
 
 
 def test_config_defaults_follow_the_seeds():
@@ -152,7 +151,7 @@ def test_resume_continues_at_the_next_epoch(dot_folder, workspace):
 
 
 def test_checkpoint_due_bounds_the_time_spent_writing():
-    from core.train import WRITE_EVERY_COST, checkpoint_due
+    from core.train.loop import WRITE_EVERY_COST, checkpoint_due
     assert checkpoint_due(False, None, 0.0)  # the first epoch
     assert checkpoint_due(True, 0.01, 5.0)   # the final one, however recent the last write
     assert not checkpoint_due(False, 0.3 * WRITE_EVERY_COST - 0.01, 0.3)  # a 0.3 s write, too recent
@@ -163,7 +162,7 @@ def test_checkpoint_due_bounds_the_time_spent_writing():
 def test_paced_checkpoints_keep_the_best_epoch_and_resume_from_the_last_written(dot_folder, workspace, monkeypatch):
     # Writes made to look too costly to repeat: only epoch 1 is written during the loop. The better epochs after
     # it are held in memory; a stop must still leave the best epoch's weights in best.pt.
-    import core.train as train_mod
+    import core.train.loop as train_mod
     monkeypatch.setattr(train_mod, "WRITE_EVERY_COST", 1e9)
     run = prepare_run(workspace, tiny_config(dot_folder, epochs=6))
     steps = -(-len(run.split()["train"]) // 16)
@@ -254,9 +253,9 @@ def test_crashed_process_leaves_run_interrupted(dot_folder, workspace):
 
 
 def test_the_training_forward_is_eager_off_cuda_and_falls_back_when_a_graph_cannot_be_captured():
-    # core/graphs.py: CUDA graphs only on one CUDA device; this is the twin every CPU runs. A graph that cannot be
+    # core/train/graphs.py: CUDA graphs only on one CUDA device; this is the twin every CPU runs. A graph that cannot be
     # captured (here: no CUDA at all) must leave training eager and say so once, with the same logits.
-    from core.graphs import EagerForward, GraphedForward, build_forward
+    from core.train.graphs import EagerForward, GraphedForward, build_forward
     torch.manual_seed(0)
     model = build_model("resnet18", 3, "none").train()
     cpu = torch.device("cpu")
@@ -276,13 +275,13 @@ def test_the_training_forward_is_eager_off_cuda_and_falls_back_when_a_graph_cann
 
 def _scripted_validation(monkeypatch, accuracies):
     """fit()'s per-epoch validation returns these accuracies in turn (training itself runs as usual)."""
-    import core.train
+    import core.train.loop
     scores = iter(accuracies)
 
     def validate(t, part, reporter, model=None):
         acc = next(scores)
         return {f"{part}_loss": 1.0 - acc, f"{part}_acc": acc}
-    monkeypatch.setattr(core.train, "validate", validate)
+    monkeypatch.setattr(core.train.loop, "validate", validate)
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(dot_folder, workspace, monkeypatch):

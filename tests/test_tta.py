@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, write_class_folders
-from core.checkpoint import load_checkpoint
-from core.data import samples_from_split
-from core.evaluate import read_predictions
-from core.export import export_run
-from core.inference import Classifier, run_tta, tta_views
-from core.runs import prepare_run
-from core.train import fit
+from conftest import plant_seeded_weights, tiny_config, write_class_folders
+from core.data.split import samples_from_split
+from core.deploy.export import export_run
+from core.infer.classifier import Classifier, run_tta, tta_views
+from core.infer.evaluate import read_predictions
+from core.models.checkpoint import load_checkpoint
+from core.runs.life import prepare_run
+from core.train.loop import fit
 
 
 def test_dihedral_views_are_the_eight_symmetries_of_a_square_image():
@@ -41,7 +41,7 @@ def dots(tmp_path_factory):
 
 
 def train(dots, name, **over):
-    from core.storage import Workspace
+    from core.workspace.store import Workspace
     data, tmp = dots
     ws = Workspace(tmp / name)
     run = prepare_run(ws, tiny_config(data, image_size=48, epochs=2, hflip=True, rot90=True, tta=True, **over))
@@ -70,6 +70,7 @@ def test_auto_chooses_the_views_that_validate_best_and_every_use_follows(dots):
 def test_onnx_and_torchscript_exports_carry_the_eight_views(dots):
     import onnxruntime as ort
     ws, run = train(dots, "dihedral", tta_views="dihedral")
+    plant_seeded_weights(run.best_path)  # a model whose output is known to move with the views, on any CPU
     clf = Classifier.from_checkpoint(run.best_path)
     clf.amp = None  # the exported graph is fp32
     assert (clf.tta, clf.tta_views) == (True, "dihedral")
@@ -77,8 +78,10 @@ def test_onnx_and_torchscript_exports_carry_the_eight_views(dots):
     out = export_run(ws, run.id, "onnx")
     got = ort.InferenceSession(out["path"], providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
     assert np.abs(got - clf.probs(torch.from_numpy(images))).max() < 1e-4
-    clf.tta = False  # the views matter: without them the probabilities differ
-    assert np.abs(got - clf.probs(torch.from_numpy(images))).max() > 1e-4
+    clf.tta = False  # the views matter: without them the probabilities differ, by far more than the tolerance
+    moved = np.abs(got - clf.probs(torch.from_numpy(images))).max()
+    print(f"the views move a probability by up to {moved:.4f}")
+    assert moved > 1e-3
     assert "8 flips and quarter turns" in out["card"]["tta"]
     scripted = torch.jit.load(export_run(ws, run.id, "torchscript")["path"])
     assert np.abs(scripted(torch.from_numpy(images)).detach().numpy() - got).max() < 1e-4

@@ -1,0 +1,6 @@
+"""Deciding with a model: arithmetic on probability rows (numpy only: the ONNX predictor uses it too).
+
+    calibration.py  one temperature fitted on validation; reliability and ECE
+    rule.py         a cost-based rule and a "send to a person" band, and its report on a part
+    stored.py       a run's stored scores, temperature and rule
+"""

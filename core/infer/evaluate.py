@@ -1,0 +1,153 @@
+"""Evaluation on the held-out test split: metrics as data, and a per-image table saved with the run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from core.decide.calibration import calibrate
+from core.decide.stored import Scores, calibrate_run, load_rule, refit_saved_rule
+from core.errors import UserError
+from core.infer.classifier import Classifier
+from core.models.device import select_device
+from core.runs.life import record, skipped_files
+from core.runs.rundata import load_run_data
+from core.workspace.store import Run, Workspace
+
+
+class EvaluationError(UserError):
+    """The run cannot be evaluated (its images are gone, or it has no held-out part); the message says why."""
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Loss, accuracy, per-class precision/recall/F1/support, macro and weighted averages,
+    and the confusion matrix (rows: true class, columns: predicted class)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    n = len(y_true)
+    y_pred = probs.argmax(1) if n else np.zeros(0, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1).astype(np.float64)
+    predicted = cm.sum(0).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    p_true = np.clip(probs[np.arange(n), y_true], 1e-12, 1.0) if n else np.ones(0)
+    weights = support / support.sum() if support.sum() else np.zeros(k)
+    present = support > 0  # macro averages over classes that occur in this split
+    return {
+        "n": int(n),
+        "loss": float(-np.log(p_true).mean()) if n else float("nan"),
+        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "classes": list(classes),
+        "per_class": [{"class": c, "precision": float(precision[i]), "recall": float(recall[i]),
+                       "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "weighted_precision": float((precision * weights).sum()),
+        "weighted_recall": float((recall * weights).sum()),
+        "weighted_f1": float((f1 * weights).sum()),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
+    """Evaluate the run's best checkpoint on its saved test split (val if it has no test split), through the
+    one inference path with the run's precision and TTA. Fits the calibration temperature on the validation part
+    (decide.py keeps it and the raw scores), refits a saved decision rule, writes eval.json and predictions.csv
+    with calibrated probabilities, records the test accuracy, returns the metrics."""
+    clf = Classifier.from_checkpoint(run.best_path, device or select_device(run.config().device))  # raw: T = 1
+    if data is None:
+        data = load_run_data(ws, run, clf.hw, clf.device, parts=("val", "test"))
+    part = "test" if len(data.parts.get("test", [])) else "val"
+    if not len(data.parts.get(part, [])):
+        gone = len(data.skipped)
+        raise EvaluationError(f"run {run.id} has no test or validation image that can be read "
+                              f"({gone} could not be, e.g. {data.skipped[0][0]}: {data.skipped[0][1]})" if gone else
+                              f"run {run.id} has no test or validation images to evaluate on")
+    idx, val_idx = data.parts[part], data.parts.get("val", np.zeros(0, dtype=np.int64))
+    raw = clf.probs_of_batches(data.batches(idx, 64, clf.device))
+    val_raw = raw if part == "val" else clf.probs_of_batches(data.batches(val_idx, 64, clf.device))
+    y = data.labels[idx]
+    cal = calibrate_run(run, Scores(data.classes, val_raw, data.labels[val_idx], raw, y, part))
+    rule = refit_saved_rule(run)
+    probs = calibrate(raw, cal["temperature"])
+    metrics = compute_metrics(y, probs, data.classes)
+    if run.config().ordinal:  # grades apart, averaged: 0 is perfect, and calling a major defect OK costs 2
+        metrics["grade_mae"] = float(np.abs(probs.argmax(1) - y).mean())
+    metrics.update({"split": part, "run_id": run.id, "checkpoint_epoch": clf.meta["epoch"],
+                    "best_val_acc": clf.meta["best"]["val_acc"] if "best" in clf.meta else None,
+                    # "averaged" when weight averaging (ema, swa) validated better than the trained weights
+                    "checkpoint_weights": clf.meta.get("best", {}).get("weights", "trained"),
+                    "tta": clf.tta, "skipped": skipped_files(run.skipped()),
+                    "temperature": cal["temperature"], "ece_before": cal["ece_before"], "ece_after": cal["ece_after"],
+                    "loss_uncalibrated": cal["nll_before"]})
+    _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes, rule)
+    tmp = run.eval_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, run.eval_path)
+    record(ws, run.id, test_acc=metrics["accuracy"])
+    return metrics
+
+
+def _write_predictions(run: Run, paths, y, probs, classes, rule=None) -> None:
+    """The per-image table: calibrated probabilities, and the saved rule's decision when there is one."""
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    verdicts = rule.verdicts(probs) if rule is not None and len(probs) else [""] * len(paths)
+    p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0) if len(y) else np.zeros(0)
+    tmp = run.predictions_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "true", "predicted", "confidence", "loss", "correct", "decision"]
+                   + [f"p_{c}" for c in classes])
+        for i, path in enumerate(paths):
+            w.writerow([path, classes[y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}",
+                        f"{-np.log(p_true[i]):.6f}", int(pred[i] == y[i]), verdicts[i]]
+                       + [f"{p:.6f}" for p in probs[i]])
+    os.replace(tmp, run.predictions_path)
+
+
+def read_predictions(run: Run) -> list[dict]:
+    """The per-image table of a run's evaluation (empty if not evaluated)."""
+    if not run.predictions_path.exists():
+        return []
+    with open(run.predictions_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["confidence"] = float(r["confidence"])
+        r["loss"] = float(r["loss"])
+        r["correct"] = r["correct"] == "1"
+        r.setdefault("decision", "")  # tables written before decisions existed
+    return rows
+
+
+def write_decisions(run: Run) -> None:
+    """Rewrite the predictions table's decision column after the rule changed (no model needed: the table holds
+    the calibrated probabilities)."""
+    rows = read_predictions(run)
+    if not rows:
+        return
+    rule = load_rule(run)
+    classes = run.split()["classes"]
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    y = np.array([classes.index(r["true"]) for r in rows])
+    _write_predictions(run, [r["path"] for r in rows], y, probs, classes, rule)
+
+
+def gallery(run: Run, true: str | None = None, predicted: str | None = None) -> list[dict]:
+    """The images of a confusion-matrix selection, highest loss first. A diagonal cell (true == predicted) holds
+    that class's correct predictions; any other selection (a cell, a row, a column, or none) the wrong ones."""
+    diagonal = true is not None and true == predicted
+    rows = [r for r in read_predictions(run) if r["correct"] == diagonal]
+    if true is not None:
+        rows = [r for r in rows if r["true"] == true]
+    if predicted is not None:
+        rows = [r for r in rows if r["predicted"] == predicted]
+    return sorted(rows, key=lambda r: -r["loss"])
