@@ -96,7 +96,7 @@ def main() -> None:
                     help="recipe tuning: report the validation part only; the test part is left out of the run")
     args = ap.parse_args()
 
-    from core.cli.main import ProgressBar
+    from core.cli.progress import ProgressBar
     from core.config import parse_overrides
     from core.models.device import describe_device, select_device
     from core.train.estimate import estimate_seconds, training_images_per_s

@@ -5,7 +5,7 @@ One package per stage of the data flow, listed bottom-up: each imports only thos
 
     errors.py    UserError, the base of every error a user can act on
     config.py    TrainConfig: every setting of a run, with its default and its check
-    workspace/   the workspace's folders, the SQLite index of runs, atomic writes
+    workspace/   the workspace's folders, the SQLite index of runs, atomic writes and keyed caches
     data/        images, zips, dataset sources, the split, the decoded-image cache, duplicates, labels, transforms
     models/      the ResNets, checkpoints, device and precision
     runs/        a run's life (creation, status, resume) and its decoded images

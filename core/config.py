@@ -21,6 +21,11 @@ BATCH_NORMS = ("auto", "sync", "local", "frozen")
 SPLIT_GROUPS = ("none", "duplicates", "origin")
 TTA_VIEWS = ("flips", "dihedral", "auto")
 
+# What a run is (its config's extra["kind"]; a plain training's config has none): a training, or a job that trains
+# several models to study a dataset or a run. Read through TrainConfig.kind.
+TRAINING, CROSSVAL, LEARNING_CURVE = "train", "crossval", "learning_curve"
+RUN_KIND_NAMES = {TRAINING: "training", CROSSVAL: "crossval", LEARNING_CURVE: "learning curve"}
+
 
 class ConfigError(UserError, ValueError):
     """A config field has a value training cannot use; the message names the field."""
@@ -28,6 +33,11 @@ class ConfigError(UserError, ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+
+
+def _need(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(name, msg)
 
 
 @dataclass
@@ -134,6 +144,11 @@ class TrainConfig:
         return self.freeze_backbone or self.batch_norm == "frozen"
 
     @property
+    def kind(self) -> str:
+        """TRAINING, CROSSVAL or LEARNING_CURVE."""
+        return self.extra.get("kind", TRAINING)
+
+    @property
     def input_hw(self) -> tuple[int, int]:
         if self.image_height > 0 and self.image_width > 0:
             return (self.image_height, self.image_width)
@@ -149,10 +164,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad field; return self when all is well."""
-        def need(cond: bool, name: str, msg: str):
-            if not cond:
-                raise ConfigError(name, msg)
+        self._check_data_and_images()
+        self._check_optimization()
+        self._check_devices_and_pretraining()
+        return self
 
+    def _check_data_and_images(self) -> None:
+        need = _need
         need(bool(str(self.data).strip()), "data", "choose a dataset (folder, CSV, or elpv/elpv4)")
         need(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}")
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be at least 1")
@@ -171,6 +189,9 @@ class TrainConfig:
         need(self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}")
         need(self.split_groups in SPLIT_GROUPS, "split_groups", f"must be one of {SPLIT_GROUPS}")
         need(0 <= self.duplicate_distance <= 64, "duplicate_distance", "must be a number of bits from 0 to 64")
+
+    def _check_optimization(self) -> None:
+        need = _need
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
@@ -192,6 +213,9 @@ class TrainConfig:
              "cannot be used with ema: a run keeps one average of its weights")
         need(self.step_size >= 1, "step_size", "must be at least 1")
         need(0 <= self.schedule_start_epoch < self.epochs, "schedule_start_epoch", "must be in [0, epochs)")
+
+    def _check_devices_and_pretraining(self) -> None:
+        need = _need
         need(self.amp in AMP_MODES, "amp", f"must be one of {AMP_MODES}")
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(isinstance(self.devices, int) and 1 <= self.devices <= 64, "devices", "must be between 1 and 64")
@@ -207,7 +231,6 @@ class TrainConfig:
              "must be at least 2 (each view needs others to be told apart from)")
         need(str(self.weights).strip().lower() != "self-supervised" or self.devices == 1, "weights",
              "self-supervised pretraining runs on one device: set devices to 1")
-        return self
 
 
 def _parse_value(field_type, text: str):
@@ -264,3 +287,12 @@ PRESETS: dict[str, dict] = {
         "tta": True,
     },
 }
+
+
+def preset_values(name: str) -> dict:
+    """Every field of a named recipe: TrainConfig's defaults with the recipe's settings over them (the Train page
+    starts from these; `core train --recipe NAME` puts the flags the user typed over them)."""
+    if name not in PRESETS:
+        raise ConfigError("recipe", f"unknown recipe {name!r}; choose auto or one of {', '.join(PRESETS)}")
+    return {**TrainConfig().to_dict(), **PRESETS[name]}
+

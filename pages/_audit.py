@@ -39,20 +39,9 @@ def cam_audit_section(ws, run, predictor) -> None:
                "not show. Classes told by what they lack (no defect) have diffuse maps: read the classes whose "
                "evidence is a thing in the picture.")
     source = run.config().data
-    saved = saved_region(ws, source)
-    kind = st.radio("Region of interest", REGION_KINDS, index=1 if saved and saved.box else 0, horizontal=True,
-                    key="audit_region_kind")
-    if kind == REGION_KINDS[0]:
-        region = Region(None)
-    else:
-        x0, y0, x1, y1 = saved.box if saved and saved.box else (0.1, 0.1, 0.9, 0.9)
-        c1, c2 = st.columns(2)
-        xs = c1.slider("Left to right (% of the width)", 0, 100, (round(x0 * 100), round(x1 * 100)), key="audit_x")
-        ys = c2.slider("Top to bottom (% of the height)", 0, 100, (round(y0 * 100), round(y1 * 100)), key="audit_y")
-        if xs[0] >= xs[1] or ys[0] >= ys[1]:
-            st.warning("The rectangle needs a width and a height.")
-            return
-        region = Region((xs[0] / 100, ys[0] / 100, xs[1] / 100, ys[1] / 100))
+    region = _region_input(saved_region(ws, source))
+    if region is None:
+        return
     sample = (run.split().get("test") or [])[:3]
     if sample:
         cols = st.columns(len(sample) + 1)
@@ -71,10 +60,28 @@ def cam_audit_section(ws, run, predictor) -> None:
             st.info("An audit of this run is already running.")
     b2.caption("It runs in the background; the region is kept for this dataset.")
     _audit_progress(jobs, run.id)
-
     result = load_cam_audit(run)
-    if result is None:
-        return
+    if result is not None:
+        _audit_result(result, predictor)
+
+
+def _region_input(saved: Region | None) -> Region | None:
+    """The region the user draws (each image's foreground, or a rectangle); None while the rectangle is empty."""
+    kind = st.radio("Region of interest", REGION_KINDS, index=1 if saved and saved.box else 0, horizontal=True,
+                    key="audit_region_kind")
+    if kind == REGION_KINDS[0]:
+        return Region(None)
+    x0, y0, x1, y1 = saved.box if saved and saved.box else (0.1, 0.1, 0.9, 0.9)
+    c1, c2 = st.columns(2)
+    xs = c1.slider("Left to right (% of the width)", 0, 100, (round(x0 * 100), round(x1 * 100)), key="audit_x")
+    ys = c2.slider("Top to bottom (% of the height)", 0, 100, (round(y0 * 100), round(y1 * 100)), key="audit_y")
+    if xs[0] >= xs[1] or ys[0] >= ys[1]:
+        st.warning("The rectangle needs a width and a height.")
+        return None
+    return Region((xs[0] / 100, ys[0] / 100, xs[1] / 100, ys[1] / 100))
+
+
+def _audit_result(result: dict, predictor) -> None:
     st.caption(f"Last audit: {result['n']} {result['part']} images against {result['region_text']}, "
                f"{result['seconds']:.0f} s.")
     table = pd.DataFrame([{"class": c["class"], "images": c["images"], "attention outside (mean)": c["mean_outside"],

@@ -101,16 +101,7 @@ def decide_section(ws, run) -> None:
         return
     saved = load_rule(run)
     inputs = _cost_inputs(scores.classes, saved, run.config().ordinal)
-    b1, b2 = st.columns([2, 1])
-    saved_mode = (1 if saved and saved.target_accuracy is not None else
-                  2 if saved and saved.review_budget is not None else 0)
-    mode = b1.radio("Send to a person", BAND_MODES, index=saved_mode, horizontal=True, key="decide_band_mode")
-    if mode == BAND_MODES[1]:
-        inputs["target_accuracy"] = b2.number_input("Target accuracy", 0.5, 1.0, saved.target_accuracy if saved and
-                                                    saved.target_accuracy else 0.95, 0.01, key="decide_target")
-    elif mode == BAND_MODES[2]:
-        inputs["review_budget"] = b2.number_input("Largest share reviewed", 0.0, 0.99, saved.review_budget if saved and
-                                                  saved.review_budget is not None else 0.10, 0.01, key="decide_budget")
+    mode = _band_inputs(saved, inputs)
     try:
         result = decide_run(run, save=False, **inputs)
     except DecisionError as exc:
@@ -127,29 +118,8 @@ def decide_section(ws, run) -> None:
     st.caption(f"On the {part} part ({on['n']} images), every image decided by the rule, none reviewed. "
                + ("Precision and recall are the positive class's." if rule.binary else
                   "Precision and recall are means over the classes."))
-    band = result["band"]
     if mode != BAND_MODES[0]:
-        if band is None:
-            st.warning("No band reaches this target on the validation part, even sending all but one image to a "
-                       "person: lower the target or improve the model.")
-        elif band["none_needed"]:
-            st.markdown(f"**Review band**: none needed: the validation part reaches it with every image decided "
-                        f"automatically. On {part}: {on['band_accuracy']:.1%} accuracy.")
-        elif on["band_accuracy"] is None:
-            st.warning(f"This band sends every {part} image to a person.")
-        else:
-            where = (f"p({rule.positive}) in [{band['p_low']:.3f}, {band['p_high']:.3f})" if "p_low" in band
-                     else f"confidence below {band['min_confidence']:.3f}")
-            st.markdown(f"**Review band**: {where} goes to a person. On {part}: **{on['coverage']:.1%}** decided "
-                        f"automatically, at **{on['band_accuracy']:.1%}** accuracy; {on['reviewed']} images reviewed.")
-        low_high = result["val_band_interval"]
-        target = inputs.get("target_accuracy")
-        if band is not None and low_high and target and low_high[0] < target:
-            val = result["val"]
-            st.warning(f"The band was chosen on {val['n'] - val['reviewed']} validation images decided "
-                       f"automatically, at {val['band_accuracy']:.1%}; with so few, the same band's accuracy on new "
-                       f"images may lie anywhere in {low_high[0]:.1%}-{low_high[1]:.1%} (95% interval), below the "
-                       f"target of {target:.0%} at times. More validation images narrow it.")
+        _band_report(result, rule, inputs.get("target_accuracy"))
     m1, m2 = st.columns(2)
     cm = np.array(on["rule"]["confusion_matrix"])
     fig = go.Figure(go.Heatmap(z=cm, x=scores.classes, y=scores.classes, colorscale="Blues", text=cm,
@@ -158,6 +128,49 @@ def decide_section(ws, run) -> None:
                       yaxis_autorange="reversed", height=320, margin=dict(l=10, r=10, t=30, b=10))
     m1.plotly_chart(fig, key="decide_cm")
     m2.plotly_chart(coverage_figure(result), key="decide_coverage")
+    _save_controls(run, rule, saved)
+
+
+def _band_inputs(saved: Rule | None, inputs: dict) -> str:
+    """The review band the user asks for, put into `inputs`; returns the chosen mode."""
+    b1, b2 = st.columns([2, 1])
+    saved_mode = (1 if saved and saved.target_accuracy is not None else
+                  2 if saved and saved.review_budget is not None else 0)
+    mode = b1.radio("Send to a person", BAND_MODES, index=saved_mode, horizontal=True, key="decide_band_mode")
+    if mode == BAND_MODES[1]:
+        inputs["target_accuracy"] = b2.number_input("Target accuracy", 0.5, 1.0, saved.target_accuracy if saved and
+                                                    saved.target_accuracy else 0.95, 0.01, key="decide_target")
+    elif mode == BAND_MODES[2]:
+        inputs["review_budget"] = b2.number_input("Largest share reviewed", 0.0, 0.99, saved.review_budget if saved and
+                                                  saved.review_budget is not None else 0.10, 0.01, key="decide_budget")
+    return mode
+
+
+def _band_report(result: dict, rule: Rule, target: float | None) -> None:
+    band, on, part = result["band"], result["test"], result["part"]
+    if band is None:
+        st.warning("No band reaches this target on the validation part, even sending all but one image to a "
+                   "person: lower the target or improve the model.")
+    elif band["none_needed"]:
+        st.markdown(f"**Review band**: none needed: the validation part reaches it with every image decided "
+                    f"automatically. On {part}: {on['band_accuracy']:.1%} accuracy.")
+    elif on["band_accuracy"] is None:
+        st.warning(f"This band sends every {part} image to a person.")
+    else:
+        where = (f"p({rule.positive}) in [{band['p_low']:.3f}, {band['p_high']:.3f})" if "p_low" in band
+                 else f"confidence below {band['min_confidence']:.3f}")
+        st.markdown(f"**Review band**: {where} goes to a person. On {part}: **{on['coverage']:.1%}** decided "
+                    f"automatically, at **{on['band_accuracy']:.1%}** accuracy; {on['reviewed']} images reviewed.")
+    low_high = result["val_band_interval"]
+    if band is not None and low_high and target and low_high[0] < target:
+        val = result["val"]
+        st.warning(f"The band was chosen on {val['n'] - val['reviewed']} validation images decided "
+                   f"automatically, at {val['band_accuracy']:.1%}; with so few, the same band's accuracy on new "
+                   f"images may lie anywhere in {low_high[0]:.1%}-{low_high[1]:.1%} (95% interval), below the "
+                   f"target of {target:.0%} at times. More validation images narrow it.")
+
+
+def _save_controls(run, rule: Rule, saved: Rule | None) -> None:
     s1, s2 = st.columns([1, 3])
     if s1.button("Save this rule", type="primary", key="decide_save"):
         save_rule(run, rule)  # the rule shown above, not chosen again

@@ -5,9 +5,10 @@ import plotly.express as px
 import streamlit as st
 
 from core.config import TrainConfig
+from core.data.duplicates import describe_groups
 from core.data.images import ImageLoadError, load_array
-from core.data.sources import DatasetError, load_dataset
-from core.data.split import stratified_split
+from core.data.sources import DatasetError, imbalance, load_dataset
+from core.data.split import default_split
 from core.data.zips import ImportError_, import_zip
 from core.runs import life as runs
 from pages import _ui
@@ -83,17 +84,16 @@ c3.metric("Skipped files", len(ds.skipped), help="Files the scan found unusable;
 
 frame = pd.DataFrame({"class": list(counts), "images": list(counts.values())})
 fig = px.bar(frame, x="class", y="images", text="images", title="Images per class")
-smallest, largest = min(counts.values()), max(counts.values())
-if smallest and largest / smallest >= 3:
-    st.warning(f"Imbalanced: the largest class has {largest / smallest:.1f}x the images of the smallest. "
+ratio = imbalance(counts)
+if ratio:
+    st.warning(f"Imbalanced: the largest class has {ratio:.1f}x the images of the smallest. "
                "Consider class-weighted loss on the Train page.")
 fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
 st.plotly_chart(fig, key="class_counts")
 
 split = None
 try:
-    split = stratified_split(ds, 0.15, 0.15, 42)
-    given = "given by the folders" if ds.given_splits else "stratified 70/15/15, seed 42 (the Train page default)"
+    split, given = default_split(ds)
     st.caption(f"Split ({given}): train {len(split['train'])}, validation {len(split['val'])}, "
                f"test {len(split['test'])}")
 except DatasetError as exc:
@@ -125,10 +125,11 @@ if total > 20_000:
     st.caption("Near-duplicates are looked for in sets up to 20,000 images here; use `python -m core duplicates RUN_ID`.")
 elif duplicates:
     part_of = {i: p for p, idx in split.items() for i in idx} if split else {}
-    rows = [{"images": len(g), "classes": ", ".join(sorted({ds.classes[ds.samples[i].label] for i in g})),
-             "parts": ", ".join(sorted({part_of.get(i, "?") for i in g})),
-             "files": " | ".join(ds.samples[i].path for i in g)} for g in duplicates]
-    leaking = sum("," in r["parts"] for r in rows)
+    groups = describe_groups(duplicates, [s.path for s in ds.samples], [ds.classes[s.label] for s in ds.samples],
+                             [part_of.get(i, "?") for i in range(len(ds.samples))])
+    rows = [{"images": len(g["members"]), "classes": ", ".join(sorted({m["label"] for m in g["members"]})),
+             "parts": ", ".join(g["parts"]), "files": " | ".join(m["path"] for m in g["members"])} for g in groups]
+    leaking = sum(g["straddles"] for g in groups)
     st.warning(f"{len(duplicates)} groups of near-duplicate images ({sum(map(len, duplicates))} images); "
                f"{leaking} of them straddle the default split: an image tested on its twin makes the test score "
                "look better than it is. On the Train page, *Split: keep together* = duplicates keeps each group "

@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.data.images import ImageLoadError
-from core.data.labels import LabelStore
+from core.data.labels import LabelStore, relabel
 from core.deploy.predict import get_predictor, nearest_training
 from core.explain.gradcam import METHODS
 from core.infer.evaluate import evaluate_run, gallery
@@ -109,11 +109,8 @@ overrides = store.overrides(dataset_key)
 
 
 def _fix(paths: list[str], label: str | None, exclude: bool = False) -> None:
-    originals = {p: next((i["true"] for i in items if i["path"] == p), None) for p in paths}
-    if exclude:
-        store.exclude(dataset_key, paths)
-    else:
-        store.set_labels(dataset_key, {p: label for p in paths}, source="manual", original=originals)
+    shown = {p: next((i["true"] for i in items if i["path"] == p), None) for p in paths}
+    relabel(store, dataset_key, shown, label, exclude)
     st.toast(f"{'Excluded' if exclude else 'Relabeled'} {len(paths)} image(s); the next training run uses it. "
              "Undo on the Label page.")
 

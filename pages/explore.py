@@ -3,7 +3,7 @@ import plotly.express as px
 import streamlit as st
 
 from core.data.images import ImageLoadError
-from core.data.labels import LabelStore
+from core.data.labels import LabelStore, relabel
 from core.deploy.predict import get_predictor
 from core.errors import UserError
 from core.explain.embedding import METHODS, run_map
@@ -69,11 +69,10 @@ classes = m["classes"]
 a1, a2, a3 = st.columns([2, 1, 1])
 target = a1.selectbox(f"Assign the {len(picked)} selected image(s) to", classes, key="explore_target")
 if a2.button("Assign", key="explore_assign"):
-    store.set_labels(dataset_key, {p: target for p in picked["path"]}, source="manual",
-                     original=dict(zip(picked["path"], picked["label"])))
+    relabel(store, dataset_key, dict(zip(picked["path"], picked["label"])), target)
     st.toast(f"Relabeled {len(picked)} image(s) as {target}; the next training run uses it. Undo on the Label page.")
 if a3.button("Exclude", key="explore_exclude"):
-    store.exclude(dataset_key, list(picked["path"]))
+    relabel(store, dataset_key, dict(zip(picked["path"], picked["label"])), exclude=True)
     st.toast(f"Excluded {len(picked)} image(s) from training. Undo on the Label page.")
 
 predictor = get_predictor(ws, run_id)

@@ -5,11 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from core.data.images import ImageLoadError, load_array
-from core.data.labels import LabelStore
+from core.data.labels import LabelStore, relabel
 from core.decide.stored import load_rule
 from core.deploy.predict import get_predictor
 from core.explain.features import outliers
-from core.studies.curation import crossval_config, export_dataset, least_confident, read_label_issues, review_band
+from core.studies.curation import crossval_config, export_dataset, latest_label_issues, least_confident, review_band
 from pages import _ui
 
 
@@ -59,7 +59,6 @@ if model_rows:
                             key="label_model")
 
 # --- the queue ----------------------------------------------------------------------------------------
-issue_runs = [r for r in ws.list_runs() if (ws.run(r["id"]).dir / "label_issues.json").exists()]
 sources = ["Unlabeled images", "Likely label errors", "Least confident predictions", "Review band", "Outliers"]
 queue_kind = st.radio("Queue", sources, horizontal=True, key="queue_kind")
 reviewed = st.session_state.setdefault("reviewed", set())
@@ -70,12 +69,12 @@ if queue_kind == "Unlabeled images":
     if not raw.unlabeled:
         st.caption("Put images waiting for labels in an `unlabeled/` folder inside the dataset folder.")
 elif queue_kind == "Likely label errors":
-    mine = [r for r in issue_runs if ws.run(r["id"]).split().get("source") == key]
-    if mine:
-        issues = read_label_issues(ws.run(mine[0]["id"]))
+    found = latest_label_issues(ws, key)
+    if found:
+        crossval_id, issues = found
         queue = [{"path": i["path"], "given": effective.get(i["path"]), "suggested": i["suggested"],
                   "score": i["normalized_margin"]} for i in issues if i["candidate"] and i["path"] in effective]
-        st.caption(f"From cross-validation run {mine[0]['id']}: {len(queue)} images whose out-of-sample prediction "
+        st.caption(f"From cross-validation run {crossval_id}: {len(queue)} images whose out-of-sample prediction "
                    "confidently disagrees with their label, worst first.")
         with st.expander(f"Ranked list ({len(issues)} images)"):
             st.dataframe(pd.DataFrame(issues)[["path", "given", "suggested", "normalized_margin",
@@ -128,10 +127,7 @@ st.progress(done_n / len(queue) if queue else 0.0, text=f"{done_n} of {len(queue
 
 
 def assign(path: str, label: str | None, how: str, exclude: bool = False) -> None:
-    if exclude:
-        store.exclude(key, [path])
-    else:
-        store.set_labels(key, {path: label}, source=how, original={path: original.get(path)})
+    relabel(store, key, {path: original.get(path)}, label, exclude, source=how)
     reviewed.add(path)
 
 

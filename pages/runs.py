@@ -3,6 +3,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from core.config import RUN_KIND_NAMES
 from core.deploy.audit_pack import build_audit_pack
 from core.deploy.export import FORMATS, ExportError, export_run
 from core.errors import UserError
@@ -23,11 +24,11 @@ def _duration(r):
 def _kind(run_id: str) -> str:
     """training, or a job that studies data or a run (cross-validation, learning curve of run X)."""
     try:
-        extra = ws.run(run_id).config().extra
+        cfg = ws.run(run_id).config()
     except (OSError, ValueError):
         return "?"
-    kind = extra.get("kind", "training").replace("_", " ")
-    return f"{kind} of {extra['of']}" if extra.get("of") else kind
+    kind = RUN_KIND_NAMES.get(cfg.kind, cfg.kind)
+    return f"{kind} of {cfg.extra['of']}" if cfg.extra.get("of") else kind
 
 
 frame = pd.DataFrame([{

@@ -2,10 +2,20 @@ import uuid
 
 import streamlit as st
 
-from core.config import ARCHS, BATCH_NORMS, OPTIMIZERS, PRESETS, SCHEDULES, SPLIT_GROUPS, ConfigError, TrainConfig
+from core.config import (
+    ARCHS,
+    BATCH_NORMS,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    SPLIT_GROUPS,
+    ConfigError,
+    TrainConfig,
+    preset_values,
+)
 from core.data.labels import LabelStore
 from core.data.sources import DatasetError
-from core.models.resnet import imagenet_weights_file
+from core.models.resnet import imagenet_weights_file, with_weights_at_hand
 from core.runs import life as runs
 from core.train.estimate import estimate_run
 from core.train.recipe import auto_recipe
@@ -45,15 +55,11 @@ def _auto_for(name: str) -> dict | None:
 
 
 def _defaults(preset: str) -> dict:
-    values = TrainConfig().to_dict()
     if preset == "auto":
         auto = _auto_for(st.session_state["train_dataset"])
         if auto is not None:
             return {**auto["values"], "extra": {}}
-    values.update(PRESETS.get(preset, {}))
-    if values["weights"] == "imagenet" and not imagenet_weights_file(values["arch"]).exists():
-        values["weights"] = "none"  # offline machines cannot download them; say so below
-    return values
+    return with_weights_at_hand(preset_values(preset if preset in PRESETS else "classic"))
 
 
 def _set_widgets(values: dict) -> None:

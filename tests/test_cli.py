@@ -69,7 +69,8 @@ def test_train_evaluate_predict_runs(tmp_path):
 def test_typed_flags_win_over_a_preset_even_at_their_default():
     """Bug: `--preset "small grayscale inspection" --epochs 10` trained the preset's 60 epochs, because 10 is
     also the flag's default."""
-    from core.cli.main import build_parser, config_from_args
+    from core.cli.parser import build_parser
+    from core.cli.train import config_from_args
     from core.config import PRESETS, TrainConfig
     preset = PRESETS["small grayscale inspection"]
     args = build_parser().parse_args(["train", "--data", "x", "--preset", "small grayscale inspection",

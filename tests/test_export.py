@@ -114,6 +114,6 @@ def test_predict_from_onnx_without_torch(exported, tmp_path):
 
 
 def test_the_cli_names_the_export_formats_without_importing_torch():
-    from core.cli.main import EXPORT_FORMATS
+    from core.cli.deploy import EXPORT_FORMATS
     from core.deploy.export import FORMATS
     assert tuple(FORMATS) == EXPORT_FORMATS

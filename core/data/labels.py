@@ -192,3 +192,14 @@ class LabelStore:
 def _version(con, dataset: str) -> int:
     row = con.execute("SELECT MAX(id) AS v FROM label_history WHERE dataset = ?", (dataset,)).fetchone()
     return int(row["v"] or 0)
+
+
+def relabel(store: LabelStore, dataset: str, labels_now: dict[str, str | None], label: str | None = None,
+            exclude: bool = False, source: str = "manual") -> int:
+    """One action of a person on some images of a dataset, from any page: give them `label`, or exclude them.
+    `labels_now`: each image's label as the page shows it (recorded as the old label the first time it changes).
+    Returns the dataset's new label version."""
+    if exclude:
+        return store.exclude(dataset, list(labels_now), source=source)
+    return store.set_labels(dataset, {p: label for p in labels_now}, source=source, original=labels_now)
+

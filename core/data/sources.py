@@ -21,6 +21,7 @@ from core.errors import UserError
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 BUILTIN = ("elpv", "elpv4")
+IMBALANCE_RATIO = 3  # the largest class with this many times the images of the smallest: worth a class-weighted loss
 UNLABELED = "unlabeled"  # a folder of images waiting for labels (the Label page's queue), not a class
 
 
@@ -251,3 +252,10 @@ def load_dataset(source: str) -> Dataset:
     if not os.access(path, os.R_OK | os.X_OK):
         raise DatasetError(f"cannot read folder {source}: permission denied")
     return _load_folder(path)
+
+
+def imbalance(counts: dict[str, int]) -> float | None:
+    """How many times the images of the smallest class the largest has, when that is IMBALANCE_RATIO or more."""
+    smallest, largest = min(counts.values(), default=0), max(counts.values(), default=0)
+    return largest / smallest if smallest and largest / smallest >= IMBALANCE_RATIO else None
+

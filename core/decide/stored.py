@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from core.decide.calibration import MIN_VAL_FOR_CALIBRATION, calibrate, fit_temperature, nll, reliability
 from core.decide.rule import DecisionError, Rule, coverage_curve, fit_rule, report, wilson_interval
-from core.workspace.store import write_json_atomic
+from core.workspace.files import save_npz_atomic, write_json_atomic
 
 
 @dataclass
@@ -39,10 +38,8 @@ def calibrate_run(run, scores: Scores) -> dict:
            "val_nll_before": nll(scores.val_probs, scores.val_y),
            "val_nll_after": nll(calibrate(scores.val_probs, t), scores.val_y),
            "reliability_before": rel_before["bins"], "reliability_after": rel_after["bins"]}
-    tmp = run.scores_path.with_suffix(".tmp.npz")
-    np.savez(tmp, classes=np.array(scores.classes), val_probs=scores.val_probs, val_y=scores.val_y,
-             test_probs=scores.test_probs, test_y=scores.test_y, test_part=np.array(scores.test_part))
-    os.replace(tmp, run.scores_path)
+    save_npz_atomic(run.scores_path, classes=np.array(scores.classes), val_probs=scores.val_probs, val_y=scores.val_y,
+                    test_probs=scores.test_probs, test_y=scores.test_y, test_part=np.array(scores.test_part))
     write_json_atomic(run.calibration_path, cal)
     return cal
 

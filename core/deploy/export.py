@@ -25,9 +25,10 @@ from core.deploy.portable import CARD_KEY
 from core.errors import UserError
 from core.infer.classifier import run_tta, tta_views
 from core.models.resnet import model_from_checkpoint
-from core.workspace.store import Run, Workspace, write_atomic
+from core.workspace.files import write_atomic
+from core.workspace.store import Run, Workspace
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # cli.EXPORT_FORMATS names the same, without importing torch
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # core/cli/deploy.py EXPORT_FORMATS names the same, without importing torch
 ONNX_OPSET = 18
 
 

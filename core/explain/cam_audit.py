@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from core.errors import UserError
-from core.workspace.store import Run, Workspace, write_json_atomic
+from core.workspace.files import write_json_atomic
+from core.workspace.store import Run, Workspace
 
 AUDIT_FILE = "cam_audit.json"
 REGIONS_FILE = "regions.json"

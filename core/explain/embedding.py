@@ -7,12 +7,10 @@ cached with the run per method, next to the features it was computed from.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
 from core.errors import UserError
+from core.workspace.files import load_keyed_npz, save_keyed_npz
 from core.workspace.store import Run, Workspace
 
 METHODS = ("pca", "tsne", "umap")
@@ -57,27 +55,16 @@ def run_map(ws: Workspace, run: Run, method: str = "pca") -> dict:
     "label_doubt"} as equal-length lists. label_doubt is the normalized margin of the given label (negative: the
     model prefers another class; core/studies/curation.py), from the run's own probabilities, so in-sample for the
     training images."""
-    from core.explain.features import _key, run_features
+    from core.explain.features import features_key, run_features
     from core.studies.curation import label_issue_scores
     rf = run_features(ws, run)
     path = run.dir / f"map-{method}.npz"
-    key = _key(run)
-    xy = None
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    xy = z["xy"]
-        except (OSError, ValueError, KeyError):
-            xy = None
+    key = features_key(run)
+    cached = load_keyed_npz(path, key)
+    xy = cached["xy"] if cached is not None else None
     if xy is None:
         xy = project(rf.features, method)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        try:
-            np.savez(tmp, key=np.array(key), xy=xy)
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
+        save_keyed_npz(path, key, xy=xy)
     index = {c: i for i, c in enumerate(rf.classes)}
     labels = np.array([index[label] for label in rf.labels], dtype=np.int64)
     predicted = rf.probs.argmax(1) if len(rf.probs) else np.zeros(0, dtype=np.int64)

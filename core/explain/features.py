@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from core.workspace.files import load_keyed_npz, save_keyed_npz
 from core.workspace.store import Run, Workspace
 
 FEATURES_FILE = "features.npz"
@@ -33,7 +32,8 @@ class RunFeatures:
         return np.array([i for i, p in enumerate(self.parts) if p == name], dtype=np.int64)
 
 
-def _key(run: Run) -> str:
+def features_key(run: Run) -> str:
+    """What a run's features are computed from: its best checkpoint (size, time) and its split."""
     st = run.best_path.stat()
     h = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(run.split_path.read_bytes())
@@ -48,17 +48,13 @@ def run_features(ws: Workspace, run: Run, device=None) -> RunFeatures:
     from core.runs.rundata import load_run_data
     if not run.best_path.exists():
         raise UserError(f"run {run.id} has no checkpoint yet: train it first")
-    key = _key(run)
+    key = features_key(run)
     path = run.dir / FEATURES_FILE
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    meta = json.loads(str(z["meta"]))
-                    return RunFeatures(z["features"], z["probs"], meta["classes"], meta["paths"], meta["labels"],
-                                       meta["parts"])
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or from another version: computed again below
+    cached = load_keyed_npz(path, key)
+    if cached is not None:
+        meta = json.loads(str(cached["meta"]))
+        return RunFeatures(cached["features"], cached["probs"], meta["classes"], meta["paths"], meta["labels"],
+                           meta["parts"])
     clf = Classifier.from_checkpoint(run.best_path, device or select_device(run.config().device))
     data = load_run_data(ws, run, clf.hw, clf.device)
     order = np.concatenate([data.parts[p] for p in ("train", "val", "test")]).astype(np.int64)
@@ -69,12 +65,7 @@ def run_features(ws: Workspace, run: Run, device=None) -> RunFeatures:
     out = RunFeatures(features, probs, list(data.classes), [data.paths[i] for i in order],
                       [data.classes[data.labels[i]] for i in order], [part_of[int(i)] for i in order])
     meta = json.dumps({"classes": out.classes, "paths": out.paths, "labels": out.labels, "parts": out.parts})
-    tmp = path.with_name(f".{FEATURES_FILE}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, key=np.array(key), meta=np.array(meta), features=features.astype(np.float32), probs=probs)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)  # a cache: a full disk costs a recomputation next time, nothing else
+    save_keyed_npz(path, key, meta=np.array(meta), features=features.astype(np.float32), probs=probs)
     return out
 
 
@@ -131,7 +122,7 @@ def training_neighbours(ws: Workspace, run: Run) -> TrainingNeighbours:
     from core.explain.neighbours import normalize_rows
     if not run.best_path.exists():
         raise UserError(f"run {run.id} has no checkpoint yet: train it first")
-    key = _key(run)
+    key = features_key(run)
     hit = _NEIGHBOURS.get(str(run.dir))
     if hit and hit[0] == key:
         return hit[1]

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 
 import numpy as np
 
@@ -14,6 +12,7 @@ from core.infer.classifier import Classifier
 from core.models.device import select_device
 from core.runs.life import record, skipped_files
 from core.runs.rundata import load_run_data
+from core.workspace.files import write_atomic, write_json_atomic
 from core.workspace.store import Run, Workspace
 
 
@@ -90,9 +89,7 @@ def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
                     "temperature": cal["temperature"], "ece_before": cal["ece_before"], "ece_after": cal["ece_after"],
                     "loss_uncalibrated": cal["nll_before"]})
     _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes, rule)
-    tmp = run.eval_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, run.eval_path)
+    write_json_atomic(run.eval_path, metrics)
     record(ws, run.id, test_acc=metrics["accuracy"])
     return metrics
 
@@ -102,16 +99,16 @@ def _write_predictions(run: Run, paths, y, probs, classes, rule=None) -> None:
     pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
     verdicts = rule.verdicts(probs) if rule is not None and len(probs) else [""] * len(paths)
     p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0) if len(y) else np.zeros(0)
-    tmp = run.predictions_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "true", "predicted", "confidence", "loss", "correct", "decision"]
-                   + [f"p_{c}" for c in classes])
-        for i, path in enumerate(paths):
-            w.writerow([path, classes[y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}",
-                        f"{-np.log(p_true[i]):.6f}", int(pred[i] == y[i]), verdicts[i]]
-                       + [f"{p:.6f}" for p in probs[i]])
-    os.replace(tmp, run.predictions_path)
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "true", "predicted", "confidence", "loss", "correct", "decision"]
+                       + [f"p_{c}" for c in classes])
+            for i, path in enumerate(paths):
+                w.writerow([path, classes[y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}",
+                            f"{-np.log(p_true[i]):.6f}", int(pred[i] == y[i]), verdicts[i]]
+                           + [f"{p:.6f}" for p in probs[i]])
+    write_atomic(run.predictions_path, write)
 
 
 def read_predictions(run: Run) -> list[dict]:

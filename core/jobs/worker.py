@@ -22,8 +22,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from core.config import CROSSVAL, LEARNING_CURVE, TRAINING
 from core.runs import life as runs
 from core.runs.life import Reporter, exit_reason
+from core.workspace.files import write_text_atomic
 from core.workspace.store import ACTIVE, Run, Workspace
 
 PROGRESS_EVERY_S = 0.5
@@ -31,7 +33,7 @@ STOP_FILE = "stop.request"
 PROGRESS_FILE = "progress.json"
 LAUNCHED_RUN = "STUDIO_LAUNCHED_RUN"  # set by our launcher for its ranks: the run they train
 # Composite jobs (several trainings in sequence) run on one device; their sub-runs are small.
-SINGLE_DEVICE_KINDS = ("crossval", "learning_curve")
+SINGLE_DEVICE_KINDS = (CROSSVAL, LEARNING_CURVE)
 
 
 def launched_by_torchrun() -> bool:
@@ -89,10 +91,9 @@ class RunReporter(Reporter):
         if not force and now - self._written < PROGRESS_EVERY_S:
             return
         self._written = now
-        tmp = self.run.dir / f"{PROGRESS_FILE}.{os.getpid()}.tmp"
-        try:
-            tmp.write_text(json.dumps({**self.state, "updated": time.time()}))
-            os.replace(tmp, self.run.dir / PROGRESS_FILE)
+        try:  # rewritten twice a second for the live view: not worth a flush to disk each time
+            write_text_atomic(self.run.dir / PROGRESS_FILE, json.dumps({**self.state, "updated": time.time()}),
+                              durable=False)
         except OSError:
             pass  # a full disk stops the progress view, not the training
 
@@ -138,33 +139,36 @@ def work_run(ws: Workspace, run_id: str, resume: bool, reporter: Reporter, ranks
     """Train a queued run according to its kind (a training, a cross-validation, a learning curve)."""
     run = ws.run(run_id)
     cfg = run.config()
-    kind = cfg.extra.get("kind", "train")
-    if kind == "crossval":
+    if cfg.kind == CROSSVAL:
         from core.studies.curation import crossval
         return crossval(ws, run, reporter, folds=int(cfg.extra.get("folds", 4)))
-    if kind == "learning_curve":
+    if cfg.kind == LEARNING_CURVE:
         from core.studies.learning_curve import learning_curve
         return learning_curve(ws, run, reporter)
     from core.train.loop import fit
     return fit(ws, run, reporter=reporter, resume=resume, ranks=ranks)
 
 
-def run_job(ws: Workspace, run_id: str, resume: bool = False, echo=None) -> dict:
+def run_job(ws: Workspace, run_id: str, resume: bool = False, echo=None, reporter: Reporter | None = None) -> dict:
     """The training process's whole work on a queued run, in one of three roles:
     - one device: train it here, owning its life (running, then done / stopped / failed);
     - a launcher (the run's config asks for several devices, and this process was not started by torchrun):
       start that many ranks on this machine through torch.distributed.elastic and wait; a rank that dies fails
       the run with the rank and the reason;
     - a rank (started by torchrun or by a launcher): train its share; rank 0 owns the run's life.
-    Returns {"status", ...}."""
+    Rank 0 reports to `reporter` when one is given (the command line's progress bar), else to the run's files
+    (what the studio reads). Every way of training a prepared run comes here: the studio's process, `core train`
+    and `core resume` in the foreground, and each rank under torchrun. Returns {"status", ...}."""
     from core.train import distributed
     run = ws.run(run_id)
     cfg = run.config()
     ranks = distributed.Ranks.from_env()
-    if cfg.devices > 1 and cfg.extra.get("kind", "train") not in SINGLE_DEVICE_KINDS and not launched_by_torchrun():
+    if cfg.devices > 1 and cfg.kind not in SINGLE_DEVICE_KINDS and not launched_by_torchrun():
         return _as_launcher(ws, run, resume, cfg.devices)
-    reporter = RunReporter(run, job_epochs(cfg), job_history(run, resume), echo=echo) if ranks.main else \
-        _RankReporter(run)
+    own_reporter = reporter is None or not ranks.main
+    if own_reporter:
+        reporter = RunReporter(run, job_epochs(cfg), job_history(run, resume), echo=echo) if ranks.main else \
+            _RankReporter(run)
     # Under our launcher, a failure of rank 0 may only echo another rank's (a peer that died closes the
     # connection): the launcher records the first rank to fail and why. Alone, or under a bare torchrun, rank 0
     # records what it saw. Other ranks never write the run's status.
@@ -178,7 +182,7 @@ def run_job(ws: Workspace, run_id: str, resume: bool = False, echo=None) -> dict
             distributed.barrier()  # several devices: wait for rank 0's evaluation, leave the process group together
         return result
     finally:
-        if ranks.main:
+        if ranks.main and own_reporter:
             reporter.close()
         distributed.stop()
 
@@ -217,17 +221,16 @@ def _as_launcher(ws: Workspace, run: Run, resume: bool, devices: int) -> dict:
 
 def job_epochs(cfg) -> int:
     """Epochs a job trains in all: a cross-validation trains each fold, a learning curve each fraction."""
-    kind = cfg.extra.get("kind", "train")
-    if kind == "crossval":
+    if cfg.kind == CROSSVAL:
         return cfg.epochs * int(cfg.extra.get("folds", 4))
-    if kind == "learning_curve":
+    if cfg.kind == LEARNING_CURVE:
         return cfg.epochs * len(cfg.extra.get("fractions", ()) or (1,))
     return cfg.epochs
 
 
 def job_history(run: Run, resume: bool) -> list:
     """The epoch rows a job starts with: a resumed training's earlier epochs."""
-    return run.history() if resume and run.config().extra.get("kind", "train") == "train" else []
+    return run.history() if resume and run.config().kind == TRAINING else []
 
 
 # ----------------------------------------------------------------------------------------------------

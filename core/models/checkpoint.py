@@ -8,38 +8,20 @@ A sidecar <name>.json repeats the metadata so listings never need torch.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError
+from core.workspace.files import write_atomic, write_json_atomic
 
 FORMAT = "studio-checkpoint/1"
 
 
 class CheckpointError(UserError):
     """A checkpoint cannot be written or is not one we can safely load; the message says which."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
@@ -67,9 +49,8 @@ def save_checkpoint(path: str | Path, model_state: dict, meta: dict, **training_
                "meta": json.dumps(meta)}
     payload.update({k: v for k, v in training_state.items() if v is not None})
     try:
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
-        _atomic_write(path.with_suffix(".json"),
-                      lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        write_atomic(path, lambda tmp: torch.save(payload, tmp))
+        write_json_atomic(path.with_suffix(".json"), meta)
     except OSError as exc:
         raise CheckpointError(f"could not save checkpoint {path.name}: {exc.strerror or exc}") from None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from core.config import ConfigError
+from core.workspace.files import write_json_atomic
 
 BF16_MIN_SPEEDUP = 1.1  # below this, bf16's rounding is not worth it
 
@@ -165,10 +166,7 @@ def cpu_bf16_measurement() -> dict:
                 known[key] = {**t, "speedup": round(speedup, 3), "bf16": speedup >= BF16_MIN_SPEEDUP,
                               "measured": time.strftime("%Y-%m-%d %H:%M")}
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_text(json.dumps(known, indent=2))
-                    os.replace(tmp, path)
+                    write_json_atomic(path, known)
                 except OSError:
                     pass  # a read-only home: this process still decides from its own measurement
             _measured[key] = known[key]

@@ -200,3 +200,13 @@ def model_from_checkpoint(path: str | Path):
         raise CheckpointError(f"checkpoint holds NaN or infinite weights (first: {bad[0]})")
     model.eval()
     return model, meta
+
+
+def with_weights_at_hand(values: dict) -> dict:
+    """Config values whose ImageNet weights are not on disk, changed to train from scratch: an offline machine
+    cannot download them (the Train page starts from these and says so; the command line keeps the choice and
+    its error names the file to copy)."""
+    if values.get("weights") == "imagenet" and not imagenet_weights_file(values.get("arch", "resnet18")).exists():
+        return {**values, "weights": "none"}
+    return values
+

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from core.config import ConfigError, TrainConfig
+from core.config import TRAINING, ConfigError, TrainConfig
 from core.errors import UserError
 from core.workspace.store import ACTIVE, Run, Workspace, pid_alive
 
@@ -281,7 +281,7 @@ def last_run(ws: Workspace, data: str) -> Run | None:
             cfg = run.config()
         except (KeyError, OSError, ValueError):
             continue  # a run folder removed or half-written
-        if cfg.data == data and cfg.extra.get("kind") not in ("crossval", "learning_curve"):
+        if cfg.data == data and cfg.kind == TRAINING:
             return run
     return None
 

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import TrainConfig
+from core.config import CROSSVAL, TrainConfig
 from core.infer.evaluate import read_predictions
 from core.runs.life import SubReporter, record
 from core.train.loop import fit
+from core.workspace.files import write_atomic, write_json_atomic
 from core.workspace.store import Run, Workspace
 
+LABEL_ISSUES_FILE = "label_issues.json"  # a cross-validation's ranked likely label errors
 
 def label_issue_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
     """Scores for each image given its label (ints) and out-of-sample probabilities (N x K)."""
@@ -76,7 +78,7 @@ def as_crossval(cfg: TrainConfig, folds: int) -> TrainConfig:
     if not 2 <= folds <= 10:
         raise ValueError("folds must be between 2 and 10")
     return TrainConfig.from_dict({**cfg.to_dict(), "test_fraction": 0.0,
-                                  "extra": {**cfg.extra, "kind": "crossval", "folds": folds}})
+                                  "extra": {**cfg.extra, "kind": CROSSVAL, "folds": folds}})
 
 
 def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
@@ -120,9 +122,7 @@ def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
                "normalized_margin": float(scores["normalized_margin"][i]),
                "candidate": bool(scores["candidate"][i]), "dataset": split.get("source", "")}
               for i in scores["order"]]
-    tmp = run.dir / "label_issues.json.tmp"
-    tmp.write_text(json.dumps({"classes": classes, "folds": folds, "issues": issues}, indent=1))
-    os.replace(tmp, run.dir / "label_issues.json")
+    write_json_atomic(run.dir / LABEL_ISSUES_FILE, {"classes": classes, "folds": folds, "issues": issues}, indent=1)
     n_cand = int(scores["candidate"].sum())
     reporter.log(f"cross-validation done: {n_cand} likely label errors among {len(known)} images")
     record(ws, run.id, best_val_acc=float((p.argmax(1) == labels).mean()))  # out-of-fold accuracy
@@ -147,10 +147,20 @@ def review_band(predictor, paths: list[str]) -> list[tuple[str, float]]:
 
 
 def read_label_issues(run: Run) -> list[dict]:
-    path = run.dir / "label_issues.json"
+    path = run.dir / LABEL_ISSUES_FILE
     if not path.exists():
         return []
     return json.loads(path.read_text())["issues"]
+
+
+def latest_label_issues(ws: Workspace, source_key: str) -> tuple[str, list[dict]] | None:
+    """The newest cross-validation of a dataset (its split's source is `source_key`) that found label issues:
+    (its run id, the ranked issues), or None."""
+    for row in ws.list_runs():  # newest first
+        run = ws.run(row["id"])
+        if (run.dir / LABEL_ISSUES_FILE).exists() and run.split().get("source") == source_key:
+            return run.id, read_label_issues(run)
+    return None
 
 
 def export_dataset(ds, dest: str | Path, mode: str = "copy") -> dict:
@@ -158,14 +168,13 @@ def export_dataset(ds, dest: str | Path, mode: str = "copy") -> dict:
     back to copies across filesystems) or as a labels CSV (mode "csv": dest is the CSV file)."""
     dest = Path(dest)
     if mode == "csv":
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(dest.suffix + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "label"])
-            for s in ds.samples:
-                w.writerow([os.path.abspath(s.path), ds.classes[s.label]])
-        os.replace(tmp, dest)
+        def write(tmp):
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+                w = csv.writer(fh)
+                w.writerow(["path", "label"])
+                for s in ds.samples:
+                    w.writerow([os.path.abspath(s.path), ds.classes[s.label]])
+        write_atomic(dest, write)
         return {"path": str(dest), "images": len(ds.samples)}
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty: choose a new folder for the export")

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections import defaultdict
 
 import numpy as np
 
-from core.config import TrainConfig
+from core.config import LEARNING_CURVE, TrainConfig
 from core.infer.evaluate import read_predictions
 from core.runs.life import SubReporter, record
 from core.train.loop import fit
+from core.workspace.files import write_json_atomic
 from core.workspace.store import Run, Workspace
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -91,7 +91,7 @@ def as_learning_curve(cfg: TrainConfig, of_run: str, fractions=FRACTIONS, epochs
     d = cfg.to_dict()
     if epochs is not None:
         d["epochs"] = int(epochs)
-    return TrainConfig.from_dict({**d, "extra": {**cfg.extra, "kind": "learning_curve", "of": of_run,
+    return TrainConfig.from_dict({**d, "extra": {**cfg.extra, "kind": LEARNING_CURVE, "of": of_run,
                                                  "fractions": sorted(fractions)}}).validate()
 
 
@@ -125,9 +125,7 @@ def learning_curve(ws: Workspace, run: Run, reporter) -> dict:
         points.append({"fraction": f, "n_train": len(rows), "accuracy": acc, "per_class": per_class})
         reporter.log(f"{f:.0%} of the training images ({len(rows)}): {held} accuracy {acc:.4f}")
     result = summarize(points, classes, held)
-    tmp = run.dir / "learning_curve.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, run.dir / "learning_curve.json")
+    write_json_atomic(run.dir / "learning_curve.json", result, indent=1)
     for line in result["advice"]:
         reporter.log(line)
     record(ws, run.id, best_val_acc=points[-1]["accuracy"])
@@ -162,9 +160,9 @@ def latest_for(ws: Workspace, run_id: str) -> Run | None:
     for row in ws.list_runs():  # newest first
         r = ws.run(row["id"])
         try:
-            extra = r.config().extra
+            cfg = r.config()
         except (OSError, ValueError):
             continue
-        if extra.get("kind") == "learning_curve" and extra.get("of") == run_id and read_learning_curve(r):
+        if cfg.kind == LEARNING_CURVE and cfg.extra.get("of") == run_id and read_learning_curve(r):
             return r
     return None

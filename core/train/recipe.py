@@ -166,38 +166,20 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
     """The auto recipe for a dataset (a registered source) on this machine. `split` (the JSON a run stores)
     gives the part sizes; by default the config's own split of the dataset with the label store's labels.
     `fixed` holds fields the user set themselves: they win over every choice here (and are timed as set)."""
-    from core.data.split import samples_from_split
     fixed = dict(fixed or {})
     base = TrainConfig.from_dict({"data": source, **fixed})
-    if split is None:
-        counts, paths, n_classes = dataset_parts(ws, base)
-    else:
-        counts = {p: len(split.get(p, [])) for p in ("train", "val", "test")}
-        paths = [s.path for p in ("train", "val", "test") for s in samples_from_split(split, p)]
-        n_classes = len(split["classes"])
-    side, gray = image_facts(paths)
-    data = DataFacts(counts["train"], counts["val"], counts["test"], n_classes, side, gray)
+    counts, paths, data = _data_facts(ws, base, split)
     machine = machine_facts(base)
     if "weights" in fixed:  # "none" trains from scratch even where ImageNet weights are on disk; a file is pretrained;
         # a self-supervised start is tuned as scratch (its backbone has not seen ImageNet's variety)
         machine.imagenet_weights = str(fixed["weights"]).lower() not in ("none", "scratch", "self-supervised")
     values, why = choose_settings(data, machine)
     cfg = TrainConfig.from_dict({**base.to_dict(), **values, **fixed, "extra": {"preset": "auto"}}).validate()
-
-    def budgeted_epochs(timing: Estimate) -> tuple[int, str]:
-        n_val = data.n_val + extra_eval_images(cfg, data.n_train, data.n_val)  # weight averaging's passes
-        epoch_s = estimate_seconds(1, data.n_train, n_val, 0, timing.images_per_s, write_s=timing.write_s)
-        once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
-                                  timing.decode_s_per_image, cfg.tta,                       # the final evaluation
-                                  tta_views=cfg.tta_views)
-        once_s += pretraining_seconds(cfg, data.n_train, timing.images_per_s)  # the budget includes pretraining
-        return choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
-
     timing = measure(cfg, counts, paths)  # the step and the decoder, timed at the chosen size
     if "epochs" in fixed:
         epochs_why = f"{cfg.epochs} epochs (as set)"
     else:
-        cfg.epochs, epochs_why = budgeted_epochs(timing)
+        cfg.epochs, epochs_why = _budgeted_epochs(cfg, data, machine, timing)
         if cfg.epochs < choose_epochs(data, machine, cfg.batch_size, 0.0)[0]:  # 0 s an epoch: never capped
             # The budget cuts the run short. The timing steps are a few seconds and take the machine as they find
             # it: with a test running beside them they ran 3x slow and a 13-epoch ELPV run became 5 (80.3% test
@@ -206,10 +188,43 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
             again = measure(cfg, counts, paths)
             if again.images_per_s > timing.images_per_s:
                 timing = again
-                cfg.epochs, epochs_why = budgeted_epochs(timing)
+                cfg.epochs, epochs_why = _budgeted_epochs(cfg, data, machine, timing)
     seconds = run_seconds(cfg, counts, timing.images_per_s, timing.decode_s_per_image, timing.write_s,
                           timing.start_images_per_s)
-    # The reasons describe the config that will run: a field the user set is said to be theirs.
+    why = _said_as_set(cfg, fixed, why)
+    why.insert(1, epochs_why)
+    cfg.validate()
+    estimate = replace(timing, seconds=seconds)  # the timings as measured, the run's seconds for the chosen epochs
+    return AutoRecipe(cfg, "; ".join(why), estimate, data, machine)
+
+
+def _data_facts(ws, base: TrainConfig, split: dict | None) -> tuple[dict, list[str], DataFacts]:
+    """The part sizes, the image paths and the facts the recipe reads off the data."""
+    from core.data.split import samples_from_split
+    if split is None:
+        counts, paths, n_classes = dataset_parts(ws, base)
+    else:
+        counts = {p: len(split.get(p, [])) for p in ("train", "val", "test")}
+        paths = [s.path for p in ("train", "val", "test") for s in samples_from_split(split, p)]
+        n_classes = len(split["classes"])
+    side, gray = image_facts(paths)
+    return counts, paths, DataFacts(counts["train"], counts["val"], counts["test"], n_classes, side, gray)
+
+
+def _budgeted_epochs(cfg: TrainConfig, data: DataFacts, machine: MachineFacts, timing: Estimate) -> tuple[int, str]:
+    """The epochs that fit the budget at the measured speed, and why."""
+    n_val = data.n_val + extra_eval_images(cfg, data.n_train, data.n_val)  # weight averaging's passes
+    epoch_s = estimate_seconds(1, data.n_train, n_val, 0, timing.images_per_s, write_s=timing.write_s)
+    once_s = estimate_seconds(0, data.n_train, data.n_val, data.n_test, timing.images_per_s,  # decoding and
+                              timing.decode_s_per_image, cfg.tta,                       # the final evaluation
+                              tta_views=cfg.tta_views)
+    once_s += pretraining_seconds(cfg, data.n_train, timing.images_per_s)  # the budget includes pretraining
+    return choose_epochs(data, machine, cfg.batch_size, epoch_s, once_s)
+
+
+def _said_as_set(cfg: TrainConfig, fixed: dict, why: list[str]) -> list[str]:
+    """The reasons describe the config that will run: a field the user set is said to be theirs."""
+    why = list(why)
     if {"image_size", "image_height", "image_width"} & fixed.keys():
         why[0] = f"{cfg.input_hw[0]}x{cfg.input_hw[1]} px (as set)" if cfg.image_height else f"{cfg.image_size} px (as set)"
     if {"batch_size", "lr", "optimizer", "schedule"} & fixed.keys():
@@ -218,9 +233,6 @@ def auto_recipe(ws, source: str, split: dict | None = None, fixed: dict | None =
         why[2] = ("from scratch (as set)" if cfg.weights in ("none", "scratch") else
                   f"pretrained on your own images first ({cfg.ssl_epochs} self-supervised epochs at {cfg.ssl_image_size} px)"
                   if cfg.weights == "self-supervised" else f"weights {cfg.weights} (as set)")
-    why.insert(1, epochs_why)
     if fixed:
         why.append("set by you: " + ", ".join(sorted(k for k in fixed if k not in ("data", "extra"))))
-    cfg.validate()
-    estimate = replace(timing, seconds=seconds)  # the timings as measured, the run's seconds for the chosen epochs
-    return AutoRecipe(cfg, "; ".join(why), estimate, data, machine)
+    return why

@@ -17,32 +17,16 @@ import os
 import secrets
 import shutil
 import sqlite3
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from core.workspace.files import write_atomic, write_json_atomic
+
 ACTIVE = ("queued", "running", "stopping")
 
-
-def write_atomic(path: str | Path, write) -> None:
-    """A file written whole or not at all: `write(tmp)` fills a temporary file (a path) beside `path`, which then
-    replaces it. A failure (a full disk, an exception in `write`) leaves the previous file and no temporary one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -140,17 +124,15 @@ class Run:
                     for row in csv.DictReader(fh)]
 
     def write_history(self, rows: list[dict]) -> None:
-        tmp = self.metrics_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.metrics_path)
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        write_atomic(self.metrics_path, write)
 
     def write_config(self, cfg) -> None:
-        tmp = self.config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-        os.replace(tmp, self.config_path)
+        write_json_atomic(self.config_path, cfg.to_dict())
 
     def skipped(self) -> list[tuple[str, str]]:
         """Every file this run left out, with the reason: at the scan (not an image, empty...) and at

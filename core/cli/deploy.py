@@ -1,0 +1,72 @@
+"""`predict`, `export`, `serve`: a run's model on new images, out of the studio, and over HTTP."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.cli.output import Output
+from core.config import ConfigError
+from core.workspace.store import Workspace
+
+EXPORT_FORMATS = ("onnx", "torchscript")  # core/deploy/export.py's FORMATS, named here without importing torch
+
+
+def cmd_predict(args, ws: Workspace | None) -> Output:
+    if args.model:  # an exported ONNX file: no torch, no workspace
+        from core.deploy.portable import OnnxPredictor
+        predictor, images = OnnxPredictor(args.model), args.items
+    else:
+        from core.deploy.predict import get_predictor
+        if len(args.items) < 2:
+            raise ConfigError("images", "give a run id and at least one image (or --model FILE.onnx and images)")
+        predictor, images = get_predictor(ws, args.items[0]), args.items[1:]
+    results = predictor.predict(list(images), top_k=args.top_k)
+    return Output(results, lambda: [prediction_line(r) for r in results], 1 if all("error" in r for r in results) else 0)
+
+
+def prediction_line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['path']}: error: {r['error']}"
+    tops = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
+    verdict = f"{r['decision']['verdict']}  " if "decision" in r else ""
+    return f"{r['path']}: {verdict}{tops}"
+
+
+def cmd_export(args, ws: Workspace) -> Output:
+    from core.deploy.export import export_run
+    out = export_run(ws, args.run, args.format, args.out, tta=args.tta)
+    if not args.json:
+        card = out["card"]
+        print(f"{out['path']}: {args.format}, classes {', '.join(card['classes'])}, input uint8 "
+              f"{card['input']['height']}x{card['input']['width']}x3 RGB, TTA {card['tta']}", file=sys.stderr)
+    return Output({"path": out["path"], "card_path": out["card_path"], "card": out["card"]}, lambda: [out["path"]])
+
+
+def cmd_serve(args, ws: Workspace) -> int:
+    from core.deploy.serve import serve
+    print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs); Ctrl+C stops", file=sys.stderr)
+    serve(args.model, ws, args.host, args.port, args.max_mb, args.max_files)
+    return 0
+
+
+def add_commands(add) -> None:
+    p = add("predict", cmd_predict, "predict images with a run's best checkpoint (RUN_ID IMAGE...) or an exported "
+                                     "ONNX file (--model FILE IMAGE...)", workspace=lambda args: not args.model)
+    p.add_argument("items", nargs="+", metavar="RUN_ID|IMAGE", help="a run id then images; with --model, images only")
+    p.add_argument("--model", help="an ONNX file from `core export`: predicts without torch")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p = add("export", cmd_export, "write a run's model as ONNX or TorchScript with its model card; prints the path")
+    p.add_argument("run")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--out", help="the file to write (default: the run's exports/ folder)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the run's test-time augmentation (its flips or 8 views) in the graph, or leave it out "
+                        "(default: as the run was evaluated)")
+    p.add_argument("--json", action="store_true")
+    p = add("serve", cmd_serve, "serve a run's model (or an exported .onnx file) as an HTTP JSON API")
+    p.add_argument("model", metavar="RUN_ID|FILE.onnx")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) unless you mean otherwise")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-mb", type=float, default=20, help="largest image file accepted, in MB")
+    p.add_argument("--max-files", type=int, default=32, help="most images in one request")

@@ -1,0 +1,23 @@
+"""What a command prints, decided once: its document as JSON with --json, its lines for a person otherwise."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Output:
+    """A command's result: `doc` is printed as one JSON document when the user asked for --json; otherwise `text`
+    (called only then, as some documents are long) gives the lines for a person. `code` is the exit status."""
+    doc: object
+    text: Callable[[], list[str]] = field(default=lambda: [])
+    code: int = 0
+
+    def print(self, as_json: bool) -> int:
+        if as_json:
+            print(json.dumps(self.doc))
+        else:
+            for line in self.text():
+                print(line)
+        return self.code
