@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -54,9 +53,9 @@ def main() -> None:
     ap.add_argument("--workspace")
     ap.add_argument("--keep", help="train in this folder and keep it (score the runs again later with --run)")
     args = ap.parse_args()
-    from core.models.device import cpu_name
+    from core.models.device import cpu_name, cpu_threads
     from core.workspace.store import Workspace
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     doc = {"benchmark": "decide_elpv", "data": "ELPV 2-class, paper split", "costs": COSTS,
            "target_accuracy": TARGET, "cpu": cpu_name(), "cpu_flags": cpu_flags(), **environment(), "runs": []}
     if args.run:

@@ -112,7 +112,8 @@ def main() -> None:
     base = {**PRESETS[args.recipe], **(FOUR_CLASS_BEST if four else {}), "data": split["source"],
             **parse_overrides(args.set)}
     device = select_device(base.get("device", "auto"))
-    torch.set_num_threads(os.cpu_count() or 1)
+    from core.models.device import cpu_threads
+    torch.set_num_threads(cpu_threads())
 
     seeds = [int(s) for s in args.seeds.split(",")]
     fixed = [int(e) for e in args.epochs.split(",")] if args.epochs else []

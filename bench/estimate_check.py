@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ def main() -> None:
                     help="auto: the studio's default, chosen for ELPV on this machine (its own size and epochs)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    from core.models.device import cpu_threads
+    torch.set_num_threads(cpu_threads())
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp) / "ws")
         t = time.perf_counter()

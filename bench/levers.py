@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -64,12 +63,11 @@ def main() -> None:
     import torch
 
     from core.config import TrainConfig, parse_overrides
-    from core.models.device import describe_device, select_device
+    from core.models.device import cpu_threads, describe_device, select_device
     from core.runs.life import Reporter, prepare_run
     from core.train.loop import fit
     from core.workspace.store import Workspace
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

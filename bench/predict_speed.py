@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -41,9 +40,8 @@ def main() -> None:
     from core.data.cache import IMAGE_CACHE
     from core.deploy.predict import Predictor
     from core.infer.evaluate import evaluate_run
-    from core.models.device import describe_device, select_device
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    from core.models.device import cpu_threads, describe_device, select_device
+    torch.set_num_threads(cpu_threads())
     device = select_device("auto")
 
     with tempfile.TemporaryDirectory() as tmp:

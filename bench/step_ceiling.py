@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +74,8 @@ def main() -> None:
     ap.add_argument("--batches", default="32,64,100")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per setting")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    from core.models.device import cpu_threads
+    torch.set_num_threads(cpu_threads())
     batches = [int(b) for b in args.batches.split(",")]
     fp32 = {b: round(images_per_s(b, args.size, False, args.steps), 1) for b in batches}
     bf16 = {b: round(images_per_s(b, args.size, True, args.steps), 1) for b in batches}

@@ -214,7 +214,8 @@ def main() -> None:
 
     from core.models.device import cpu_name, describe_device, select_device
     device = select_device("auto")
-    torch.set_num_threads(os.cpu_count() or 1)
+    from core.models.device import cpu_threads
+    torch.set_num_threads(cpu_threads())
     if device.type == "cuda":  # CUDA's start (seconds) is paid once per process: by neither pipeline's clock
         torch.zeros(1, device=device)
         torch.cuda.synchronize()

@@ -166,7 +166,8 @@ def main() -> None:
     from core.workspace.store import Workspace
 
     device = select_device("auto")
-    torch.set_num_threads(os.cpu_count() or 1)
+    from core.models.device import cpu_threads
+    torch.set_num_threads(cpu_threads())
     results = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

@@ -20,15 +20,24 @@ os.environ.setdefault("STUDIO_WORKSPACE", str(ROOT / "test-artifacts" / "default
 # and share the result with the processes they start (CLI, studio server).
 os.environ.setdefault("STUDIO_PRECISION_CACHE", str(Path(tempfile.mkdtemp(prefix="studio-precision-")) / "p.json"))
 
+# With pytest-xdist each worker is a process of its own: one CPU thread each, and for the processes they start
+# (the environment is inherited; core/models/device.py's cpu_threads reads it), so that two workers on two cores
+# do not fight over them. Alone, the suite uses up to two.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = 1 if WORKERS > 1 else max(1, min(2, os.cpu_count() or 1))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import torch  # noqa: E402
 
 # Bytecode for the engine and pages before any test starts a thread (see precompile: a CPython 3.11 race between
 # a thread compiling an import and Streamlit parsing a page, seen in CI on a fresh clone).
+from core.runs.life import Reporter  # noqa: E402
 from pages._ui import precompile  # noqa: E402
 
 precompile()
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 
 def make_dot_image(rng: np.random.Generator, size: int, dot: bool, dot_size: int | None = None) -> tuple[np.ndarray, tuple]:
@@ -103,7 +112,7 @@ def workspace(tmp_path):
 def tiny_config(data, **over):
     from core.config import TrainConfig
     base = dict(data=str(data), weights="none", image_size=32, epochs=4, batch_size=16, hflip=False,
-                seed=0, num_threads=2)
+                seed=0, num_threads=THREADS)
     base.update(over)
     return TrainConfig(**base)
 
@@ -121,6 +130,34 @@ def plant_seeded_weights(checkpoint, seed: int = 0) -> None:
     model = build_model(cfg["arch"], len(meta["classes"]), "none", cfg.get("dropout", 0.0))
     assert set(model.state_dict()) == set(state)
     save_checkpoint(checkpoint, model.state_dict(), meta)
+
+
+class StopAfter(Reporter):
+    """A reporter that asks to stop after `batches` training batches (the Stop button, at a known moment)."""
+    def __init__(self, batches):
+        self.batches_left = batches
+        self.seen = 0
+
+    def batch(self, epoch, batch, batches, images_per_s):
+        self.seen += 1
+        self.batches_left -= 1
+
+    def should_stop(self):
+        return self.batches_left <= 0
+
+
+def write_graded_folders(root, per_class=16, size=40):
+    """Three grades by the size of a bright square: 1_none < 2_small < 3_large."""
+    rng = np.random.default_rng(0)
+    for grade, side in (("1_none", 0), ("2_small", 6), ("3_large", 16)):
+        (root / grade).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            if side:
+                y, x = rng.integers(0, size - side, 2)
+                a[y:y + side, x:x + side] = 230
+            Image.fromarray(a).save(root / grade / f"{i:02d}.png")
+    return root
 
 
 SIZE = 128

@@ -4,5 +4,5 @@
     portable.py    prediction from an exported ONNX file, without torch
     export.py      ONNX / TorchScript files with a model card
     serve.py       an HTTP JSON API for a model (FastAPI on uvicorn)
-    audit_pack.py  one zip that documents a run for an auditor
+    audit_pack.py  one report and zip that document a run for an auditor (its HTML: templates/audit_pack.html)
 """

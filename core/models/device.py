@@ -178,9 +178,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def cpu_threads() -> int:
+    """The CPU threads torch may use in this process: OMP_NUM_THREADS when it is set (torch's own setting, which a
+    user sharing the machine sets), else the cores this process may run on (its affinity: a container or taskset
+    can give it fewer than the machine has)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def set_cpu_threads(device: torch.device, num_threads: int = 0) -> None:
     if device.type == "cpu":
-        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(num_threads or cpu_threads())
 
 
 def describe_device(device: torch.device | None = None) -> str:

@@ -8,7 +8,6 @@ here knows about Streamlit, and nothing here writes a run's status (core/runs/li
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from core.data.transforms import (
 from core.infer.classifier import forward_probs
 from core.infer.evaluate import evaluate_run
 from core.models.checkpoint import CheckpointError, load_checkpoint, refuse_nonfinite, save_checkpoint
-from core.models.device import autocast, autocast_dtype, describe_device, select_device, set_cpu_threads
+from core.models.device import autocast, autocast_dtype, cpu_threads, describe_device, select_device, set_cpu_threads
 from core.models.resnet import build_model, model_from_checkpoint
 from core.runs.life import Reporter, TrainingError, record
 from core.runs.rundata import RunData, load_run_data
@@ -154,7 +153,7 @@ def build_trainer(ws: Workspace, run: Run, cfg: TrainConfig, reporter: Reporter,
     np.random.seed(cfg.seed % 2**32)
     device = distributed.start(ranks, cfg.device) if ranks.distributed else select_device(cfg.device)
     # Ranks on one machine share its cores.
-    set_cpu_threads(device, cfg.num_threads or max(1, (os.cpu_count() or 1) // ranks.local_world))
+    set_cpu_threads(device, cfg.num_threads or max(1, cpu_threads() // ranks.local_world))
     amp = autocast_dtype(device, cfg.amp)
     reporter.log(f"device {describe_device(device)}; precision {amp or 'fp32'}; channels_last {cfg.channels_last}"
                  + (f"; {ranks.world} processes, {cfg.batch_size} images per step split across them, batch norm "
