@@ -18,7 +18,8 @@ then trains on to its own end, and its test accuracy is that of its best-validat
     python bench/time_to_accuracy.py                       # full: both pipelines (about 35 minutes on 2 cores)
     python bench/time_to_accuracy.py --precision fp32      # the studio forced to fp32 (a CPU without bf16)
     python bench/time_to_accuracy.py --classic-from FILE   # reuse a classic result (a JSON this bench wrote)
-    python bench/time_to_accuracy.py --quick               # a subset, about a minute, for checks (CI runs it)
+    python bench/time_to_accuracy.py --quick               # a subset, about a minute, for checks
+    python bench/time_to_accuracy.py --smoke               # smaller still: both pipelines run (the test suite runs it)
 
 Prints one JSON document (keys: speedup_to_target, classic_minutes_to_target, studio_minutes_to_target,
 classic_test_acc, studio_test_acc, precision, cpu, device, ...) and writes the curves (validation accuracy
@@ -52,6 +53,8 @@ CLASSIC = {"image_size": 224, "batch_size": 32, "lr": 1e-3, "epochs": 10}
 # (96 validation images: one image is a point). The studio gets the epoch count auto picks for the full ELPV
 # training part, since on 256 images alone auto would pick its maximum (60) and the check would take longer.
 QUICK = {"train": 256, "val": 96, "test": 96, "classic_epochs": 1, "studio_epochs": 13}
+# --smoke: the least that runs both pipelines end to end and writes every figure (the test suite's check)
+SMOKE = {"train": 64, "val": 32, "test": 32, "classic_epochs": 1, "studio_epochs": 2}
 
 
 def subset(split: dict, n: dict, seed: int = 0) -> dict:
@@ -202,6 +205,7 @@ def save_curves(doc: dict, stem: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"subset {QUICK}: under 5 minutes, for checks")
+    ap.add_argument("--smoke", action="store_true", help=f"subset {SMOKE}: both pipelines run, nothing measured")
     ap.add_argument("--precision", choices=["auto", "fp32"], default="auto",
                     help="fp32: force the studio's recipe to fp32 (to measure a CPU without bf16 on one with it)")
     ap.add_argument("--classic-from", help="a JSON document this bench wrote: reuse its classic result")
@@ -220,9 +224,11 @@ def main() -> None:
         torch.zeros(1, device=device)
         torch.cuda.synchronize()
     split = paper_split(False, 2019)
-    if args.quick:
-        split = subset(split, QUICK, args.seed)
-    classic_epochs = QUICK["classic_epochs"] if args.quick else CLASSIC["epochs"]
+    small = SMOKE if args.smoke else QUICK if args.quick else None
+    args.quick = args.quick or args.smoke  # the smoke run is a smaller quick run: named and filed as one
+    if small:
+        split = subset(split, small, args.seed)
+    classic_epochs = small["classic_epochs"] if small else CLASSIC["epochs"]
 
     doc = {"benchmark": "time_to_accuracy", "quick": args.quick, "data": "ELPV 2-class, paper split",
            "split": {p: len(split[p]) for p in ("train", "val", "test")}, "cpu": cpu_name(),
@@ -239,7 +245,7 @@ def main() -> None:
             return
         target = doc["classic"]["best_val_acc"]
         doc["target_val_acc"] = target
-        overrides = args.set + ([f"epochs={QUICK['studio_epochs']}"] if args.quick else [])
+        overrides = args.set + ([f"epochs={small['studio_epochs']}"] if small else [])
         doc["studio"] = run_studio(split, tmp, target, args.precision, overrides, args.seed)
     c, s = doc["classic"], doc["studio"]
     doc.update({

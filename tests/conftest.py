@@ -160,6 +160,28 @@ def write_graded_folders(root, per_class=16, size=40):
     return root
 
 
+@pytest.fixture(scope="session")  # decide/test_stored.py, studies/test_learning_curve.py
+def decided_run(tmp_path_factory):
+    """A run that errs now and then (one epoch on small dots), evaluated: scores and temperature stored."""
+    from core.infer.evaluate import evaluate_run
+    from core.runs import life as runs
+    from core.runs.life import prepare_run
+    from core.train.loop import fit
+    from core.workspace.store import Workspace
+    tmp = tmp_path_factory.mktemp("decide")
+    data = write_class_folders(tmp / "dots", per_class=60, size=32, seed=5)
+    ws = Workspace(tmp / "ws")
+    run = prepare_run(ws, tiny_config(data, image_size=32, epochs=1))
+    assert runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())["status"] == "done"
+    metrics = evaluate_run(ws, run)
+    return ws, run, metrics, data
+
+
+@pytest.fixture
+def twins(tmp_path):
+    return write_set_with_twins(tmp_path / "twins")
+
+
 SIZE = 128
 
 

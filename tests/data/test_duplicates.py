@@ -1,17 +1,11 @@
 """Near-duplicates by perceptual hash: planted twins found, strangers not, groups as connected components."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from conftest import make_dot_image, near_copy, write_set_with_twins
+from conftest import make_dot_image, near_copy
 from core.data.duplicates import dataset_duplicate_groups, groups_from_pairs, hash_pairs, perceptual_hashes
 from core.data.sources import load_dataset
-
-
-@pytest.fixture
-def twins(tmp_path):
-    return write_set_with_twins(tmp_path / "twins")
 
 
 def test_planted_twins_are_the_near_duplicate_groups(twins):

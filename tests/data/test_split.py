@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_dot_image, tiny_config, write_class_folders, write_set_with_twins
+from conftest import make_dot_image, tiny_config, write_class_folders
 from core.data.duplicates import dataset_duplicate_groups
 from core.data.sources import DatasetError, load_dataset
 from core.data.split import samples_from_split, stratified_split
@@ -53,11 +53,6 @@ def test_a_split_written_with_label_probabilities_still_loads(tmp_path):
     split = {"classes": ["a", "b"], "train": [["/x/1.png", "a", "", "", 0.7], ["/x/2.png", "b", "mono"]]}
     got = samples_from_split(split, "train")
     assert [(s.path, s.label, s.group, s.origin) for s in got] == [("/x/1.png", 0, "", ""), ("/x/2.png", 1, "mono", "")]
-
-
-@pytest.fixture
-def twins(tmp_path):
-    return write_set_with_twins(tmp_path / "twins")
 
 
 def test_group_aware_split_never_separates_a_group(twins):

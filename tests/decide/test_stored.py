@@ -8,30 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config, write_class_folders
+from conftest import ROOT
 from core.decide.calibration import MIN_VAL_FOR_CALIBRATION, calibrate
 from core.decide.rule import (
     best_threshold,
     wilson_interval,
 )
 from core.decide.stored import decide_run, load_rule, load_scores
-
-
-@pytest.fixture(scope="module")
-def decided_run(tmp_path_factory):
-    """A run that errs now and then (one epoch on small dots), evaluated: scores and temperature stored."""
-    from core.infer.evaluate import evaluate_run
-    from core.runs import life as runs
-    from core.runs.life import prepare_run
-    from core.train.loop import fit
-    from core.workspace.store import Workspace
-    tmp = tmp_path_factory.mktemp("decide")
-    data = write_class_folders(tmp / "dots", per_class=60, size=32, seed=5)
-    ws = Workspace(tmp / "ws")
-    run = prepare_run(ws, tiny_config(data, image_size=32, epochs=1))
-    assert runs.execute(ws, run.id, lambda: fit(ws, run), runs.Reporter())["status"] == "done"
-    metrics = evaluate_run(ws, run)
-    return ws, run, metrics, data
 
 
 def test_evaluation_stores_the_calibration_and_shows_calibrated_probabilities(decided_run):
