@@ -109,10 +109,20 @@ def workspace(tmp_path):
     return Workspace(tmp_path / "ws")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--train-seed", type=int, default=0,
+                     help="the seed of the tests' tiny trainings (tiny_config): a test that passes for one seed "
+                          "only leans on a trained model's luck")
+
+
+def pytest_configure(config):
+    os.environ["STUDIO_TEST_TRAIN_SEED"] = str(config.getoption("--train-seed"))  # xdist workers inherit it
+
+
 def tiny_config(data, **over):
     from core.config import TrainConfig
     base = dict(data=str(data), weights="none", image_size=32, epochs=4, batch_size=16, hflip=False,
-                seed=0, num_threads=THREADS)
+                seed=int(os.environ.get("STUDIO_TEST_TRAIN_SEED", "0")), num_threads=THREADS)
     base.update(over)
     return TrainConfig(**base)
 

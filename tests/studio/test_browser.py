@@ -193,8 +193,13 @@ def test_journey_in_a_real_browser(studio, tmp_path):
         selected = page.get_by_text(re.compile(r"^\d+ selected$"))
         # A lasso drawn while the chart is still being wired up for selections is lost (seen once in CI on a
         # loaded machine): the gesture is drawn again, up to three times, until the page reports the selection.
-        for attempt in range(3):
-            box = plot.locator(".nsewdrag").first.bounding_box()
+        for attempt in range(5):
+            drag = plot.locator(".nsewdrag").first
+            drag.wait_for(state="visible", timeout=30_000)
+            box = drag.bounding_box()
+            if box is None:  # the chart was drawn again between the wait and the read (two test workers, CI)
+                page.wait_for_timeout(500)
+                continue
             x0, y0, x1, y1 = box["x"] + 2, box["y"] + 2, box["x"] + box["width"] - 2, box["y"] + box["height"] - 2
             page.mouse.move(x0, y0)
             page.mouse.down()
@@ -205,8 +210,9 @@ def test_journey_in_a_real_browser(studio, tmp_path):
                 expect(selected).to_be_visible(timeout=15_000)
                 break
             except AssertionError:
-                if attempt == 2:
+                if attempt == 4:
                     raise
+        expect(selected).to_be_visible()
         expect(page.get_by_text(re.compile(r"^(dot|blank) → (dot|blank) · (train|val|test)$")).first).to_be_visible()
         page.screenshot(path=ARTIFACTS / "5-explore.png", full_page=True)
         browser.close()
