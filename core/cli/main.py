@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from core.cli.output import Output
+from core.cli.output import USER_ERRORS, Output
 from core.cli.parser import build_parser
-from core.cli.train import USER_ERRORS
 from core.workspace.store import Workspace
 
 

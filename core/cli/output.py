@@ -5,6 +5,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.errors import UserError
+
+# A user's mistake (a bad path, option or file): one line on stderr and exit status 2, never a traceback
+USER_ERRORS = (UserError, KeyError, FileNotFoundError, OSError, ValueError)
+
 
 @dataclass
 class Output:

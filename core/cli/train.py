@@ -4,15 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.cli.output import Output
+from core.cli.output import USER_ERRORS, Output
 from core.cli.progress import ProgressBar
 from core.config import ARCHS, OPTIMIZERS, SCHEDULES, SPLIT_GROUPS, TrainConfig, parse_overrides, preset_values
-from core.errors import UserError
 from core.jobs.worker import launched_by_torchrun
 from core.runs import life as runs
 from core.workspace.store import Workspace
 
-USER_ERRORS = (UserError, KeyError, FileNotFoundError, OSError, ValueError)
 RESULT_KEYS = ("status", "error", "epochs_done", "best_val_acc", "test_acc")
 
 # Flags of `train`: (flag, config field, argparse options). No flag has a default of its own: a flag the user did
