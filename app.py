@@ -11,5 +11,7 @@ from pages import _ui  # noqa: E402  (after the navigation: a first run in legac
 
 _ui.css()
 _ui.sidebar()
-page.run()
-_ui.detect_device()
+try:
+    page.run()
+finally:  # also after a page that ended early with st.stop() (Datasets on an empty workspace: the device was
+    _ui.detect_device()  # never detected, and the sidebar said "detecting…" for ever)

@@ -54,7 +54,7 @@ CLASSIC = {"image_size": 224, "batch_size": 32, "lr": 1e-3, "epochs": 10}
 # training part, since on 256 images alone auto would pick its maximum (60) and the check would take longer.
 QUICK = {"train": 256, "val": 96, "test": 96, "classic_epochs": 1, "studio_epochs": 13}
 # --smoke: the least that runs both pipelines end to end and writes every figure (the test suite's check)
-SMOKE = {"train": 64, "val": 32, "test": 32, "classic_epochs": 1, "studio_epochs": 2}
+SMOKE = {"train": 16, "val": 8, "test": 8, "classic_epochs": 1, "studio_epochs": 2}
 
 
 def subset(split: dict, n: dict, seed: int = 0) -> dict:

@@ -8,7 +8,9 @@ than writing last.pt), the final evaluation, and the first decode unless the ima
 """
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -151,6 +153,7 @@ class Estimate:
     counts: dict
     write_s: float = 0.0   # one epoch's checkpoint writes
     start_images_per_s: float = 0.0  # at the first epoch's size with progressive resizing (0: not timed)
+    takes: int = 1  # how many timings of the step images_per_s is the fastest of
 
     def text(self) -> str:
         minutes = self.seconds / 60
@@ -179,16 +182,61 @@ def run_seconds(cfg: TrainConfig, counts: dict, images_per_s: float, decode_s_pe
                             ) + pretraining_seconds(cfg, counts["train"] + counts.get("unlabeled", 0), images_per_s)
 
 
-def measure(cfg: TrainConfig, counts: dict, paths: list[str]) -> Estimate:
-    """Time the training step and the decoder for this config, and estimate its run."""
+# A step's speed is the machine's and the step's (model, size, batch, precision, augmentation, optimizer), not the
+# dataset's: the Train page times the auto recipe of every dataset picked, so a timing is kept in this process for
+# STEP_TIMING_TTL_S and picking another dataset of the same shape does not time it again. Two timings of one shape
+# keep the faster: another process on the machine only ever makes a step slower.
+STEP_TIMING_TTL_S = 600.0
+NOT_THE_STEP = ("data", "epochs", "seed", "split_seed", "val_fraction", "test_fraction", "extra")
+
+
+@dataclass
+class StepTiming:
+    images_per_s: float
+    start_images_per_s: float  # at the first epoch's size with progressive resizing (0: not timed)
+    write_s: float             # one epoch's checkpoint writes
+    takes: int                 # how many timings this is the fastest of
+    at: float                  # time.monotonic() of the last
+
+
+_step_timings: dict[str, StepTiming] = {}
+_step_timings_lock = threading.Lock()
+
+
+def step_key(cfg: TrainConfig) -> str:
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in NOT_THE_STEP}, sort_keys=True, default=str)
+
+
+def time_step(cfg: TrainConfig, fresh: bool = False) -> StepTiming:
+    """The training step's speed at this config's shape (and at its first epoch's size with progressive resizing)
+    and its checkpoint writes: kept from a timing of the last STEP_TIMING_TTL_S unless `fresh`."""
+    key = step_key(cfg)
+    with _step_timings_lock:
+        known = _step_timings.get(key)
+    if known is not None and time.monotonic() - known.at >= STEP_TIMING_TTL_S:
+        known = None
+    if known is not None and not fresh:
+        return known
     ips, model, opt = _timed_training_steps(cfg)
     start_ips = 0.0
     sh, sw = train_hw_at(cfg, cycle_first_epoch(cfg))
     if (sh, sw) != cfg.input_hw:  # the first epochs' size too: their steps cost more than their pixels say
         start_ips = _timed_training_steps(replace(cfg, image_height=sh, image_width=sw, progressive_start=1.0))[0]
+    timing = StepTiming(ips, start_ips, checkpoint_write_seconds(model, opt), 1, time.monotonic())
+    if known is not None:
+        timing = StepTiming(max(ips, known.images_per_s), max(start_ips, known.start_images_per_s),
+                            min(timing.write_s, known.write_s), known.takes + 1, timing.at)
+    with _step_timings_lock:
+        _step_timings[key] = timing
+    return timing
+
+
+def measure(cfg: TrainConfig, counts: dict, paths: list[str], fresh: bool = False) -> Estimate:
+    """Time the training step (see time_step) and the decoder for this config, and estimate its run."""
+    step = time_step(cfg, fresh)
     decode = decode_seconds_per_image(paths, cfg.input_hw)
-    write = checkpoint_write_seconds(model, opt)
-    return Estimate(run_seconds(cfg, counts, ips, decode, write, start_ips), ips, decode, counts, write, start_ips)
+    seconds = run_seconds(cfg, counts, step.images_per_s, decode, step.write_s, step.start_images_per_s)
+    return Estimate(seconds, step.images_per_s, decode, counts, step.write_s, step.start_images_per_s, step.takes)
 
 
 def estimate_run(ws, cfg: TrainConfig) -> Estimate:

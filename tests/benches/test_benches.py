@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow  # each starts processes of its own (see tests/REA
 
 
 def test_time_to_accuracy_quick_prints_the_ratio_and_both_test_accuracies(tmp_path):
-    # --smoke: --quick's path on a quarter of its images and 2 studio epochs (--quick alone took 82-126 s here)
+    # --smoke: --quick's path on a sixteenth of its images and 2 studio epochs (--quick alone took 82-126 s here)
     proc = subprocess.run([sys.executable, "bench/time_to_accuracy.py", "--smoke", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +36,7 @@ def test_time_to_accuracy_quick_prints_the_ratio_and_both_test_accuracies(tmp_pa
 
 def test_ddp_scaling_prints_images_per_second_for_each_process_count():
     proc = subprocess.run([sys.executable, "bench/ddp_scaling.py", "--procs", "1,2", "--epochs", "2",
-                           "--images-per-class", "40", "--image-size", "32", "--batch-size", "16"],
+                           "--images-per-class", "24", "--image-size", "32", "--batch-size", "16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)

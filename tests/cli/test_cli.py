@@ -1,11 +1,12 @@
-"""The command line, end to end, as a user runs it (a subprocess per command)."""
+"""The command line, end to end, as a user runs it: a process of its own for the commands that train (and for one
+mistake); the same main() in this process for those that read a run or refuse."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, write_class_folders
+from conftest import ROOT, in_process, write_class_folders
 
 pytestmark = pytest.mark.slow  # each starts processes of its own (see tests/README.md)
 
@@ -18,7 +19,7 @@ def cli(*args, ws, check=True):
     return proc
 
 
-def test_train_evaluate_predict_runs(tmp_path):
+def test_train_evaluate_predict_runs(tmp_path, capsys):
     data = write_class_folders(tmp_path / "dots", per_class=30, size=48)
     (data / "dot" / "broken.png").write_bytes(b"oops")
     whole = (data / "blank" / "blank_000.png").read_bytes()
@@ -44,30 +45,31 @@ def test_train_evaluate_predict_runs(tmp_path):
     for path, reason in skipped.items():
         assert f"{path}: {reason}" in train.stderr and f"{path}: {reason}" in log
 
-    ev = json.loads(cli("evaluate", run_id, "--json", ws=ws).stdout)
+    ev = json.loads(in_process(capsys, "evaluate", run_id, "--json", ws=ws)[1])
     assert ev["classes"] == ["blank", "dot"] and len(ev["confusion_matrix"]) == 2
     assert 0 <= ev["accuracy"] <= 1 and "macro_f1" in ev
-    text = cli("evaluate", run_id, ws=ws).stdout
-    assert "confusion matrix" in text and "precision" in text
+    status, text, _ = in_process(capsys, "evaluate", run_id, ws=ws)
+    assert status == 0 and "confusion matrix" in text and "precision" in text
 
     img = sorted((data / "dot").glob("dot_*.png"))[0]
-    out = json.loads(cli("predict", run_id, img, data / "dot" / "broken.png", "--top-k", 2, "--json", ws=ws).stdout)
+    out = json.loads(in_process(capsys, "predict", run_id, img, data / "dot" / "broken.png", "--top-k", 2, "--json",
+                                ws=ws)[1])
     assert out[0]["path"] == str(img) and len(out[0]["top"]) == 2
     assert abs(sum(t["prob"] for t in out[0]["top"]) - 1) < 1e-4
     assert "error" in out[1]
 
     assert {s["path"] for s in ev["skipped"]} == set(skipped)
-    runs = json.loads(cli("runs", "--json", ws=ws).stdout)
+    runs = json.loads(in_process(capsys, "runs", "--json", ws=ws)[1])
     assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "done"
     assert runs[0]["test_acc"] == ev["accuracy"]
 
     # Train a finished run on: the same operation as the Runs page, from the command line.
     resumed = json.loads(cli("resume", run_id, "--epochs", 4, "--json", ws=ws).stdout)
     assert resumed["status"] == "done" and resumed["epochs_done"] == 4
-    runs = json.loads(cli("runs", "--json", ws=ws).stdout)
+    runs = json.loads(in_process(capsys, "runs", "--json", ws=ws)[1])
     assert (runs[0]["epochs_done"], runs[0]["epochs"], runs[0]["status"]) == (4, 4, "done")
-    again = cli("resume", run_id, "--epochs", 4, ws=ws, check=False)
-    assert again.returncode == 2 and "ask for more than 4" in again.stderr
+    status, _, err = in_process(capsys, "resume", run_id, "--epochs", 4, ws=ws)
+    assert status == 2 and "ask for more than 4" in err
 
 
 def test_typed_flags_win_over_a_preset_even_at_their_default():
@@ -119,13 +121,14 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
-def test_train_estimate_trains_nothing(tmp_path):
+def test_train_estimate_trains_nothing(tmp_path, capsys):
     data = write_class_folders(tmp_path / "dots", per_class=10, size=16)
     ws = tmp_path / "ws"
-    proc = cli("train", "--data", data, "--weights", "none", "--image-size", 32, "--batch-size", 4, "--estimate", ws=ws)
-    assert proc.stdout.startswith("about ") and "on this machine" in proc.stdout
-    assert "auto recipe:" in proc.stdout and "32 px" in proc.stdout  # typed flags win over auto's choices
-    classic = cli("train", "--data", data, "--recipe", "classic", "--weights", "none", "--batch-size", 4,
-                  "--estimate", ws=ws)
-    assert classic.stdout.startswith("about ") and "auto recipe" not in classic.stdout
-    assert json.loads(cli("runs", "--json", ws=ws).stdout) == []
+    status, out, _ = in_process(capsys, "train", "--data", data, "--weights", "none", "--image-size", 32,
+                                "--batch-size", 4, "--estimate", ws=ws)
+    assert status == 0 and out.startswith("about ") and "on this machine" in out
+    assert "auto recipe:" in out and "32 px" in out  # typed flags win over auto's choices
+    status, classic, _ = in_process(capsys, "train", "--data", data, "--recipe", "classic", "--weights", "none",
+                                    "--batch-size", 4, "--estimate", ws=ws)
+    assert status == 0 and classic.startswith("about ") and "auto recipe" not in classic
+    assert json.loads(in_process(capsys, "runs", "--json", ws=ws)[1]) == []

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, in_process
 from core.decide.calibration import MIN_VAL_FOR_CALIBRATION, calibrate
 from core.decide.rule import (
     best_threshold,
@@ -35,7 +35,7 @@ def test_evaluation_stores_the_calibration_and_shows_calibrated_probabilities(de
 
 
 @pytest.mark.slow
-def test_decide_cli_saves_a_rule_that_predict_and_the_table_use(decided_run, tmp_path):
+def test_decide_cli_saves_a_rule_that_predict_and_the_table_use(decided_run, tmp_path, capsys):
     ws, run, _, data = decided_run
     env_cmd = [sys.executable, "-m", "core", "--workspace", str(ws.root)]
     out = subprocess.run(env_cmd + ["decide", run.id, "--positive", "dot", "--cost-miss", "10",
@@ -67,12 +67,10 @@ def test_decide_cli_saves_a_rule_that_predict_and_the_table_use(decided_run, tmp
     img = next(p for p in (data / "dot").iterdir())
     res = get_predictor(ws, run.id).predict([str(img)])[0]
     assert res["decision"]["verdict"] in ("pass", "fail", "review")
-    text = subprocess.run(env_cmd + ["predict", run.id, str(img)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-    assert text.returncode == 0 and res["decision"]["verdict"] in text.stdout
-    bad = subprocess.run(env_cmd + ["decide", run.id, "--positive", "cat"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert bad.returncode == 2 and "not one of blank, dot" in bad.stderr
+    status, text, _ = in_process(capsys, "predict", run.id, img, ws=ws.root)  # main(), in this process
+    assert status == 0 and res["decision"]["verdict"] in text
+    status, _, err = in_process(capsys, "decide", run.id, "--positive", "cat", ws=ws.root)
+    assert status == 2 and "not one of blank, dot" in err
     # a re-evaluation chooses the saved rule again from the same inputs
     from core.infer.evaluate import evaluate_run
     evaluate_run(ws, run)

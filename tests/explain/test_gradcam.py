@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_dot_image
+from conftest import make_dot_image, plant_bright_spot_detector
 from core.deploy.predict import Predictor
 from core.explain.gradcam import METHODS
 
@@ -19,8 +19,17 @@ def test_gradcam_maps_are_unit_range_and_image_sized(trained, method):
     assert out["overlay"].shape == (trained["size"], trained["size"], 3) and out["overlay"].dtype == np.uint8
 
 
-def test_gradcam_is_hotter_on_the_deciding_region(trained):
-    pred = Predictor(trained["run"].best_path)
+def test_gradcam_is_hotter_on_the_deciding_region(trained, tmp_path):
+    """On a model known to decide by the bright square (planted: conftest.plant_bright_spot_detector), not on
+    the trained one, whose maps depend on how far a few epochs took it on this CPU."""
+    import shutil
+
+    from core.workspace.store import Workspace
+    shutil.copytree(trained["ws"].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    run = ws.run(trained["run"].id)
+    plant_bright_spot_detector(ws, run, "dot", low=110, high=240)  # noise is at most 110, the square 240
+    pred = Predictor(run.best_path)
     rng = np.random.default_rng(11)
     inside, outside = [], []
     for _ in range(12):

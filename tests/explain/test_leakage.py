@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, tiny_config, write_set_with_twins
+from conftest import ROOT, in_process, tiny_config, write_set_with_twins
 from core.explain.leakage import run_duplicates
 
 
@@ -31,7 +31,7 @@ def test_runs_split_with_groups_do_not_leak_and_the_report_says_so(twins, worksp
 
 
 @pytest.mark.slow
-def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path):
+def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path, capsys):
     from core.runs.life import prepare_run
     from core.workspace.store import Workspace
     root, planted = twins
@@ -48,11 +48,12 @@ def test_duplicates_cli_reports_groups_and_leaks(twins, tmp_path):
     assert report["n_groups"] == len(planted)
     assert report["n_straddling"] == sum(g["straddles"] for g in report["groups"]) > 0
     assert all({"path", "label", "part"} <= set(m) for g in report["groups"] for m in g["members"])
-    text = cli("duplicates", run.id)
-    assert text.returncode == 0 and "LEAKS" in text.stdout and "--split-groups duplicates" in text.stdout
-    bad = cli("duplicates", run.id, "--by", "colour")
-    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "hash and/or features" in bad.stderr
-    missing = cli("duplicates", "no-such-run")
-    assert missing.returncode == 2 and "no run" in missing.stderr
-    untrained = cli("duplicates", run.id, "--by", "features")
-    assert untrained.returncode == 2 and "train it first" in untrained.stderr
+    # The rest through the same main() in this process: a process start costs seconds of imports each.
+    status, text, _ = in_process(capsys, "duplicates", run.id, ws=ws.root)
+    assert status == 0 and "LEAKS" in text and "--split-groups duplicates" in text
+    status, _, err = in_process(capsys, "duplicates", run.id, "--by", "colour", ws=ws.root)
+    assert status == 2 and err.startswith("error:") and "hash and/or features" in err
+    status, _, err = in_process(capsys, "duplicates", "no-such-run", ws=ws.root)
+    assert status == 2 and "no run" in err
+    status, _, err = in_process(capsys, "duplicates", run.id, "--by", "features", ws=ws.root)
+    assert status == 2 and "train it first" in err

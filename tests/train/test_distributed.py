@@ -89,13 +89,7 @@ def test_torchrun_two_processes_train_one_run(data, tmp_path):
     model, _ = model_from_checkpoint(run.best_path)
     assert meta["config"]["devices"] == 2 and model.fc.out_features == 2
     assert ws.run_row(run.id)["test_acc"] is not None
-    # Batch norm on each process's own share (CPUs have no SyncBatchNorm): validation as good as one process.
-    one = Workspace(tmp_path / "one")
-    single = subprocess.run([sys.executable, "-m", "core", "--workspace", str(one.root), "train", *flags],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=worker.child_env())
-    assert single.returncode == 0, single.stderr[-2000:]
-    single_acc = json.loads(single.stdout.strip().splitlines()[-1])["best_val_acc"]
-    assert abs(doc["best_val_acc"] - single_acc) <= 0.01
+    # That two ranks step like one process: the next test, on the weights themselves.
 
 
 def test_two_processes_step_like_one_process_with_the_whole_batch(data, tmp_path):
@@ -134,21 +128,9 @@ def two_process_job(data, tmp_path):
     return ws, jm, rid, run
 
 
-def test_stop_reaches_every_rank(data, tmp_path):
-    ws, jm, rid, run = two_process_job(data, tmp_path)
-    assert len(processes_of(rid)) >= 3  # the launcher and two ranks
-    assert jm.stop(rid)
-    snap = jm.wait(rid, timeout=120)
-    assert snap.status == "stopped", (snap.error, snap.log[-5:])
-    assert "stopped by request; the best checkpoint is kept" in run.log_path.read_text()
-    assert ws.run_row(rid)["epochs_done"] < 300
-    load_checkpoint(run.best_path)
-    assert run.eval_path.exists()  # the kept checkpoint is evaluated
-    wait_for(lambda: not processes_of(rid), 20, "the ranks to exit")
-    assert not worker.stop_requested(run)  # served, then cleared
-
-
-def test_a_rank_killed_fails_the_run_naming_it_and_resume_works(data, tmp_path):
+def test_a_rank_killed_fails_the_run_naming_it_then_resume_works_and_stop_reaches_every_rank(data, tmp_path):
+    """One run through three lives (each launch of two ranks costs half a minute of CPU on 2 cores): a rank killed
+    fails it; resumed, it trains on from the last good checkpoint; stopped, every rank stops."""
     ws, jm, rid, run = two_process_job(data, tmp_path)
     os.kill(wait_for(lambda: rank_pid(rid, 1), 30, "rank 1"), signal.SIGKILL)
     snap = jm.wait(rid, timeout=120)
@@ -157,10 +139,20 @@ def test_a_rank_killed_fails_the_run_naming_it_and_resume_works(data, tmp_path):
     wait_for(lambda: not processes_of(rid), 30, "every process of the run to end")
     load_checkpoint(run.best_path)  # the last good checkpoint is kept
     done = ws.run_row(rid)["epochs_done"]
-    jm.resume(rid, epochs=done + 1)
-    snap = jm.wait(rid, timeout=180)
-    assert snap.status == "done", (snap.error, snap.log[-5:])
-    assert [r["epoch"] for r in run.history()] == list(range(1, done + 2))
+
+    jm.resume(rid)  # on towards its 300 epochs, from the last checkpoint
+    wait_for(lambda: ws.run_row(rid)["epochs_done"] > done, 180, "an epoch after the resume")
+    assert len(processes_of(rid)) >= 3  # the launcher and two ranks
+    assert jm.stop(rid)
+    snap = jm.wait(rid, timeout=120)
+    assert snap.status == "stopped", (snap.error, snap.log[-5:])
+    assert "stopped by request; the best checkpoint is kept" in run.log_path.read_text()
+    epochs = [r["epoch"] for r in run.history()]
+    assert epochs == list(range(1, len(epochs) + 1)) and done < len(epochs) < 300  # on from where it failed
+    load_checkpoint(run.best_path)
+    assert run.eval_path.exists()  # the kept checkpoint is evaluated
+    wait_for(lambda: not processes_of(rid), 20, "the ranks to exit")
+    assert not worker.stop_requested(run)  # served, then cleared
 
 
 def test_a_training_process_killed_fails_its_run_and_the_studio_serves_on(data, tmp_path):

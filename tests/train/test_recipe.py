@@ -140,12 +140,27 @@ def test_a_slow_timing_that_would_cap_the_run_is_taken_again(tmp_path, monkeypat
     timings = iter(speeds)
     calls = []
 
-    def measure(cfg, counts, paths):
-        calls.append(1)
+    def measure(cfg, counts, paths, fresh=False):
+        calls.append(fresh)
         return Estimate(0.0, next(timings), 0.0, counts)
     monkeypatch.setattr(core.train.recipe, "measure", measure)
     recipe = auto_recipe(Workspace(tmp_path / "ws"), str(data), fixed={"amp": "off"})
     lo, hi = EPOCH_RANGE["scratch"]
-    assert len(calls) == len(speeds)  # timed again only when the first timing capped the run
+    assert calls == [False, True][:len(speeds)]  # timed again (not from memory) only when the first timing capped
     assert (recipe.config.epochs == lo and "capped" in recipe.why) if capped else recipe.config.epochs > lo
     assert recipe.estimate.images_per_s == max(speeds)
+
+
+def test_a_timing_already_taken_twice_is_not_taken_again(tmp_path, monkeypatch):
+    import core.train.recipe
+    from core.train.estimate import Estimate
+    from core.workspace.store import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=12, size=40)
+    calls = []
+
+    def measure(cfg, counts, paths, fresh=False):
+        calls.append(fresh)
+        return Estimate(0.0, 1e-3, 0.0, counts, takes=2)  # slow, and already the faster of two timings
+    monkeypatch.setattr(core.train.recipe, "measure", measure)
+    recipe = auto_recipe(Workspace(tmp_path / "ws"), str(data), fixed={"amp": "off"})
+    assert calls == [False] and "capped" in recipe.why
