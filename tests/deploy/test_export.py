@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config, train_small_run, without_torch
+from conftest import ROOT, in_process, tiny_config, train_small_run, without_torch
 from core.deploy.export import ExportError, export_run, read_onnx_card
 from core.infer.classifier import Classifier
 from core.infer.evaluate import read_predictions
@@ -88,10 +88,8 @@ def test_export_from_the_command_line(trained, tmp_path, capsys):
     result = json.loads(proc.stdout)
     assert result["path"] == str(out) and out.exists() and (tmp_path / "line-side" / "model.onnx.card.json").exists()
     assert result["card"]["input"]["height"] == trained["size"]
-    from core.cli.main import main  # a mistake through the same main(), in this process (a start costs seconds)
-    assert main(["--workspace", str(trained["ws"].root), "export", "no-such-run"]) == 2
-    err = capsys.readouterr().err
-    assert "no run" in err and "Traceback" not in err
+    status, _, err = in_process(capsys, "export", "no-such-run", ws=trained["ws"].root)  # main(), in this process
+    assert status == 2 and "no run" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

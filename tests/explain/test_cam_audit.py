@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import plant_bright_spot_detector, tiny_config
+from conftest import in_process, plant_bright_spot_detector, tiny_config
 from core.errors import UserError
 from core.explain.cam_audit import (
     AUDIT_FILE,
@@ -163,9 +163,8 @@ def test_the_audit_runs_in_the_background_and_from_the_cli(shortcut, capsys):
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert by_class(doc)["bad"]["mean_outside"] > 0.5 and "images" not in doc
-    from core.cli.main import main  # a mistake through the same main(), in this process (a start costs seconds)
-    assert main(["--workspace", str(ws.root), "cam-audit", run.id, "--region", "0.9,0,0.1,1"]) == 2
-    assert "0 <= x0 < x1 <= 1" in capsys.readouterr().err
+    status, _, err = in_process(capsys, "cam-audit", run.id, "--region", "0.9,0,0.1,1", ws=ws.root)  # main(), here
+    assert status == 2 and "0 <= x0 < x1 <= 1" in err
 
 
 def test_the_audit_pack_is_one_self_contained_report_and_the_files_it_cites(shortcut, tmp_path):
