@@ -12,10 +12,11 @@ class ProgressBar(Reporter):
     """A one-line progress bar on stderr; epoch summaries and log lines above it, and in the run's log.txt
     (as a studio job writes it) when a run is given."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False, run=None):
-        self.stream, self.quiet, self.run = stream, quiet, run
+    def __init__(self, stream=None, quiet: bool = False, run=None):
+        # sys.stderr as it is now, not as it was when this module was imported (a caller may have replaced it since)
+        self.stream, self.quiet, self.run = stream or sys.stderr, quiet, run
         self._last = 0.0
-        self._tty = stream.isatty()
+        self._tty = self.stream.isatty()
 
     def _line(self, text: str, final: bool = False) -> None:
         if self.quiet:

@@ -268,9 +268,19 @@ def child_env() -> dict:
     return env
 
 
-def start_process(ws: Workspace, run: Run, resume: bool) -> subprocess.Popen:
+def start_process(ws: Workspace, run: Run, resume: bool):
     """The training process of a queued run, in a session of its own (so that ending it ends its ranks too),
-    its output appended to the run's process.log."""
+    its output appended to the run's process.log: forked from the studio's warm fork server where it can be
+    (core/jobs/forkserver.py: the seconds of imports are paid once per studio, not once per job), else started
+    afresh. Returns a subprocess.Popen or a forkserver.ForkedProcess (pid, wait, returncode)."""
+    from core.jobs import forkserver
+    if forkserver.enabled():
+        env = child_env()
+        try:
+            return forkserver.server(env).start(job_command(run.id, resume, ws.root, with_parent=True)[3:],
+                                                str(run.dir / "process.log"), env, os.getcwd())
+        except OSError as exc:  # no fork server now: a fresh process instead, as on other systems
+            run.log(f"training process started afresh: {exc}")
     out = open(run.dir / "process.log", "ab")
     try:
         return subprocess.Popen(job_command(run.id, resume, ws.root, with_parent=True), env=child_env(), stdout=out,
@@ -279,7 +289,7 @@ def start_process(ws: Workspace, run: Run, resume: bool) -> subprocess.Popen:
         out.close()
 
 
-def finish_process(ws: Workspace, run: Run, proc: subprocess.Popen) -> str | None:
+def finish_process(ws: Workspace, run: Run, proc) -> str | None:
     """After the training process exited: if it left its run active (killed, crashed before it could record
     anything), the run fails with the reason. Anything the process left in its session is ended. Returns the
     failure message, or None when the process recorded the outcome itself."""

@@ -27,26 +27,32 @@ def data(tmp_path_factory):
     return write_class_folders(tmp_path_factory.mktemp("ddp") / "d", per_class=24, size=32)
 
 
-def processes_of(run_id: str) -> list[int]:
-    """Live processes working on a run: its training process (the run id on the command line) and its ranks
-    (the elastic agent gives them the run id as TORCHELASTIC_RUN_ID)."""
-    found = []
+def processes_of(ws: Workspace, run_id: str) -> list[int]:
+    """Live processes working on a run: its training process (forked by the studio's fork server, so found by the
+    pid the run records, or started afresh with the run id on its command line), its ranks (the elastic agent
+    gives them the run id as TORCHELASTIC_RUN_ID) and their launcher (the ranks' parent)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmd = (entry / "cmdline").read_bytes()
             env = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().split(") ")[-1][:1]
-        except OSError:
+            state, ppid = (entry / "stat").read_text().split(") ")[-1].split()[:2]
+        except (OSError, ValueError):
             continue
-        if state != "Z" and (run_id.encode() in cmd or f"TORCHELASTIC_RUN_ID={run_id}".encode() in env):
-            found.append(int(entry.name))
-    return found
+        if state != "Z":
+            table[int(entry.name)] = (cmd, env, int(ppid))
+    recorded = (ws.run_row(run_id) or {}).get("pid")
+    ours = {pid for pid, (cmd, env, _) in table.items()
+            if pid == recorded or run_id.encode() in cmd or f"TORCHELASTIC_RUN_ID={run_id}".encode() in env}
+    ranks = [pid for pid in ours if f"TORCHELASTIC_RUN_ID={run_id}".encode() in table[pid][1]]
+    launchers = {table[pid][2] for pid in ranks} - {os.getpid()}
+    return sorted(ours | {pid for pid in launchers if pid in table})
 
 
-def rank_pid(run_id: str, rank: int) -> int | None:
-    for pid in processes_of(run_id):
+def rank_pid(ws: Workspace, run_id: str, rank: int) -> int | None:
+    for pid in processes_of(ws, run_id):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -132,17 +138,17 @@ def test_a_rank_killed_fails_the_run_naming_it_then_resume_works_and_stop_reache
     """One run through three lives (each launch of two ranks costs half a minute of CPU on 2 cores): a rank killed
     fails it; resumed, it trains on from the last good checkpoint; stopped, every rank stops."""
     ws, jm, rid, run = two_process_job(data, tmp_path)
-    os.kill(wait_for(lambda: rank_pid(rid, 1), 30, "rank 1"), signal.SIGKILL)
+    os.kill(wait_for(lambda: rank_pid(ws, rid, 1), 30, "rank 1"), signal.SIGKILL)
     snap = jm.wait(rid, timeout=120)
     assert snap.status == "failed"
     assert "rank 1" in snap.error and "SIGKILL" in snap.error, snap.error
-    wait_for(lambda: not processes_of(rid), 30, "every process of the run to end")
+    wait_for(lambda: not processes_of(ws, rid), 30, "every process of the run to end")
     load_checkpoint(run.best_path)  # the last good checkpoint is kept
     done = ws.run_row(rid)["epochs_done"]
 
     jm.resume(rid)  # on towards its 300 epochs, from the last checkpoint
     wait_for(lambda: ws.run_row(rid)["epochs_done"] > done, 180, "an epoch after the resume")
-    assert len(processes_of(rid)) >= 3  # the launcher and two ranks
+    assert len(processes_of(ws, rid)) >= 3  # the launcher and two ranks
     assert jm.stop(rid)
     snap = jm.wait(rid, timeout=120)
     assert snap.status == "stopped", (snap.error, snap.log[-5:])
@@ -151,7 +157,7 @@ def test_a_rank_killed_fails_the_run_naming_it_then_resume_works_and_stop_reache
     assert epochs == list(range(1, len(epochs) + 1)) and done < len(epochs) < 300  # on from where it failed
     load_checkpoint(run.best_path)
     assert run.eval_path.exists()  # the kept checkpoint is evaluated
-    wait_for(lambda: not processes_of(rid), 20, "the ranks to exit")
+    wait_for(lambda: not processes_of(ws, rid), 20, "the ranks to exit")
     assert not worker.stop_requested(run)  # served, then cleared
 
 
@@ -171,7 +177,7 @@ def test_a_training_process_killed_fails_its_run_and_the_studio_serves_on(data, 
     assert "SIGKILL" in snap.error and "out-of-memory" in snap.error, snap.error
     next_id = jm.submit(tiny_config(data, epochs=1))
     assert jm.wait(next_id, timeout=120).status == "done"
-    assert not processes_of(rid)
+    assert not processes_of(ws, rid)
 
 
 def test_a_training_process_stops_when_the_studio_that_started_it_is_gone(data, tmp_path):
@@ -193,7 +199,7 @@ def test_a_training_process_stops_when_the_studio_that_started_it_is_gone(data, 
         studio.wait()
     wait_for(lambda: ws.run_row(run.id)["status"] == "stopped", 90, "the run to stop")
     assert "stopped by request" in run.log_path.read_text()
-    wait_for(lambda: not processes_of(run.id), 30, "the training process to exit")
+    wait_for(lambda: not processes_of(ws, run.id), 30, "the training process to exit")
 
 
 def test_a_device_count_the_batch_cannot_be_split_into_is_a_one_line_error(data, tmp_path):
