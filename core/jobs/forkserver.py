@@ -12,6 +12,9 @@ time it trains; the server imports all that once and then forks each training pr
 - it stops when the studio that started it is gone (worker.stop_with_parent watches its parent, the server, and the
   server exits as soon as the studio's end of its pipe closes);
 - its environment and working directory are the studio's at the moment it starts.
+What differs: `ps` shows it as `python -m core.jobs.forkserver` (the run records its pid), and should the server
+itself die while trainings run (it never exits while the studio lives), they stop as they would with the studio
+gone: "stopped", best checkpoint kept, resumable.
 
 Why this is safe: the server never runs a torch operation, never touches CUDA (forking after CUDA is initialised is
 what breaks) and never starts a thread, so each child is forked from a single-threaded process with nothing in
@@ -89,9 +92,12 @@ class ForkServer:
         self._children: dict[int, ForkedProcess] = {}
         self._early_exits: dict[int, int] = {}  # reaped before the studio read the pid's answer
         self.alive = True
-        ready = self._proc.stdout.readline()  # the server says so once its imports are done
-        if json.loads(ready or b"{}").get("ready") is not True:
+        # The server says so once its imports are done; one that cannot import torch exits (its traceback goes to
+        # the studio's stderr) and the job starts afresh instead.
+        ready, _, _ = select.select([self._proc.stdout], [], [], READY_TIMEOUT_S)
+        if not ready or _message(self._proc.stdout.readline()).get("ready") is not True:
             self._proc.kill()
+            self._proc.wait()
             raise OSError("the training fork server did not start")
         threading.Thread(target=self._read, name="forkserver-reader", daemon=True).start()
 
@@ -117,7 +123,7 @@ class ForkServer:
 
     def _read(self) -> None:
         for line in self._proc.stdout:
-            msg = json.loads(line)
+            msg = _message(line)
             with self._lock:
                 if "exited" in msg:
                     child = self._children.pop(msg["exited"], None)
@@ -125,7 +131,7 @@ class ForkServer:
                         child._set_exit(msg["code"])
                     else:
                         self._early_exits[msg["exited"]] = msg["code"]
-                else:
+                elif "id" in msg:
                     self._answers[msg["id"]] = msg
                     self._answered.notify_all()
         with self._lock:  # the server died (it never exits while the studio lives): no exit status will come
@@ -134,6 +140,15 @@ class ForkServer:
             orphans, self._children = list(self._children.values()), {}
         for child in orphans:
             threading.Thread(target=_watch_orphan, args=(child,), daemon=True).start()
+
+
+def _message(line: bytes) -> dict:
+    """One line of the server's: a JSON object, or {} for anything else (nothing else should reach this pipe)."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return {}
+    return msg if isinstance(msg, dict) else {}
 
 
 def _watch_orphan(child: ForkedProcess, interval_s: float = 0.5) -> None:
@@ -220,16 +235,19 @@ def _reap(say) -> None:
 def _run_child(request: dict) -> None:
     """In the forked child: run `python -m core ARGV` (runpy, as the interpreter's -m does) with its output in the
     run's log, then exit with its status."""
-    code = 1
     try:
         os.setsid()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.closerange(3, 1 << 16)  # the server's pipes and anything else it had open
+    except BaseException:  # noqa: BLE001 - no log to write to (a full disk): nothing may reach the server's pipe
+        os._exit(1)
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.stdout.reconfigure(write_through=True)  # as PYTHONUNBUFFERED gives a fresh process
         sys.stderr.reconfigure(write_through=True)
         os.environ.clear()

@@ -59,7 +59,9 @@ def exit_reason(code: int | None, error: str = "") -> str:
             why += ("; the operating system's out-of-memory killer does this when memory runs out: lower "
                     "batch_size or image_size, or train on fewer devices")
         return why
-    return f"failed: {error}" if error else f"exited with code {code}"
+    if error:
+        return f"failed: {error}"
+    return "ended; its exit status is unknown" if code is None else f"exited with code {code}"
 
 
 class Reporter:
