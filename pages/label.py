@@ -1,7 +1,9 @@
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from core.data.images import ImageLoadError, load_array
@@ -9,7 +11,15 @@ from core.data.labels import LabelStore, relabel
 from core.decide.stored import load_rule
 from core.deploy.predict import get_predictor
 from core.explain.features import outliers
-from core.studies.curation import crossval_config, export_dataset, latest_label_issues, least_confident, review_band
+from core.studies.curation import (
+    DEFAULT_FOLDS,
+    crossval_config,
+    describe_noise,
+    export_dataset,
+    latest_label_issues,
+    least_confident,
+    review_band,
+)
 from pages import _ui
 
 
@@ -23,6 +33,24 @@ def _least_confident(model_id: str, pool: tuple) -> list[tuple[str, float]]:
 def _review_band(model_id: str, pool: tuple, rule_mtime: int) -> list[tuple[str, float]]:
     """Cached per saved rule (its file's time): a new rule gives a new queue."""
     return review_band(get_predictor(_ui.ws(), model_id), list(pool))
+
+
+def _noise_estimate(report: dict) -> None:
+    """Which class is dirty, and into which: cleanlab's estimate beside the out-of-fold confusion matrix."""
+    st.markdown("**Estimated label noise**: " + "; ".join(describe_noise(report["noise"])) + ".")
+    classes = report["classes"]
+    flips = np.array([[0.0 if a == b else c["into"].get(b, 0.0) for b in classes]
+                      for a, c in zip(classes, report["noise"])])
+    left, right = st.columns(2)
+    for column, z, title, fmt in (
+            (left, np.array(report["confusion"]), "Out-of-fold predictions (count)", "%{z:d}"),
+            (right, flips, "Estimated label flips (share of the given class)", "%{z:.0%}")):
+        fig = go.Figure(go.Heatmap(z=z, x=classes, y=classes, colorscale="Blues", texttemplate=fmt,
+                                   hovertemplate="given %{y}<br>%{x}<br>%{z}<extra></extra>"))
+        fig.update_layout(title=title, xaxis_title="predicted" if "Out" in title else "looks like",
+                          yaxis_title="given label", yaxis_autorange="reversed", height=220 + 40 * len(classes),
+                          margin=dict(l=10, r=10, t=40, b=10))
+        column.plotly_chart(fig, key=f"noise-{title[:3]}")
 
 
 st.title("Label")
@@ -71,19 +99,23 @@ if queue_kind == "Unlabeled images":
 elif queue_kind == "Likely label errors":
     found = latest_label_issues(ws, key)
     if found:
-        crossval_id, issues = found
+        crossval_id, report = found
+        issues = report["issues"]
         queue = [{"path": i["path"], "given": effective.get(i["path"]), "suggested": i["suggested"],
-                  "score": i["normalized_margin"]} for i in issues if i["candidate"] and i["path"] in effective]
-        st.caption(f"From cross-validation run {crossval_id}: {len(queue)} images whose out-of-sample prediction "
-                   "confidently disagrees with their label, worst first.")
+                  "score": i["label_quality"]} for i in issues if i["flagged"] and i["path"] in effective]
+        st.caption(f"From cross-validation run {crossval_id}: {len(queue)} images that {report['method'].split(':')[0]} "
+                   "flags as likely mislabeled (every image predicted by a model that never saw it), lowest label "
+                   "quality first.")
+        if report["noise"]:
+            _noise_estimate(report)
         with st.expander(f"Ranked list ({len(issues)} images)"):
-            st.dataframe(pd.DataFrame(issues)[["path", "given", "suggested", "normalized_margin",
-                                               "self_confidence", "candidate"]], hide_index=True)
+            st.dataframe(pd.DataFrame(issues)[["path", "given", "suggested", "label_quality", "normalized_margin",
+                                               "self_confidence", "flagged"]], hide_index=True)
     with st.form("crossval"):
         st.write("Cross-validation trains a model on each of k folds and predicts the held-out images, so every image "
                  "gets a prediction from a model that never saw it. It runs as a background job.")
         f1, f2, f3 = st.columns(3)
-        folds = f1.number_input("Folds", 2, 10, 4)
+        folds = f1.number_input("Folds", 2, 10, DEFAULT_FOLDS)
         epochs = f2.number_input("Epochs per fold", 1, 200, 8)
         size = f3.number_input("Image size", 32, 512, 128, step=16)
         if st.form_submit_button("Find label errors"):

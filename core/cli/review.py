@@ -1,5 +1,5 @@
-"""`evaluate`, `decide`, `learning-curve`, `cam-audit`, `audit-pack`, `duplicates`: what a run got right and wrong,
-and why."""
+"""`evaluate`, `decide`, `learning-curve`, `label-errors`, `cam-audit`, `audit-pack`, `duplicates`: what a run got
+right and wrong, and why."""
 from __future__ import annotations
 
 import json
@@ -97,6 +97,49 @@ def cmd_learning_curve(args, ws: Workspace) -> Output | int:
                   lambda: [*lc.get("advice", ["stopped before the last fraction: no curve"]), run.id])
 
 
+def cmd_label_errors(args, ws: Workspace) -> Output | int:
+    """k-fold cross-validation of a run's recipe (or a quick one for --data), then cleanlab's reading of its
+    out-of-sample probabilities: the likely label errors and the noise estimate per class (core/studies/curation.py)."""
+    from core.config import TrainConfig
+    from core.data.sources import load_dataset
+    from core.studies.curation import as_crossval, crossval, crossval_config, describe_noise, read_label_report
+    if (args.run is None) == (args.data is None):
+        raise ConfigError("data", "give a run id (its dataset and recipe) or --data SOURCE, not both")
+    if args.run:
+        base = ws.run(args.run).config()
+        cfg = TrainConfig.from_dict({**base.to_dict(), **({"epochs": args.epochs} if args.epochs else {})})
+    else:
+        cfg = crossval_config(args.data, len(load_dataset(args.data).samples), epochs=args.epochs or 8,
+                              image_size=args.image_size)
+    cfg = as_crossval(cfg, args.folds)
+    run = runs.prepare_run(ws, cfg)
+    bar = ProgressBar(quiet=args.quiet or args.json, run=run)
+    try:
+        result = runs.execute(ws, run.id, lambda: crossval(ws, run, bar, args.folds), bar)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+    if result["status"] != "done":
+        print(f"error: {result.get('error', 'stopped before the last fold')}", file=sys.stderr)
+        return 1
+    report = read_label_report(run)
+    flagged = [i for i in report["issues"] if i["flagged"]]
+    doc = {"run_id": run.id, "flagged": len(flagged), "images": len(report["issues"]),
+           **{k: report[k] for k in ("classes", "folds", "method", "noise", "joint", "confusion")},
+           "issues": report["issues"] if args.all else flagged}
+
+    def lines():
+        out = [f"run {run.id}: {len(flagged)} likely label errors among {len(report['issues'])} images "
+               f"({args.folds}-fold cross-validation, cleanlab), worst first"]
+        out += [f"- {i['path']}: labelled {i['given']}, looks like {i['suggested']} "
+                f"(label quality {i['label_quality']:.3f})" for i in flagged[:args.top]]
+        if len(flagged) > args.top:
+            out.append(f"  ... {len(flagged) - args.top} more (--top N, or --json)")
+        return out + ["noise estimate: " + "; ".join(describe_noise(report["noise"]))]
+
+    return Output(doc, lines)
+
+
 def cmd_cam_audit(args, ws: Workspace) -> Output:
     from core.explain.cam_audit import Region, box_from, run_cam_audit, save_region, saved_region
     run = ws.run(args.run)
@@ -169,6 +212,21 @@ def add_commands(add) -> None:
                                                   "and say how many more images each class needs")
     p.add_argument("run")
     p.add_argument("--epochs", type=int, help="epochs per fraction (default: the run's); fewer keeps it short")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true")
+    p = add("label-errors", cmd_label_errors, "find likely label errors: k-fold cross-validation (every image predicted "
+                                               "by a model that never saw it), read by cleanlab; prints the flagged "
+                                               "images with the class they look like, and each class's estimated "
+                                               "share of wrong labels",
+            workspace=lambda a: "run" if a.run else True)
+    p.add_argument("run", nargs="?", help="a run whose dataset (with today's labels) and recipe to use")
+    p.add_argument("--data", help="a dataset (folder, CSV, zip or registered name) instead of a run: a quick recipe "
+                                  "trained from scratch")
+    p.add_argument("--folds", type=int, default=5, help="folds (2-10, default 5, as in the studio)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default: the run's, or 8 with --data)")
+    p.add_argument("--image-size", type=int, default=128, help="with --data: image size (default 128)")
+    p.add_argument("--top", type=int, default=20, help="flagged images listed (default 20)")
+    p.add_argument("--all", action="store_true", help="with --json: every image's scores, not only the flagged")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true")
     add_audit_commands(add)

@@ -56,7 +56,7 @@ def run_map(ws: Workspace, run: Run, method: str = "pca") -> dict:
     model prefers another class; core/studies/curation.py), from the run's own probabilities, so in-sample for the
     training images."""
     from core.explain.features import features_key, run_features
-    from core.studies.curation import label_issue_scores
+    from core.studies.curation import normalized_margin
     rf = run_features(ws, run)
     path = run.dir / f"map-{method}.npz"
     key = features_key(run)
@@ -68,7 +68,7 @@ def run_map(ws: Workspace, run: Run, method: str = "pca") -> dict:
     index = {c: i for i, c in enumerate(rf.classes)}
     labels = np.array([index[label] for label in rf.labels], dtype=np.int64)
     predicted = rf.probs.argmax(1) if len(rf.probs) else np.zeros(0, dtype=np.int64)
-    doubt = label_issue_scores(labels, rf.probs)["normalized_margin"] if len(labels) else np.zeros(0)
+    doubt = normalized_margin(labels, rf.probs) if len(labels) else np.zeros(0)
     return {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(), "path": rf.paths, "label": rf.labels,
             "predicted": [rf.classes[i] for i in predicted],
             "confidence": rf.probs.max(1).tolist() if len(rf.probs) else [],

@@ -152,7 +152,7 @@ class JobManager:
         The same request_id twice (a double click, two tabs) gives the same run, not a second job."""
         return self._submit(cfg, request_id, lambda: runs.prepare_run(self.ws, cfg, label_version=label_version))
 
-    def submit_crossval(self, cfg: TrainConfig, folds: int = 4, request_id: str | None = None) -> str:
+    def submit_crossval(self, cfg: TrainConfig, folds: int = 5, request_id: str | None = None) -> str:
         """Queue k-fold cross-validation (out-of-sample probabilities for finding label errors)."""
         from core.studies.curation import as_crossval
         cfg = as_crossval(cfg, folds)

@@ -2,14 +2,15 @@
 
 Out-of-sample probabilities come from k-fold cross-validation over the training and validation images: each
 fold is held out once, a model is trained on the others with the run's config (through `fit`, so everything
-is the same as a normal run), and predicts the held-out fold. The probabilities are then ranked with
-confident-learning scores (Northcutt et al., JAIR 2021), implemented here in numpy:
+is the same as a normal run), and predicts the held-out fold. cleanlab, the reference implementation of confident
+learning (Northcutt et al., JAIR 2021), reads them:
 
-- self-confidence: p[given label];
-- normalized margin: p[given] - max over other classes of p[other] (negative: the model prefers another class);
-- a per-class threshold t_j = mean p_j over images labeled j; an image is a confident off-diagonal candidate when
-  some other class j reaches p_j >= t_j and beats the given label.
-Images are ranked by normalized margin (lowest first), candidates before the rest.
+- which images are likely mislabeled: cleanlab.filter.find_label_issues (pruning by the estimated noise rates);
+- the queue's order: cleanlab.rank.get_label_quality_scores (lowest first; flagged images before the rest);
+- how dirty each class is, and into which class: cleanlab.count.estimate_joint, the joint distribution of given
+  and true labels, read per given class.
+The studio keeps its own code only for the suggested class (the likeliest class other than the given one: cleanlab
+flags, it does not suggest) and for the fold bookkeeping around its training.
 """
 from __future__ import annotations
 
@@ -23,32 +24,71 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import CROSSVAL, TrainConfig
+from core.config import CROSSVAL, ConfigError, TrainConfig
 from core.infer.evaluate import read_predictions
 from core.runs.life import SubReporter, record
 from core.train.loop import fit
 from core.workspace.files import write_atomic, write_json_atomic
 from core.workspace.store import Run, Workspace
 
-LABEL_ISSUES_FILE = "label_issues.json"  # a cross-validation's ranked likely label errors
+LABEL_ISSUES_FILE = "label_issues.json"  # a cross-validation's ranked likely label errors and noise estimate
+DEFAULT_FOLDS = 5  # cleanlab's own default for out-of-sample probabilities (cv_n_folds)
+METHOD = ("cleanlab: filter.find_label_issues (prune_by_noise_rate), rank.get_label_quality_scores "
+          "(self_confidence), count.estimate_joint")
 
 def label_issue_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Scores for each image given its label (ints) and out-of-sample probabilities (N x K)."""
+    """Scores for each image given its label (ints) and out-of-sample probabilities (N x K), from cleanlab:
+    "label_quality" (0 to 1, low: likely wrong), "normalized_margin" (p[given] - max other: negative when the model
+    prefers another class), "suggested" (the likeliest other class), "flagged" (cleanlab's find_label_issues),
+    "order" (flagged first, each group by label quality, lowest first) and "joint" (K x K estimated P(given = i,
+    true = j))."""
+    from cleanlab.count import estimate_joint
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(1, keepdims=True)  # written with 6 decimals: cleanlab wants rows that sum to 1
     n, k = probs.shape
-    self_conf = probs[np.arange(n), labels]
     others = probs.copy()
     others[np.arange(n), labels] = -np.inf
-    best_other = others.argmax(1)
-    margin = self_conf - others[np.arange(n), best_other]
-    thresholds = np.array([probs[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(k)])
-    above = probs >= thresholds[None, :]
-    above[np.arange(n), labels] = False
-    candidate = above.any(1) & (margin < 0)
-    order = np.lexsort((margin, ~candidate))  # candidates first, then by margin, lowest first
-    return {"self_confidence": self_conf, "normalized_margin": margin, "suggested": best_other,
-            "candidate": candidate, "thresholds": thresholds, "order": order}
+    # n_jobs=1: cleanlab would otherwise start a multiprocessing pool from the studio's job thread.
+    flagged = find_label_issues(labels, probs, n_jobs=1)
+    quality = get_label_quality_scores(labels, probs)
+    order = np.lexsort((quality, ~flagged))
+    return {"label_quality": quality, "normalized_margin": normalized_margin(labels, probs),
+            "self_confidence": probs[np.arange(n), labels], "suggested": others.argmax(1), "flagged": flagged,
+            "order": order, "joint": estimate_joint(labels, probs)}
+
+
+def normalized_margin(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """p[given label] - the largest other p, per image, from -1 to 1: negative where the model prefers another class.
+    cleanlab's normalized margin is the same quantity moved to 0..1 ((margin + 1) / 2); the studio shows the margin
+    itself, whose sign says which way the model leans."""
+    from cleanlab.rank import get_normalized_margin_for_each_label
+    labels = np.asarray(labels, dtype=np.int64)
+    return 2.0 * get_normalized_margin_for_each_label(labels, np.asarray(probs, dtype=np.float64)) - 1.0
+
+
+def noise_by_class(joint: np.ndarray, classes: list[str]) -> list[dict]:
+    """Per given class, the estimated share of its images whose true class is another one, and which:
+    [{"class", "mislabeled", "into": {other class: share of this class's images}}], from the joint P(given, true)."""
+    out = []
+    for i, name in enumerate(classes):
+        row = joint[i]
+        total = float(row.sum())
+        into = {classes[j]: float(row[j] / total) for j in range(len(classes)) if j != i and total > 0}
+        out.append({"class": name, "mislabeled": float(1 - row[i] / total) if total > 0 else 0.0, "into": into})
+    return out
+
+
+def describe_noise(noise: list[dict], at_least: float = 0.005) -> list[str]:
+    """Sentences an engineer reads before relabeling: which class is dirty, and into which."""
+    lines = []
+    for c in sorted(noise, key=lambda c: -c["mislabeled"]):
+        for other, share in sorted(c["into"].items(), key=lambda kv: -kv[1]):
+            if share >= at_least:
+                lines.append(f"about {share:.0%} of the images labelled {c['class']} look like {other}")
+    return lines or ["no class looks mislabeled"]
 
 
 def _folds(rows: list[list], k: int, seed: int) -> list[list[int]]:
@@ -76,12 +116,12 @@ def as_crossval(cfg: TrainConfig, folds: int) -> TrainConfig:
     """The config of a k-fold cross-validation run: no test part, so every labeled image gets an
     out-of-sample prediction; the run is marked as a cross-validation (not a model to use)."""
     if not 2 <= folds <= 10:
-        raise ValueError("folds must be between 2 and 10")
+        raise ConfigError("folds", "must be between 2 and 10")
     return TrainConfig.from_dict({**cfg.to_dict(), "test_fraction": 0.0,
                                   "extra": {**cfg.extra, "kind": CROSSVAL, "folds": folds}})
 
 
-def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
+def crossval(ws: Workspace, run: Run, reporter, folds: int = DEFAULT_FOLDS) -> dict:
     """Out-of-sample probabilities for the run's train+val images, and their ranked label-issue scores.
     Writes oof.csv and label_issues.json in the run folder. Returns {"status", ...}."""
     cfg = run.config()
@@ -109,24 +149,44 @@ def crossval(ws: Workspace, run: Run, reporter, folds: int = 4) -> dict:
         if result["status"] == "stopped":
             return {"status": "stopped"}
     known = [r for r in rows if r[0] in probs]
-    labels = np.array([classes.index(r[1]) for r in known])
     p = np.array([probs[r[0]] for r in known])
-    scores = label_issue_scores(labels, p)
-    with open(run.dir / "oof.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "given"] + [f"p_{c}" for c in classes])
-        for r, pr in zip(known, p):
-            w.writerow([r[0], r[1]] + [f"{x:.6f}" for x in pr])
-    issues = [{"path": known[i][0], "given": known[i][1], "suggested": classes[int(scores["suggested"][i])],
+    report = write_label_report(run, known, classes, p, folds, split.get("source", ""))
+    n_flagged = sum(i["flagged"] for i in report["issues"])
+    reporter.log(f"cross-validation done: {n_flagged} likely label errors among {len(known)} images")
+    for line in describe_noise(report["noise"]):
+        reporter.log(line)
+    labels = np.array([classes.index(r[1]) for r in known])
+    record(ws, run.id, best_val_acc=float((p.argmax(1) == labels).mean()))  # out-of-fold accuracy
+    return {"status": "done", "flagged": n_flagged}
+
+
+def write_label_report(run: Run, rows: list[list], classes: list[str], probs: np.ndarray, folds: int,
+                       source: str) -> dict:
+    """oof.csv (each image's out-of-sample probabilities) and label_issues.json (cleanlab's reading of them) in the
+    run's folder, for rows of [path, given label, ...] and their probabilities (N x K). Returns the report."""
+    labels = np.array([classes.index(r[1]) for r in rows])
+    scores = label_issue_scores(labels, probs)
+
+    def write_oof(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "given"] + [f"p_{c}" for c in classes])
+            for r, pr in zip(rows, probs):
+                w.writerow([r[0], r[1]] + [f"{x:.6f}" for x in pr])
+    write_atomic(run.dir / "oof.csv", write_oof)
+    issues = [{"path": rows[i][0], "given": rows[i][1], "suggested": classes[int(scores["suggested"][i])],
+               "label_quality": float(scores["label_quality"][i]),
                "self_confidence": float(scores["self_confidence"][i]),
                "normalized_margin": float(scores["normalized_margin"][i]),
-               "candidate": bool(scores["candidate"][i]), "dataset": split.get("source", "")}
+               "flagged": bool(scores["flagged"][i]), "dataset": source}
               for i in scores["order"]]
-    write_json_atomic(run.dir / LABEL_ISSUES_FILE, {"classes": classes, "folds": folds, "issues": issues}, indent=1)
-    n_cand = int(scores["candidate"].sum())
-    reporter.log(f"cross-validation done: {n_cand} likely label errors among {len(known)} images")
-    record(ws, run.id, best_val_acc=float((p.argmax(1) == labels).mean()))  # out-of-fold accuracy
-    return {"status": "done", "candidates": n_cand}
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels, probs.argmax(1)), 1)
+    report = {"classes": classes, "folds": folds, "method": METHOD, "issues": issues,
+              "noise": noise_by_class(scores["joint"], classes), "joint": scores["joint"].tolist(),
+              "confusion": confusion.tolist()}
+    write_json_atomic(run.dir / LABEL_ISSUES_FILE, report, indent=1)
+    return report
 
 
 def least_confident(predictor, paths: list[str]) -> list[tuple[str, float]]:
@@ -146,20 +206,35 @@ def review_band(predictor, paths: list[str]) -> list[tuple[str, float]]:
     return sorted(hits, key=lambda t: t[1])
 
 
-def read_label_issues(run: Run) -> list[dict]:
+def read_label_report(run: Run) -> dict | None:
+    """A cross-validation's label_issues.json: {"classes", "folds", "method", "issues" (ranked), "noise", "joint",
+    "confusion"}, or None. A report written before the studio used cleanlab reads as one without a noise estimate,
+    its "candidate" images flagged and its normalized margin standing for the label quality."""
     path = run.dir / LABEL_ISSUES_FILE
     if not path.exists():
-        return []
-    return json.loads(path.read_text())["issues"]
+        return None
+    report = json.loads(path.read_text())
+    if "method" not in report:
+        report["method"] = "the studio's own confident-learning scores (before cleanlab)"
+        for issue in report["issues"]:
+            issue.setdefault("flagged", issue.get("candidate", False))
+            issue.setdefault("label_quality", issue.get("normalized_margin", 0.0))
+    report.setdefault("noise", [])
+    return report
 
 
-def latest_label_issues(ws: Workspace, source_key: str) -> tuple[str, list[dict]] | None:
+def read_label_issues(run: Run) -> list[dict]:
+    report = read_label_report(run)
+    return report["issues"] if report else []
+
+
+def latest_label_issues(ws: Workspace, source_key: str) -> tuple[str, dict] | None:
     """The newest cross-validation of a dataset (its split's source is `source_key`) that found label issues:
-    (its run id, the ranked issues), or None."""
+    (its run id, its report: read_label_report), or None."""
     for row in ws.list_runs():  # newest first
         run = ws.run(row["id"])
         if (run.dir / LABEL_ISSUES_FILE).exists() and run.split().get("source") == source_key:
-            return run.id, read_label_issues(run)
+            return run.id, read_label_report(run)
     return None
 
 

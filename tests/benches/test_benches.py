@@ -114,3 +114,35 @@ def test_levers_bench_compares_levers_on_the_same_seeds():
     assert set(doc["levers"]) == {"none", "ema=true"}
     assert 0 <= doc["levers"]["none"]["accuracy_mean"] <= 1 and "paired_difference_mean" in doc["levers"]["ema=true"]
     assert doc["levers"]["ema=true"]["per_seed"][0]["checkpoint_weights"] in ("trained", "averaged")
+
+
+def test_label_errors_bench_scores_one_case_with_both_scorers_and_puts_the_labels_back(tmp_path):
+    """In this process (the bench's parts, on a small generated set): planted flips are found through the studio's
+    k-fold job, both scorers read the same probabilities, and the label store ends as it began."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import label_errors
+
+    from conftest import write_class_folders
+    from core.data.labels import LabelStore
+    from core.data.sources import load_dataset
+    from core.workspace.store import Workspace
+    data = str(write_class_folders(tmp_path / "d", per_class=16, size=32, seed=5))
+    ws = Workspace(tmp_path / "ws")
+    case = label_errors.one_case(ws, data, 0.125, 0, 2, {"epochs": 1, "image_size": 32, "batch_size": 8})
+    assert case["planted"] == 4 and case["images"] == 32
+    for scorer in ("studio", "cleanlab_self_confidence", "cleanlab_normalized_margin", "studio_before"):
+        assert set(case[scorer]) == {"flagged", "precision", "recall", "top_n_precision"}
+        assert all(0 <= case[scorer][k] <= 1 for k in ("precision", "recall", "top_n_precision"))
+    # every flipped image is back to its own label (the store may keep the history, not a different label)
+    ds = load_dataset(data)
+    assert LabelStore(ws).apply(ds).class_counts() == ds.class_counts() == {"blank": 16, "dot": 16}
+
+
+def test_the_scorer_before_cleanlab_flags_a_confident_disagreement():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    from label_errors import measure, old_scores
+    flagged, order = old_scores(np.array([0, 0, 0, 1, 1, 1]),
+                                np.array([[.9, .1], [.8, .2], [.05, .95], [.1, .9], [.3, .7], [.6, .4]]))
+    assert flagged.tolist() == [False, False, True, False, False, True] and order[0] == 2
+    assert measure(flagged, order, {2}) == {"flagged": 2, "precision": 0.5, "recall": 1.0, "top_n_precision": 1.0}

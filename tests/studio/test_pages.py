@@ -1,4 +1,5 @@
 """Every studio page through Streamlit's AppTest: empty workspace, a finished run, and training from the page."""
+import json
 import re
 import shutil
 import time
@@ -465,3 +466,33 @@ def test_train_page_offers_self_supervised_pretraining_with_its_settings(empty_w
     assert any(i.value.startswith("Estimated time: about ") for i in at.info)
     assert at.session_state["estimate"][0]["weights"] == "self-supervised"
     assert at.session_state["estimate"][0]["ssl_epochs"] == 3
+
+
+def test_label_page_queues_what_cleanlab_flags_and_shows_the_noise_estimate(empty_ws, tmp_path):
+    """A cross-validation's report (written as the job writes it, from out-of-sample probabilities planted here:
+    every fourth dot looks like a blank) becomes the "Likely label errors" queue, with the noise estimate."""
+    import numpy as np
+
+    from core.data.sources import load_dataset
+    from core.studies.curation import write_label_report
+    from core.workspace.store import Workspace
+    data = write_class_folders(tmp_path / "parts", per_class=20, size=16)
+    ws = Workspace(empty_ws)
+    ws.register_dataset("parts", str(data))
+    ds = load_dataset(str(data))
+    run = ws.create_run(TrainConfig(data=str(data), weights="none"), "parts")
+    rows = [[s.path, ds.classes[s.label], ""] for s in ds.samples]
+    run.split_path.write_text(json.dumps({"source": ds.source, "classes": ds.classes, "train": rows, "val": [],
+                                          "test": []}))
+    dots = [i for i, r in enumerate(rows) if r[1] == "dot"]
+    looks_blank = set(dots[::4])
+    probs = np.array([[0.97, 0.03] if (r[1] == "blank" or i in looks_blank) else [0.03, 0.97]
+                      for i, r in enumerate(rows)])
+    write_label_report(run, rows, ds.classes, probs, 5, ds.source)
+    at = open_page("pages/label.py")
+    at.radio(key="queue_kind").set_value("Likely label errors").run()
+    assert not at.exception, at.exception
+    shown = texts(at)
+    assert f"{len(looks_blank)} images that cleanlab flags" in shown
+    assert "Estimated label noise" in shown and "of the images labelled dot look like blank" in shown
+    assert len(at.get("plotly_chart")) == 2  # the out-of-fold confusion matrix and the estimated flips
