@@ -19,6 +19,7 @@ def parent_of(pid: int) -> int:
     return int(open(f"/proc/{pid}/stat").read().split(") ")[-1].split()[1])
 
 
+@pytest.mark.slow  # the first use starts the server: torch's imports
 def test_a_forked_process_runs_the_command_line_in_its_own_environment_directory_and_output(tmp_path, workspace):
     server = forkserver.server(worker.child_env())
     log = tmp_path / "process.log"
@@ -37,6 +38,7 @@ def test_a_forked_process_runs_the_command_line_in_its_own_environment_directory
     assert forkserver.server(worker.child_env()) is server
 
 
+@pytest.mark.slow
 def test_a_failed_or_killed_child_reports_its_status_as_popen_would(dot_folder, workspace, tmp_path):
     server = forkserver.server(worker.child_env())
     log = tmp_path / "process.log"

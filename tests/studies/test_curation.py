@@ -92,6 +92,7 @@ def test_crossval_finds_flipped_labels(tmp_path, workspace, monkeypatch):
     assert np.array(report["confusion"]).sum() == 120
 
 
+@pytest.mark.slow  # trains two folds
 def test_label_errors_from_the_command_line(tmp_path, capsys):
     root = write_class_folders(tmp_path / "d", per_class=16, size=32, seed=4)
     ws = tmp_path / "ws"
