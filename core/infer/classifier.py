@@ -17,7 +17,7 @@ from core.data.images import load_array
 from core.data.transforms import Normalizer
 from core.decide.calibration import calibrate
 from core.models.device import autocast, autocast_dtype
-from core.models.resnet import model_from_checkpoint
+from core.models.resnet import forward_features, model_from_checkpoint
 
 TTA_VIEW_SETS = ("flips", "dihedral")
 VIEW_COUNTS = {"none": 1, "flips": 3, "dihedral": 8}
@@ -60,6 +60,20 @@ def forward_probs(model, x_u8: torch.Tensor, normalizer: Normalizer, amp: torch.
     return probs / len(each)
 
 
+@torch.inference_mode()
+def forward_features_and_probs(model, x_u8: torch.Tensor, normalizer: Normalizer, amp: torch.dtype | None,
+                               tta: bool = False, views: str = "flips") -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_probs, step for step, also returning the final layer's input for the batch as given (float32). The
+    features come back from the call, not through a hook: the studio's sessions share one model."""
+    model.eval()
+    x = normalizer(x_u8)
+    with autocast(x.device, amp):
+        inputs = [v.contiguous(memory_format=torch.channels_last) for v in tta_views(x, views)] if tta else [x]
+        feats = [forward_features(model, v) for v in inputs]
+        probs = sum(model.fc(f).float().softmax(1) for f in feats)
+    return feats[0].float(), probs / len(inputs)
+
+
 class Classifier:
     """A trained model with everything its inference needs: classes, input size, normalization, precision,
     TTA, and the run's calibration temperature (1.0: the raw softmax). Plain forward passes do not change the
@@ -92,19 +106,10 @@ class Classifier:
         """(N x F float32 penultimate-layer features, N x classes probabilities) of a uint8 batch in one pass.
         The features are the final layer's input (after pooling) for the image as given, without TTA: what the
         decision is made from, for neighbours, near-duplicates and the embedding map; the probabilities are
-        `probs`' (TTA and temperature included)."""
-        seen = []
-
-        def first_view(module, args):
-            if not seen:  # TTA's flipped views pass here too; the features are the image's own
-                seen.append(args[0].float().cpu().numpy())
-
-        hook = self.model.fc.register_forward_pre_hook(first_view)
-        try:
-            probs = self.probs(x_u8)
-        finally:
-            hook.remove()
-        return seen[0], probs
+        `probs`' (TTA and temperature included), computed with the same operations."""
+        feats, p = forward_features_and_probs(self.model, x_u8.to(self.device), self.normalizer, self.amp, self.tta,
+                                              self.tta_views)
+        return feats.cpu().numpy(), calibrate(p.cpu().numpy().astype(np.float64), self.temperature)
 
     def features(self, x_u8: torch.Tensor) -> np.ndarray:
         return self.features_and_probs(x_u8)[0]

@@ -124,6 +124,15 @@ def read_state_dict_file(path: str | Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of a ResNet's final layer (its pooled backbone features), computed as its forward computes it, up to
+    `fc`: `model.fc(forward_features(model, x))` is `model(x)`, op for op. From the call itself, so that threads
+    sharing one model never see each other's features (a forward hook on the shared model would)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)
+
+
 def _make_head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
     if dropout > 0:
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))

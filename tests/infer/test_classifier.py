@@ -50,6 +50,35 @@ def test_every_consumer_gets_the_evaluations_probabilities(small_run):
     assert tta is small_run["tta"]
 
 
+def test_features_come_with_the_same_probabilities_and_never_from_another_threads_batch(small_run):
+    """Bug: the features were caught by a hook on the shared model's final layer, so another session's forward
+    pass during the call fired it: one user got another's neighbours (or StopIteration with another batch size)."""
+    import threading
+    pred = Predictor(small_run["run"].best_path)
+    clf = pred.classifier
+    paths = [r["path"] for r in read_predictions(small_run["run"])]
+    batches = [torch.from_numpy(np.stack([pred.image(p) for p in paths[i:i + n]])) for i, n in ((0, 1), (1, 3), (4, 6))]
+    alone = [clf.features_and_probs(x) for x in batches]
+    for x, (feats, probs) in zip(batches, alone):
+        assert np.array_equal(probs, clf.probs(x))  # the same operations as every other consumer's
+        assert feats.shape == (len(x), clf.model.fc.in_features if hasattr(clf.model.fc, "in_features")
+                               else clf.model.fc[-1].in_features)
+    wrong = []
+
+    def user(k: int) -> None:
+        for _ in range(15):
+            feats, probs = clf.features_and_probs(batches[k])
+            if not (np.allclose(feats, alone[k][0], atol=1e-5) and np.allclose(probs, alone[k][1], atol=1e-7)):
+                wrong.append(k)
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
 def test_crossval_folds_use_the_same_inference(tmp_path, workspace):
     from core.studies.curation import crossval
     root = write_class_folders(tmp_path / "d", per_class=12, size=32, seed=5)
