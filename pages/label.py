@@ -42,15 +42,14 @@ def _noise_estimate(report: dict) -> None:
     flips = np.array([[0.0 if a == b else c["into"].get(b, 0.0) for b in classes]
                       for a, c in zip(classes, report["noise"])])
     left, right = st.columns(2)
-    for column, z, title, fmt in (
-            (left, np.array(report["confusion"]), "Out-of-fold predictions (count)", "%{z:d}"),
-            (right, flips, "Estimated label flips (share of the given class)", "%{z:.0%}")):
+    for column, z, title, across, fmt in (
+            (left, np.array(report["confusion"]), "Out-of-fold predictions (count)", "predicted", "%{z:d}"),
+            (right, flips, "Estimated label flips (share of the given class)", "looks like", "%{z:.0%}")):
         fig = go.Figure(go.Heatmap(z=z, x=classes, y=classes, colorscale="Blues", texttemplate=fmt,
                                    hovertemplate="given %{y}<br>%{x}<br>%{z}<extra></extra>"))
-        fig.update_layout(title=title, xaxis_title="predicted" if "Out" in title else "looks like",
-                          yaxis_title="given label", yaxis_autorange="reversed", height=220 + 40 * len(classes),
-                          margin=dict(l=10, r=10, t=40, b=10))
-        column.plotly_chart(fig, key=f"noise-{title[:3]}")
+        fig.update_layout(title=title, xaxis_title=across, yaxis_title="given label", yaxis_autorange="reversed",
+                          height=220 + 40 * len(classes), margin=dict(l=10, r=10, t=40, b=10))
+        column.plotly_chart(fig, key=f"noise-{across}")
 
 
 st.title("Label")

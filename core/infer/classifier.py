@@ -50,25 +50,19 @@ def forward_probs(model, x_u8: torch.Tensor, normalizer: Normalizer, amp: torch.
                   tta: bool = False, views: str = "flips") -> torch.Tensor:
     """Softmax probabilities (float32, on the model's device) of a NxHxWx3 uint8 batch; with TTA the mean over
     the batch's `views` (tta_views)."""
-    model.eval()
-    x = normalizer(x_u8)
-    with autocast(x.device, amp):
-        if not tta:
-            return model(x).float().softmax(1)
-        each = tta_views(x, views)
-        probs = sum(model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in each)
-    return probs / len(each)
+    return forward_features_and_probs(model, x_u8, normalizer, amp, tta, views)[1]
 
 
 @torch.inference_mode()
 def forward_features_and_probs(model, x_u8: torch.Tensor, normalizer: Normalizer, amp: torch.dtype | None,
                                tta: bool = False, views: str = "flips") -> tuple[torch.Tensor, torch.Tensor]:
-    """forward_probs, step for step, also returning the final layer's input for the batch as given (float32). The
-    features come back from the call, not through a hook: the studio's sessions share one model."""
+    """forward_probs, and the final layer's input for the batch as given (float32): `model.fc(forward_features(...))`
+    is the model's own forward, op for op, so the features cost nothing extra. They come back from the call, not
+    through a hook: the studio's sessions share one model."""
     model.eval()
     x = normalizer(x_u8)
+    inputs = [v.contiguous(memory_format=torch.channels_last) for v in tta_views(x, views)] if tta else [x]
     with autocast(x.device, amp):
-        inputs = [v.contiguous(memory_format=torch.channels_last) for v in tta_views(x, views)] if tta else [x]
         feats = [forward_features(model, v) for v in inputs]
         probs = sum(model.fc(f).float().softmax(1) for f in feats)
     return feats[0].float(), probs / len(inputs)

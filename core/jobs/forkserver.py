@@ -60,9 +60,6 @@ class ForkedProcess:
         self.returncode = code
         self._exited.set()
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def wait(self, timeout: float | None = None) -> int | None:
         if not self._exited.wait(timeout):
             raise subprocess.TimeoutExpired(f"training process {self.pid}", timeout)

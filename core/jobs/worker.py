@@ -274,8 +274,8 @@ def start_process(ws: Workspace, run: Run, resume: bool):
     (core/jobs/forkserver.py: the seconds of imports are paid once per studio, not once per job), else started
     afresh. Returns a subprocess.Popen or a forkserver.ForkedProcess (pid, wait, returncode)."""
     from core.jobs import forkserver
+    env = child_env()
     if forkserver.enabled():
-        env = child_env()
         try:
             return forkserver.server(env).start(job_command(run.id, resume, ws.root, with_parent=True)[3:],
                                                 str(run.dir / "process.log"), env, os.getcwd())
@@ -283,7 +283,7 @@ def start_process(ws: Workspace, run: Run, resume: bool):
             run.log(f"training process started afresh: {exc}")
     out = open(run.dir / "process.log", "ab")
     try:
-        return subprocess.Popen(job_command(run.id, resume, ws.root, with_parent=True), env=child_env(), stdout=out,
+        return subprocess.Popen(job_command(run.id, resume, ws.root, with_parent=True), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         out.close()

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -78,7 +79,6 @@ def test_jobs_train_in_forked_processes_and_a_dead_server_is_replaced(dot_folder
 def test_a_training_process_is_a_child_of_the_server_while_it_runs(dot_folder, workspace):
     jm = JobManager(workspace)
     rid = jm.submit(tiny_config(dot_folder, epochs=200, batch_size=8))
-    import time
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (workspace.run_row(rid) or {}).get("epochs_done"):
         time.sleep(0.1)
