@@ -44,8 +44,10 @@ def cmd_export(args, ws: Workspace) -> Output:
 
 def cmd_serve(args, ws: Workspace) -> int:
     from core.deploy.serve import serve
-    print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs); Ctrl+C stops", file=sys.stderr)
-    serve(args.model, ws, args.host, args.port, args.max_mb, args.max_files)
+    from core.deploy.uploads import Limits
+    limits = Limits(file_mb=args.max_mb, request_mb=args.max_request_mb, files=args.max_files)
+    serve(args.model, ws, args.host, args.port, limits, args.api_key, args.no_auth, args.allowed_host,
+          args.max_concurrent, args.queue_wait)
     return 0
 
 
@@ -69,4 +71,16 @@ def add_commands(add) -> None:
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) unless you mean otherwise")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-mb", type=float, default=20, help="largest image file accepted, in MB")
+    p.add_argument("--max-request-mb", type=float, default=64, help="largest request body accepted, in MB")
     p.add_argument("--max-files", type=int, default=32, help="most images in one request")
+    p.add_argument("--max-concurrent", type=int, default=4,
+                   help="requests read and predicted at once; others wait (--queue-wait), then get 503 + Retry-After")
+    p.add_argument("--queue-wait", type=float, default=10, metavar="SECONDS",
+                   help="how long a request waits for its turn before it is answered 503")
+    p.add_argument("--api-key", help="require this key (header 'Authorization: Bearer KEY' or 'X-API-Key: KEY'); "
+                                     "default: the STUDIO_API_KEY environment variable, if set")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve on a network address without an API key (refused otherwise)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a host name clients may use to reach the server, besides loopback (repeat; '*' for any); "
+                        "checked against DNS rebinding")

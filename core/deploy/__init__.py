@@ -3,6 +3,8 @@
     predict.py     a loaded model for new images, with heatmaps and evidence
     portable.py    prediction from an exported ONNX file, without torch
     export.py      ONNX / TorchScript files with a model card
-    serve.py       an HTTP JSON API for a model (FastAPI on uvicorn)
+    serve.py       an HTTP JSON API for a model (FastAPI on uvicorn), one request at most its limits and its turn
+    uploads.py     the images of a request, read as the body streams, refused the moment a limit is passed
+    access.py      who may call the server: the API key, the Host allow-list, binding beyond loopback
     audit_pack.py  one report and zip that document a run for an auditor (its HTML: templates/audit_pack.html)
 """

@@ -2,28 +2,41 @@
 
     POST /predict   one or more images (multipart field "files"); ?top_k=3&gradcam=false; each result has the
                     calibrated probabilities and, when the run has a decision rule (`core decide`), its "decision"
-    GET  /health    {"status": "ok"}
+    GET  /health    {"status": "ok"}: open without a key, answered at once however busy the server is
     GET  /model     the model card (classes, input, normalization, TTA, test metrics)
-    GET  /docs      OpenAPI documentation (FastAPI's)
+    GET  /docs      OpenAPI documentation (FastAPI's); /openapi.json describes every status the server answers
 
 The model is a run's best checkpoint (the studio's Predictor: Grad-CAM available) or an exported ONNX file
-(core/deploy/portable.py: no torch). Bad input is a 4xx with a reason and never takes the server down: no file, too many
-files, a file over the size limit, or a file that is not a usable image (the reason names it: not an image,
-truncated, too many pixels...). The server binds to 127.0.0.1 unless told otherwise.
+(core/deploy/portable.py: no torch). One request cannot knock the server over:
+- its body is read as it streams, refused (413) the moment it passes a limit: the whole body, one file, the number
+  of files or of other fields (core/deploy/uploads.py);
+- a large image is decoded in bounded memory (core/data/images.py), a bad one is a 422 naming the file and why;
+- at most `max_concurrent` requests are read and predicted at once; others wait up to `queue_wait_s` for a turn,
+  then get 503 with Retry-After, so a burst is answered late instead of running the machine out of memory.
+Access (core/deploy/access.py): an API key when given, a Host allow-list always; binding beyond loopback without a
+key refuses to start unless the user says --no-auth.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import os
+import sys
 from dataclasses import dataclass
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from core.deploy.access import API_KEY_ENV, OPEN_PATHS, AccessGuard, allowed_hosts, check_bind
+from core.deploy.uploads import FIELD, Limits, read_images
 from core.workspace.store import Workspace
 
-DEFAULT_MAX_MB = 20
-DEFAULT_MAX_FILES = 32
+DEFAULT_MAX_CONCURRENT = 4   # requests read and predicted at once: each holds at most Limits.request_mb of body
+DEFAULT_QUEUE_WAIT_S = 10.0  # how long a request waits for a turn before it gets 503
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass
@@ -48,59 +61,99 @@ def load_model(source: str, ws: Workspace | None = None) -> ServedModel:
     return ServedModel(predictor, card, gradcam=True)
 
 
-def create_app(model: ServedModel, max_mb: float = DEFAULT_MAX_MB, max_files: int = DEFAULT_MAX_FILES):
-    max_bytes = int(max_mb * 2**20)
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
+
+
+def create_app(model: ServedModel, limits: Limits = DEFAULT_LIMITS, api_key: str | None = None,
+               hosts: list[str] | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+               queue_wait_s: float = DEFAULT_QUEUE_WAIT_S) -> FastAPI:
     app = FastAPI(title="Image classifier studio: prediction API", version="1",
                   description=f"Model {model.card.get('run_id', '')}: classes {', '.join(model.card['classes'])}")
+    app.add_middleware(AccessGuard, api_key=api_key, hosts=hosts if hosts is not None else allowed_hosts("", None))
+    turns = asyncio.Semaphore(max_concurrent)
+    errors = {400: _error("Malformed request, no image, an unknown Host, or Grad-CAM asked of an ONNX model"),
+              408: _error("The body did not arrive in time"),
+              413: _error("Over a limit: the body, one file, the number of files or of fields"),
+              415: _error("The body is not multipart/form-data"),
+              422: _error("A file is not a usable image (each named with its reason), or a bad query parameter"),
+              503: _error("Busy: every turn was taken for the whole wait; retry after the Retry-After seconds")}
+    if api_key:
+        errors[401] = _error("Missing or wrong API key")
 
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        # Checked before the multipart body is parsed (and spooled to disk): the whole request's size.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes * max_files + 2**20:
-            return JSONResponse({"detail": f"request of {int(length):,} bytes is over the limit "
-                                           f"({max_files} files of {max_mb:g} MB)"}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def one_line(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default is a list of objects; every other refusal here is {"detail": "one readable line"}
+        where = lambda e: ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"  # noqa: E731
+        return JSONResponse({"detail": "; ".join(f"{where(e)}: {e.get('msg', '')}" for e in exc.errors())}, 422)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:  # async: answered on the event loop, never queued behind predictions
         return {"status": "ok"}
 
-    @app.get("/model")
-    def card() -> dict:
+    @app.get("/model", responses={k: v for k, v in errors.items() if k in (400, 401)})
+    async def card() -> dict:
         return model.card
 
-    @app.post("/predict")
-    def predict(files: list[UploadFile] | None = File(None, description="one or more images"),
-                top_k: int = Query(3, ge=1, le=100), gradcam: bool = Query(False)) -> dict:
-        if not files:
-            raise HTTPException(400, "no image in the request: send one or more files as multipart field 'files'")
-        if len(files) > max_files:
-            raise HTTPException(413, f"{len(files)} files in one request; the limit is {max_files}")
+    body = {"type": "object", "required": [FIELD], "properties": {FIELD: {
+        "type": "array", "minItems": 1, "maxItems": limits.files, "items": {"type": "string", "format": "binary"},
+        "description": f"one or more image files (PNG, JPEG, BMP, GIF, TIFF, WebP...), each at most "
+                       f"{limits.file_mb:g} MB, {limits.request_mb:g} MB in all"}}}
+
+    @app.post("/predict", responses=errors, openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": body, "encoding": {FIELD: {"contentType": "image/png"}}}}}})
+    async def predict(request: Request, top_k: int = Query(3, ge=1, le=100),
+                      gradcam: bool = Query(False)) -> dict:
         if gradcam and not model.gradcam:
             raise HTTPException(400, "Grad-CAM needs the run's checkpoint: this server runs an exported ONNX file")
-        named = [(f.filename or f"file {i + 1}", _read_limited(f, max_bytes)) for i, f in enumerate(files)]
-        for name, data in named:
-            if data is None:
-                raise HTTPException(413, f"{name} is over the per-file limit of {max_mb:g} MB")
-        results = model.predictor.predict([data for _, data in named], top_k=top_k)
-        bad = [f"{name}: {r['error']}" for (name, _), r in zip(named, results) if "error" in r]
-        if bad:  # a request with an unusable image is refused whole, each bad file named with its reason
-            raise HTTPException(422, "; ".join(bad))
-        for (name, data), result in zip(named, results):
-            result["file"] = name
-            result.pop("path", None)
-            if gradcam:
-                result["gradcam_png"] = _gradcam_png(model.predictor, data, result["top"][0]["label"])
-        return {"model": model.card.get("run_id"), "results": results}
+        try:
+            await asyncio.wait_for(turns.acquire(), queue_wait_s)
+        except TimeoutError:
+            raise HTTPException(503, f"busy: {max_concurrent} requests in progress for the last {queue_wait_s:g} s",
+                                headers={"Retry-After": "1"}) from None
+        try:
+            named = await read_images(request, limits)
+            return await run_in_threadpool(_predict, model, named, top_k, gradcam)
+        finally:
+            turns.release()
 
+    if api_key:
+        _document_the_key(app)
     return app
 
 
-def _read_limited(upload, max_bytes: int) -> bytes | None:
-    """The upload's bytes, or None when it is over max_bytes (read no further than that)."""
-    data = upload.file.read(max_bytes + 1)
-    return None if len(data) > max_bytes else data
+def _document_the_key(app: FastAPI) -> None:
+    """The schema says every path but OPEN_PATHS needs the key, in either header (clients and fuzzers read it)."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            for path, operations in schema["paths"].items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _predict(model: ServedModel, named: list[tuple[str, bytes]], top_k: int, gradcam: bool) -> dict:
+    results = model.predictor.predict([data for _, data in named], top_k=top_k)
+    bad = [f"{name}: {r['error']}" for (name, _), r in zip(named, results) if "error" in r]
+    if bad:  # a request with an unusable image is refused whole, each bad file named with its reason
+        raise HTTPException(422, "; ".join(bad))
+    for (name, data), result in zip(named, results):
+        result["file"] = name
+        result.pop("path", None)
+        if gradcam:
+            result["gradcam_png"] = _gradcam_png(model.predictor, data, result["top"][0]["label"])
+    return {"model": model.card.get("run_id"), "results": results}
 
 
 def _gradcam_png(predictor, data: bytes, label: str) -> str:
@@ -112,7 +165,15 @@ def _gradcam_png(predictor, data: bytes, label: str) -> str:
 
 
 def serve(source: str, ws: Workspace | None = None, host: str = "127.0.0.1", port: int = 8000,
-          max_mb: float = DEFAULT_MAX_MB, max_files: int = DEFAULT_MAX_FILES) -> None:
+          limits: Limits = DEFAULT_LIMITS, api_key: str | None = None, no_auth: bool = False,
+          extra_hosts: list[str] | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+          queue_wait_s: float = DEFAULT_QUEUE_WAIT_S) -> None:
     import uvicorn
-    app = create_app(load_model(source, ws), max_mb, max_files)
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    warning = check_bind(host, api_key, no_auth)  # before the model loads: a refusal costs nothing
+    if warning:
+        print(warning, file=sys.stderr)
+    print(f"serving {source} on http://{host}:{port} (docs at /docs); Ctrl+C stops", file=sys.stderr)
+    app = create_app(load_model(source, ws), limits, api_key, allowed_hosts(host, extra_hosts), max_concurrent,
+                     queue_wait_s)
     uvicorn.run(app, host=host, port=port, log_level="warning")
