@@ -11,6 +11,7 @@ from core.data.sources import DatasetError, imbalance, load_dataset
 from core.data.split import default_split
 from core.data.zips import ImportError_, import_zip
 from core.runs import life as runs
+from core.workspace.store import NameTaken
 from pages import _ui
 
 st.title("Datasets")
@@ -30,18 +31,19 @@ with st.expander("Add a dataset", expanded=not ws.list_datasets()):
                     ws.register_dataset(name.strip() or ds.name, path.strip())
                     st.session_state["dataset"] = name.strip() or ds.name
                     st.success(f"Registered {ds.name}: {len(ds.samples)} images in {len(ds.classes)} classes.")
-                except DatasetError as exc:
+                except (DatasetError, NameTaken) as exc:
                     st.error(str(exc))
     with tab_zip:
         upload = st.file_uploader("Zip of class folders", type=["zip"],
                                   help="Extracted into the workspace. Unsafe entries are skipped.")
         if upload is not None and st.button("Import zip", type="primary"):
             try:
-                result = import_zip(upload, ws.root / "datasets", name=upload.name.rsplit(".", 1)[0])
+                result = import_zip(upload, ws.root / "datasets", name=upload.name.rsplit(".", 1)[0],
+                                    taken={d["name"] for d in ws.list_datasets()})
                 ds = load_dataset(str(result.path))
                 ws.register_dataset(result.name, str(result.path))
                 st.session_state["dataset"] = result.name
-                st.success(f"Imported {result.files} images into {result.path}.")
+                st.success(f"Imported {result.files} images into {result.path}, registered as {result.name}.")
                 if result.skipped:
                     st.warning(f"{len(result.skipped)} entries skipped.")
                     st.dataframe(pd.DataFrame(result.skipped, columns=["entry", "reason"]), hide_index=True)

@@ -412,6 +412,100 @@ def test_predict_page_zip_reader_refuses_bombs_and_names_skipped_entries():
         read_zip_images(io.BytesIO(b"no zip here"))
 
 
+def _corrupted(entries, method, name) -> bytes:
+    """A zip whose entry `name` (compressed with `method`) has its compressed data scrambled mid-way."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for entry, data in entries:
+            zf.writestr(entry, data)
+    data = bytearray(buf.getvalue())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo(name)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start + info.compress_size // 3, start + info.compress_size // 3 + 16):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+def _noisy_png(seed: int) -> bytes:  # random pixels: compressed data long enough to scramble its middle
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2, zipfile.ZIP_DEFLATED])
+def test_a_corrupt_entry_is_skipped_and_named_and_the_rest_imported(tmp_path, method):
+    entries = [(f"set/{c}/{i}.png", _noisy_png(i + 10 * k)) for k, c in enumerate(("ok", "nok")) for i in range(3)]
+    data = _corrupted(entries, method, "set/ok/1.png")
+    result = import_zip(io.BytesIO(data), tmp_path / "datasets", name="parts")
+    assert result.files == 5 and "corrupt entry" in dict(result.skipped)["set/ok/1.png"]
+    assert not (result.path / "ok" / "1.png").exists()  # nothing half-written is left
+    from core.data.zips import read_zip_images
+    images, skipped, _ = read_zip_images(io.BytesIO(data))
+    assert len(images) == 5 and "corrupt entry" in dict(skipped)["set/ok/1.png"]
+
+
+def test_names_marked_utf8_that_are_not_are_refused_with_a_reason(tmp_path):
+    data = _zip([("set/a/\u00e9t\u00e9.png", _png_bytes()), ("set/b/1.png", _png_bytes())])
+    data = data.replace("\u00e9t\u00e9".encode(), b"\xfft\xfe\xff\xfe")  # same length; the UTF-8 flag stays set
+    with pytest.raises(ImportError_, match="not valid UTF-8"):
+        import_zip(io.BytesIO(data), tmp_path / "datasets", name="x")
+    from core.data.zips import read_zip_images
+    with pytest.raises(ImportError_, match="not valid UTF-8"):
+        read_zip_images(io.BytesIO(data))
+    assert list((tmp_path / "datasets").iterdir()) == []
+
+
+def test_clashing_entries_are_skipped_one_by_one_not_the_whole_import(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it is asked to write
+        data = _zip(_good_entries() + [("set/ok/0.png", _png_bytes((0, 0, 255))),   # a second set/ok/0.png
+                                       ("set/ok/" + "n" * 300 + ".png", _png_bytes()),  # over NAME_MAX
+                                       ("set/nok/2.png/inner.png", _png_bytes())])      # a folder named as a file
+    result = import_zip(io.BytesIO(data), tmp_path / "datasets", name="parts")
+    reasons = dict(result.skipped)
+    assert result.files == 6
+    assert "same name" in reasons["set/ok/0.png"] and "too long" in reasons["set/ok/" + "n" * 300 + ".png"]
+    assert "a file and a folder" in reasons["set/nok/2.png/inner.png"]
+    assert open_image(result.path / "ok" / "0.png").getpixel((0, 0)) == (200, 10, 10)  # the first one kept
+
+
+def test_an_import_that_would_not_fit_on_the_disk_is_refused_before_extracting(tmp_path, monkeypatch):
+    import shutil
+
+    import core.data.zips as zips
+    real = shutil.disk_usage
+    monkeypatch.setattr(zips.shutil, "disk_usage", lambda p: real(p)._replace(free=zips.DISK_RESERVE + 100))
+    with pytest.raises(ImportError_, match="GB is free"):
+        import_zip(io.BytesIO(_zip(_good_entries())), tmp_path / "datasets", name="x")
+    assert list((tmp_path / "datasets").iterdir()) == []
+
+
+def test_a_killed_imports_folder_is_swept_up_by_the_next_import(tmp_path):
+    datasets = tmp_path / "datasets"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (datasets / f".import-{dead.pid}-abc123" / "set" / "ok").mkdir(parents=True)  # as a killed import left it
+    live = datasets / f".import-{os.getppid()}-xyz789"  # another process's import in progress
+    live.mkdir()
+    import_zip(io.BytesIO(_zip(_good_entries())), datasets, name="parts")
+    assert sorted(p.name for p in datasets.iterdir()) == sorted(["parts", live.name])
+
+
+def test_a_zip_named_like_a_registered_dataset_does_not_replace_it(tmp_path):
+    from core.workspace.store import NameTaken, Workspace
+    ws = Workspace(tmp_path / "ws")
+    ws.register_dataset("parts", "/data/parts")
+    result = import_zip(io.BytesIO(_zip(_good_entries())), ws.root / "datasets", name="parts",
+                        taken={d["name"] for d in ws.list_datasets()})
+    assert result.name == "parts-2"
+    with pytest.raises(NameTaken, match="registered already"):
+        ws.register_dataset("parts", str(result.path))
+    ws.register_dataset("parts", "/data/parts")  # the same registration again is fine
+    assert {d["name"]: d["source"] for d in ws.list_datasets()} == {"parts": "/data/parts"}
+
+
 @pytest.mark.slow
 def test_the_training_thread_serves_the_next_job_after_the_database_failed_under_one(dot_folder, workspace,
                                                                                      monkeypatch):

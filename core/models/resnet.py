@@ -166,6 +166,12 @@ def _load_backbone(model: nn.Module, state: dict, arch: str, source: str):
     model.load_state_dict(to_load, strict=False)
 
 
+def check_weights_file(arch: str, path: str | Path) -> None:
+    """WeightsError unless the file holds weights this arch's backbone loads: read (safely) and fitted onto a fresh
+    model, as training will, so that a wrong file is a one-line refusal before any run exists."""
+    _load_backbone(build_model(arch, 2), read_state_dict_file(path), arch, f"weights file {Path(path).name}")
+
+
 def build_model(arch: str, num_classes: int, weights: str = "none", dropout: float = 0.0,
                 freeze_backbone: bool = False) -> nn.Module:
     """A ResNet with a num_classes head. weights: "imagenet", "none", or a state_dict file path."""

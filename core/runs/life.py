@@ -111,8 +111,14 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     from core.data.split import origin_groups, split_to_json, stratified_split
     cfg.validate()
     w = str(cfg.weights).strip()
-    if w.lower() not in ("imagenet", "none", "scratch", "self-supervised") and not Path(w).expanduser().is_file():
-        raise ConfigError("weights", f"file {w} not found (use imagenet, none, self-supervised, or a .pth file)")
+    if w.lower() not in ("imagenet", "none", "scratch", "self-supervised"):
+        if not Path(w).expanduser().is_file():
+            raise ConfigError("weights", f"file {w} not found (use imagenet, none, self-supervised, or a .pth file)")
+        from core.models.resnet import WeightsError, check_weights_file
+        try:  # read now, not after the run exists and the dataset is decoded
+            check_weights_file(cfg.arch, Path(w).expanduser())
+        except WeightsError as exc:
+            raise ConfigError("weights", str(exc)) from None
     store = LabelStore(ws)
     ds = store.apply(load_dataset(cfg.data))  # the effective labels: folder labels overridden by the store
     if label_version is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from core.errors import UserError
 from core.workspace.files import write_atomic, write_json_atomic
 
 ACTIVE = ("queued", "running", "stopping")
@@ -59,6 +60,10 @@ RUN_COLUMNS = ("id", "dataset", "arch", "weights", "status", "created", "started
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
                  "avg_val_loss", "avg_val_acc",  # the averaged weights' (ema, swa), else empty
                  "train_size"]  # the side the epoch trained at: below the run's size in progressive resizing's epochs
+
+
+class NameTaken(UserError):
+    """A dataset name already registered for another source."""
 
 
 def default_workspace() -> Path:
@@ -270,8 +275,14 @@ class Workspace:
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     # --- datasets -----------------------------------------------------------------------------------
-    def register_dataset(self, name: str, source: str) -> None:
+    def register_dataset(self, name: str, source: str, replace: bool = False) -> None:
+        """Register a dataset under a name. A name that already names another source is refused (NameTaken) unless
+        replace: registering must never silently repoint a dataset that runs and labels refer to."""
         with self._db() as db:
+            row = db.execute("SELECT source FROM datasets WHERE name = ?", (name,)).fetchone()
+            if row is not None and row["source"] != str(source) and not replace:
+                raise NameTaken(f"a dataset named {name!r} is registered already (from {row['source']}); "
+                                "choose another name, or remove that one first")
             db.execute("INSERT OR REPLACE INTO datasets (name, source, added) VALUES (?,?,?)",
                        (name, str(source), time.time()))
 

@@ -96,10 +96,17 @@ def test_typed_flags_win_over_a_preset_even_at_their_default():
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     ws = tmp_path / "ws"
     data = write_class_folders(tmp_path / "dots", per_class=5, size=16)
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    (tmp_path / "zeros.pth").write_bytes(b"\0" * 64)
+    import torch
+    torch.save({"fc.weight": torch.zeros(2, 512)}, tmp_path / "head_only.pth")  # loads, but not a resnet18
     cases = [
         (("train", "--data", tmp_path / "nowhere"), "does not exist"),
         (("train", "--data", data, "--lr", "0"), "lr: must be greater than 0"),
         (("train", "--data", data, "--weights", tmp_path / "missing.pth"), "weights"),
+        (("train", "--data", data, "--weights", tmp_path / "notes.pth"), "weights: weights file notes.pth"),
+        (("train", "--data", data, "--weights", tmp_path / "zeros.pth"), "weights: weights file zeros.pth"),
+        (("train", "--data", data, "--weights", tmp_path / "head_only.pth"), "does not match resnet18"),
         (("train", "--data", data, "--set", "nosuchfield=1"), "nosuchfield: no such config field"),
         (("train", "--data", data, "--set", "hflip=maybe"), "hflip: expected true/false"),
         (("evaluate", "no-such-run"), "no run"),
@@ -119,6 +126,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
         assert main(["--workspace", str(ws), *map(str, args)]) == 2, args
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    from core.workspace.store import Workspace
+    assert Workspace(ws).list_runs() == []  # no mistake became a run
 
 
 def test_train_estimate_trains_nothing(tmp_path, capsys):
