@@ -10,6 +10,7 @@ page = _nav.navigation()
 from pages import _ui  # noqa: E402  (after the navigation: a first run in legacy mode ends above)
 
 _ui.css()
+_ui.login_gate()  # a shared studio ([auth] in secrets.toml): nothing below for a visitor who has not signed in
 _ui.sidebar()
 try:
     page.run()

@@ -126,7 +126,43 @@ def sidebar() -> None:
         if logo.exists():
             st.logo(str(logo))
         st.caption(f"Workspace: `{workspace_root()}`")
+        if login_configured() and st.user.is_logged_in:
+            st.caption(f"Signed in as {actor()}")
+            if st.button("Sign out", key="sign_out"):
+                st.logout()
         _sidebar_status()
+
+
+# --- who is at the keyboard ------------------------------------------------------------------------------------------
+def login_configured() -> bool:
+    """Whether the administrator configured Streamlit's login (an [auth] section in .streamlit/secrets.toml): then
+    every page needs a signed-in user. On localhost without one, nothing changes."""
+    try:
+        return "auth" in st.secrets
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def login_gate() -> None:
+    """With login configured, a visitor who has not signed in sees only the sign-in buttons (one per provider)."""
+    if not login_configured() or st.user.is_logged_in:
+        return
+    st.title("Image classifier studio")
+    st.info("This studio is shared: sign in to see its datasets and runs.")
+    auth = st.secrets["auth"]
+    providers = [name for name in auth if hasattr(auth[name], "keys")]  # [auth.google], [auth.microsoft]...
+    for name in providers or [None]:
+        if st.button(f"Sign in with {name}" if name else "Sign in", key=f"sign_in_{name}"):
+            st.login(name) if name else st.login()
+    st.stop()
+
+
+def actor() -> str | None:
+    """Who makes a change: the signed-in user (email, else name) of a shared studio, recorded with each label change
+    and the one whose changes their Undo undoes. None on a studio without login: one person at this machine."""
+    if login_configured() and st.user.is_logged_in:
+        return str(st.user.get("email") or st.user.get("name") or st.user.get("sub") or "signed-in user")
+    return None
 
 
 @st.fragment(run_every=2)

@@ -7,7 +7,7 @@ import streamlit as st
 from core.config import TrainConfig
 from core.data.duplicates import describe_groups
 from core.data.images import ImageLoadError, load_array
-from core.data.sources import DatasetError, imbalance, load_dataset
+from core.data.sources import DatasetError, check_data_roots, check_samples_in_data_roots, imbalance, load_dataset
 from core.data.split import default_split
 from core.data.zips import ImportError_, import_zip
 from core.runs import life as runs
@@ -27,7 +27,9 @@ with st.expander("Add a dataset", expanded=not ws.list_datasets()):
             name = st.text_input("Name (optional)")
             if st.form_submit_button("Register", type="primary"):
                 try:
+                    check_data_roots(path, also=(ws.root / "datasets",))  # a shared studio: only where allowed
                     ds = load_dataset(path)
+                    check_samples_in_data_roots(ds, also=(ws.root / "datasets",))
                     ws.register_dataset(name.strip() or ds.name, path.strip())
                     st.session_state["dataset"] = name.strip() or ds.name
                     st.success(f"Registered {ds.name}: {len(ds.samples)} images in {len(ds.classes)} classes.")

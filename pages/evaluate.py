@@ -110,7 +110,7 @@ overrides = store.overrides(dataset_key)
 
 def _fix(paths: list[str], label: str | None, exclude: bool = False) -> None:
     shown = {p: next((i["true"] for i in items if i["path"] == p), None) for p in paths}
-    relabel(store, dataset_key, shown, label, exclude)
+    relabel(store, dataset_key, shown, label, exclude, actor=_ui.actor())
     st.toast(f"{'Excluded' if exclude else 'Relabeled'} {len(paths)} image(s); the next training run uses it. "
              "Undo on the Label page.")
 

@@ -69,10 +69,10 @@ classes = m["classes"]
 a1, a2, a3 = st.columns([2, 1, 1])
 target = a1.selectbox(f"Assign the {len(picked)} selected image(s) to", classes, key="explore_target")
 if a2.button("Assign", key="explore_assign"):
-    relabel(store, dataset_key, dict(zip(picked["path"], picked["label"])), target)
+    relabel(store, dataset_key, dict(zip(picked["path"], picked["label"])), target, actor=_ui.actor())
     st.toast(f"Relabeled {len(picked)} image(s) as {target}; the next training run uses it. Undo on the Label page.")
 if a3.button("Exclude", key="explore_exclude"):
-    relabel(store, dataset_key, dict(zip(picked["path"], picked["label"])), exclude=True)
+    relabel(store, dataset_key, dict(zip(picked["path"], picked["label"])), exclude=True, actor=_ui.actor())
     st.toast(f"Excluded {len(picked)} image(s) from training. Undo on the Label page.")
 
 predictor = get_predictor(ws, run_id)

@@ -158,7 +158,7 @@ st.progress(done_n / len(queue) if queue else 0.0, text=f"{done_n} of {len(queue
 
 
 def assign(path: str, label: str | None, how: str, exclude: bool = False) -> None:
-    relabel(store, key, {path: original.get(path)}, label, exclude, source=how)
+    relabel(store, key, {path: original.get(path)}, label, exclude, source=how, actor=_ui.actor())
     reviewed.add(path)
 
 
@@ -211,11 +211,15 @@ elif queue:
 # --- history, undo, export ----------------------------------------------------------------------------
 st.subheader("History")
 h1, h2 = st.columns([1, 4])
-if h1.button("Undo last change", key="undo"):
-    reverted = store.undo(key)
+if h1.button("Undo my last change", key="undo", help="Undoes your last change, not anyone else's, back to exactly "
+                                                      "what was there before it"):
+    entries = store.undo(key, actor=_ui.actor())
+    reverted = [e for e in entries if not e["kept"]]
     for e in reverted:
         reviewed.discard(e["path"])
-    st.toast(f"Undid {len(reverted)} change(s)" if reverted else "Nothing to undo")
+    kept = len(entries) - len(reverted)
+    st.toast((f"Undid {len(reverted)} change(s)" if entries else "Nothing of yours to undo")
+             + (f"; {kept} image(s) changed by someone since were left as they are" if kept else ""))
     st.rerun()
 history = store.history(key, limit=100)
 if history:
@@ -226,8 +230,9 @@ if history:
     frame = pd.DataFrame(history)
     frame["when"] = pd.to_datetime(frame["at"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
     frame["file"] = frame["path"].map(lambda p: Path(p).name)
-    st.dataframe(frame[["when", "file", "old_label", "new_label", "new_excluded", "source", "undone"]], hide_index=True,
-                 key="history_table")
+    frame["who"] = frame["actor"].fillna("")
+    st.dataframe(frame[["when", "file", "old_label", "new_label", "new_excluded", "source", "who", "undone"]],
+                 hide_index=True, key="history_table")
 else:
     st.caption("No label changes yet.")
 

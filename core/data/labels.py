@@ -1,7 +1,9 @@
 """The label store: corrected labels and exclusions in the workspace's SQLite database.
 
 A dataset's effective labels are its folder/CSV labels overridden by this store. Every change is appended to
-a history (old, new, when, source) and can be undone; image files are never moved or modified. The label
+a history (old, new, when, source, who) and can be undone by the person who made it, back to exactly what was
+stored before (including "no override", so a later edit of the folder or CSV is seen again); image files are
+never moved or modified. The label
 version of a dataset is the id of its latest history entry: each run records the version it trained on.
 
 Writes are short IMMEDIATE transactions with a busy timeout and a retry, so several sessions (or processes)
@@ -42,6 +44,9 @@ CREATE TABLE IF NOT EXISTS label_history (
 );
 CREATE INDEX IF NOT EXISTS label_history_dataset ON label_history (dataset, id);
 """
+# Added later (ALTER TABLE on an older workspace): who made a change, and the labels row exactly as it was before it
+# (had_row 0: there was no override at all; stored_label: the row's label, NULL for "no label override").
+HISTORY_COLUMNS = {"actor": "TEXT", "had_row": "INTEGER", "stored_label": "TEXT", "new_stored_label": "TEXT"}
 
 
 class LabelStore:
@@ -50,6 +55,14 @@ class LabelStore:
         con = sqlite3.connect(self.db_path, timeout=30)
         try:
             con.executescript(SCHEMA)
+            have = {r[1] for r in con.execute("PRAGMA table_info(label_history)")}
+            for column, kind in HISTORY_COLUMNS.items():
+                if column not in have:
+                    try:
+                        con.execute(f"ALTER TABLE label_history ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError:  # another process added it a moment ago
+                        pass
+            con.commit()
         finally:
             con.close()
 
@@ -81,9 +94,11 @@ class LabelStore:
 
     # --- writing ------------------------------------------------------------------------------------
     def set_labels(self, dataset: str, changes: dict[str, str | None], source: str = "manual",
-                   original: dict[str, str | None] | None = None, excluded: bool | None = None) -> int:
-        """Set the label (and/or the excluded flag) of several images in one action. `original` gives each
-        image's folder label, recorded as the old label the first time it changes. Returns the new version."""
+                   original: dict[str, str | None] | None = None, excluded: bool | None = None,
+                   actor: str | None = None) -> int:
+        """Set the label (and/or the excluded flag) of several images in one action by `actor` (who: a signed-in
+        user, or one browser session). `original` gives each image's folder label, recorded as the old label the
+        first time it changes. Returns the new version."""
         if source not in SOURCES:
             raise ValueError(f"unknown label source {source!r}")
         original = original or {}
@@ -104,23 +119,28 @@ class LabelStore:
                             "excluded = excluded.excluded, updated = excluded.updated",
                             (dataset, path, label, new_excl, now))
                 con.execute("INSERT INTO label_history (dataset, path, old_label, new_label, old_excluded, "
-                            "new_excluded, at, source, batch) VALUES (?,?,?,?,?,?,?,?,?)",
+                            "new_excluded, at, source, batch, actor, had_row, stored_label, new_stored_label) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             (dataset, path, old_label, label if label is not None else old_label, old_excl,
-                             new_excl, now, source, batch))
+                             new_excl, now, source, batch, actor, int(row is not None),
+                             row["label"] if row else None, label))
             return _version(con, dataset)
 
     def set_label(self, dataset: str, path: str, label: str, source: str = "manual",
-                  original: str | None = None) -> int:
-        return self.set_labels(dataset, {path: label}, source, {path: original} if original else None)
+                  original: str | None = None, actor: str | None = None) -> int:
+        return self.set_labels(dataset, {path: label}, source, {path: original} if original else None, actor=actor)
 
-    def exclude(self, dataset: str, paths: list[str], excluded: bool = True, source: str = "manual") -> int:
-        return self.set_labels(dataset, {p: None for p in paths}, source, excluded=excluded)
+    def exclude(self, dataset: str, paths: list[str], excluded: bool = True, source: str = "manual",
+                actor: str | None = None) -> int:
+        return self.set_labels(dataset, {p: None for p in paths}, source, excluded=excluded, actor=actor)
 
-    def undo(self, dataset: str) -> list[dict]:
-        """Revert the latest action (all images it changed). Returns the reverted entries."""
+    def undo(self, dataset: str, actor: str | None = None) -> list[dict]:
+        """Revert the latest action of `actor` (all images it changed) to exactly what was stored before it: the
+        override it replaced, or no override at all. An image someone changed since is left as they made it and
+        comes back with "kept": True. Returns the action's entries ("kept" False for the reverted ones)."""
         with self._tx() as con:
             last = con.execute("SELECT batch FROM label_history WHERE dataset = ? AND undone = 0 AND source != 'undo' "
-                               "ORDER BY id DESC LIMIT 1", (dataset,)).fetchone()
+                               "AND actor IS ? ORDER BY id DESC LIMIT 1", (dataset, actor)).fetchone()
             if last is None:
                 return []
             entries = [dict(r) for r in con.execute(
@@ -128,13 +148,25 @@ class LabelStore:
                 (dataset, last["batch"])).fetchall()]
             now = time.time()
             for e in entries:
-                con.execute("UPDATE labels SET label = ?, excluded = ?, updated = ? WHERE dataset = ? AND path = ?",
-                            (e["old_label"], e["old_excluded"], now, dataset, e["path"]))
-                con.execute("UPDATE label_history SET undone = 1 WHERE id = ?", (e["id"],))
+                row = con.execute("SELECT label, excluded FROM labels WHERE dataset = ? AND path = ?",
+                                  (dataset, e["path"])).fetchone()
+                exact = e["had_row"] is not None  # recorded since the exact state was kept
+                expected = (e["new_stored_label"], e["new_excluded"]) if exact else None
+                e["kept"] = bool(exact and (row is None or (row["label"], row["excluded"]) != expected))
+                if e["kept"]:
+                    continue  # changed by someone since: theirs stands
+                if exact and not e["had_row"]:
+                    con.execute("DELETE FROM labels WHERE dataset = ? AND path = ?", (dataset, e["path"]))
+                else:
+                    con.execute("UPDATE labels SET label = ?, excluded = ?, updated = ? WHERE dataset = ? AND path = ?",
+                                (e["stored_label"] if exact else e["old_label"], e["old_excluded"], now, dataset,
+                                 e["path"]))
                 con.execute("INSERT INTO label_history (dataset, path, old_label, new_label, old_excluded, "
-                            "new_excluded, at, source, batch, undone) VALUES (?,?,?,?,?,?,?,?,?,1)",
+                            "new_excluded, at, source, batch, undone, actor) VALUES (?,?,?,?,?,?,?,?,?,1,?)",
                             (dataset, e["path"], e["new_label"], e["old_label"], e["new_excluded"],
-                             e["old_excluded"], now, "undo", f"undo-{e['batch']}"))
+                             e["old_excluded"], now, "undo", f"undo-{e['batch']}", actor))
+            con.execute("UPDATE label_history SET undone = 1 WHERE dataset = ? AND batch = ?",
+                        (dataset, last["batch"]))
             return entries
 
     # --- reading ------------------------------------------------------------------------------------
@@ -195,11 +227,11 @@ def _version(con, dataset: str) -> int:
 
 
 def relabel(store: LabelStore, dataset: str, labels_now: dict[str, str | None], label: str | None = None,
-            exclude: bool = False, source: str = "manual") -> int:
+            exclude: bool = False, source: str = "manual", actor: str | None = None) -> int:
     """One action of a person on some images of a dataset, from any page: give them `label`, or exclude them.
     `labels_now`: each image's label as the page shows it (recorded as the old label the first time it changes).
     Returns the dataset's new label version."""
     if exclude:
-        return store.exclude(dataset, list(labels_now), source=source)
-    return store.set_labels(dataset, {p: label for p in labels_now}, source=source, original=labels_now)
+        return store.exclude(dataset, list(labels_now), source=source, actor=actor)
+    return store.set_labels(dataset, {p: label for p in labels_now}, source=source, original=labels_now, actor=actor)
 

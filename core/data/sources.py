@@ -237,6 +237,43 @@ def _load_elpv(four_class: bool) -> Dataset:
                   [lbl for _, lbl in items], items, groups=groups)
 
 
+DATA_ROOTS_ENV = "STUDIO_DATA_ROOTS"  # folders (os.pathsep-separated) a shared studio may register datasets under
+
+
+def data_roots() -> list[Path] | None:
+    """The folders the administrator allows datasets under (STUDIO_DATA_ROOTS), resolved; None: anywhere."""
+    text = os.environ.get(DATA_ROOTS_ENV, "").strip()
+    if not text:
+        return None
+    return [Path(p).expanduser().resolve() for p in text.split(os.pathsep) if p.strip()]
+
+
+def check_data_roots(source: str, also: tuple[Path, ...] = ()) -> None:
+    """DatasetError unless the folder or CSV a user types is under the data roots (or `also`: the workspace's own
+    imports). Checked before anything is read, on the resolved path, so a symlink or ../ cannot step outside. The
+    built-in example is always allowed."""
+    roots = data_roots()
+    if roots is None or source.strip().lower() == "elpv":
+        return
+    allowed = roots + [Path(a).resolve() for a in also]
+    path = Path(source.strip()).expanduser().resolve()
+    if not any(path == r or path.is_relative_to(r) for r in allowed):
+        raise DatasetError(f"{source.strip()} is outside the folders this studio may read "
+                           f"({', '.join(str(r) for r in roots)}); ask the administrator, who sets {DATA_ROOTS_ENV}")
+
+
+def check_samples_in_data_roots(ds: Dataset, also: tuple[Path, ...] = ()) -> None:
+    """A CSV may list images anywhere: each must be under the data roots too."""
+    roots = data_roots()
+    if roots is None or ds.source.strip().lower() == "elpv":
+        return
+    allowed = roots + [Path(a).resolve() for a in also]
+    for path in [s.path for s in ds.samples] + list(ds.unlabeled):
+        real = Path(path).resolve()
+        if not any(real.is_relative_to(r) for r in allowed):
+            raise DatasetError(f"{ds.source} lists {path}, which is outside the folders this studio may read")
+
+
 def load_dataset(source: str) -> Dataset:
     """Load any supported source; raises DatasetError with a message for the user."""
     source = str(source).strip()

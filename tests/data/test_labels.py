@@ -22,11 +22,45 @@ def test_history_and_undo(dot_folder, workspace):
     reverted = store.undo(ds.source)  # undoes the two-image action as one
     assert {e["path"] for e in reverted} == {a, b}
     assert store.overrides(ds.source)[a] == ("dot", False)
-    assert store.overrides(ds.source)[b][0] in (None, "blank")
+    assert b not in store.overrides(ds.source)  # exactly as before: no override (not "blank" written down)
     store.undo(ds.source)
-    assert store.overrides(ds.source)[a][0] in (None, "blank")
+    assert store.overrides(ds.source) == {}
     assert store.undo(ds.source) == []
     assert store.version(ds.source) > v2  # undo is itself recorded
+
+
+def test_undo_is_per_person_and_leaves_a_later_change_by_someone_else(dot_folder, workspace):
+    store = LabelStore(workspace)
+    ds = load_dataset(str(dot_folder))
+    a, b, c = (s.path for s in ds.samples[:3])
+    store.set_label(ds.source, a, "dot", original="blank", actor="ana@plant")
+    store.set_labels(ds.source, {b: "dot", c: "dot"}, original={b: "blank", c: "blank"}, actor="ana@plant")
+    store.set_label(ds.source, c, "scratch", original="blank", actor="ben@plant")  # after Ana, on one of hers
+    assert store.undo(ds.source, actor="carl@plant") == []  # nothing of Carl's to undo
+    reverted = store.undo(ds.source, actor="ana@plant")  # Ana's last action, not Ben's, which came after it
+    assert {e["path"]: e["kept"] for e in reverted} == {b: False, c: True}
+    over = store.overrides(ds.source)
+    assert b not in over and over[c] == ("scratch", False) and over[a] == ("dot", False)
+    assert store.history(ds.source, c)[0]["actor"] == "ben@plant"
+    store.undo(ds.source, actor="ana@plant")
+    assert a not in store.overrides(ds.source)
+    store.undo(ds.source, actor="ben@plant")  # back to what Ben found: Ana's label, which her undo had left
+    assert store.overrides(ds.source) == {c: ("dot", False)}
+
+
+def test_undo_in_a_workspace_from_before_the_exact_state_was_kept(dot_folder, workspace):
+    import sqlite3
+    ds = load_dataset(str(dot_folder))
+    con = sqlite3.connect(workspace.db_path)  # the tables as an older studio made them, with one change in them
+    con.executescript(__import__("core.data.labels", fromlist=["SCHEMA"]).SCHEMA)
+    con.execute("INSERT INTO labels VALUES (?,?,?,0,1.0)", (ds.source, ds.samples[0].path, "dot"))
+    con.execute("INSERT INTO label_history (dataset, path, old_label, new_label, old_excluded, new_excluded, at, "
+                "source, batch) VALUES (?,?,'blank','dot',0,0,1.0,'manual','b1')", (ds.source, ds.samples[0].path))
+    con.commit()
+    con.close()
+    store = LabelStore(workspace)  # adds the new columns
+    assert [e["path"] for e in store.undo(ds.source)] == [ds.samples[0].path]
+    assert store.overrides(ds.source)[ds.samples[0].path] == ("blank", False)  # as it used to undo
 
 
 def test_labels_survive_a_restart(dot_folder, tmp_path):

@@ -286,6 +286,66 @@ def test_gallery_relabel_and_label_page_history(finished_ws, trained):
     assert LabelStore(ws).overrides(source)[history[0]["path"]][0] == "dot"
 
 
+AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+        "client_id": "studio", "client_secret": "s", "server_metadata_url": "https://login.example/.well-known"}
+
+
+def signed_in_page(page: str | None, user: dict | None) -> AppTest:
+    """A page of a studio with login configured. (AppTest's switch_page runs the page alone, without app.py around
+    it: the gate and the sidebar are checked on the first run, which goes through app.py as every real one does.)"""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.secrets["auth"] = AUTH
+    at.user = user or {"is_logged_in": False}
+    at.run()
+    assert not at.exception, at.exception
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_a_shared_studio_asks_for_sign_in_and_undo_is_per_person(finished_ws, trained):
+    from core.data.labels import LabelStore
+    from core.workspace.store import Workspace
+    visitor = signed_in_page(None, None)
+    assert "sign in" in texts(visitor).lower() and [b.label for b in visitor.button] == ["Sign in"]
+    assert not visitor.sidebar.caption  # nothing of the studio before signing in, not even the sidebar
+    home = signed_in_page(None, {"is_logged_in": True, "email": "ana@plant.example"})
+    assert "Signed in as ana@plant.example" in texts(home) and "Sign out" in [b.label for b in home.button]
+    ana = signed_in_page("pages/evaluate.py", {"is_logged_in": True, "email": "ana@plant.example"})
+    ana.selectbox(key="cell_true").set_value("dot")
+    ana.selectbox(key="cell_pred").set_value("dot").run()
+    next(b for b in ana.button if b.key and b.key.startswith("fix_0_blank")).click().run()
+    ws = Workspace(finished_ws)
+    source = trained["run"].split()["source"]
+    change = LabelStore(ws).history(source)[0]
+    assert change["actor"] == "ana@plant.example" and change["new_label"] == "blank"
+    ws.register_dataset("dots", source)
+    ben = signed_in_page("pages/label.py", {"is_logged_in": True, "email": "ben@plant.example"})
+    ben.button(key="undo").click().run()
+    assert LabelStore(ws).overrides(source)[change["path"]][0] == "blank"  # Ben cannot undo Ana's change
+    ana = signed_in_page("pages/label.py", {"is_logged_in": True, "email": "ana@plant.example"})
+    ana.button(key="undo").click().run()
+    assert change["path"] not in LabelStore(ws).overrides(source)  # hers: back to no override at all
+
+
+def test_a_shared_studio_registers_folders_only_under_its_data_roots(empty_ws, tmp_path, monkeypatch):
+    from core.workspace.store import Workspace
+    allowed = write_class_folders(tmp_path / "roots" / "parts", per_class=3, size=16)
+    secret = write_class_folders(tmp_path / "home" / "private", per_class=3, size=16)
+    (tmp_path / "roots" / "sneaky").symlink_to(secret)
+    monkeypatch.setenv("STUDIO_DATA_ROOTS", str(tmp_path / "roots"))
+    at = open_page("pages/datasets.py")
+    for path in (secret, tmp_path / "roots" / "sneaky", tmp_path / "roots" / ".." / "home" / "private"):
+        at.text_input[0].set_value(str(path))
+        at.button[0].click().run()
+        assert "outside the folders this studio may read" in texts(at), path
+    assert Workspace(empty_ws).list_datasets() == []
+    at.text_input[0].set_value(str(allowed))
+    at.button[0].click().run()
+    assert [d["source"] for d in Workspace(empty_ws).list_datasets()] == [str(allowed)]
+
+
 @pytest.mark.slow
 def test_train_settings_survive_a_visit_to_another_page(empty_ws, tmp_path):
     """Bug: the Train page forgot the recipe and every setting after a visit to another page."""
