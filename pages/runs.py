@@ -77,7 +77,8 @@ if len(selected) == 1:
             except (RuntimeError, KeyError) as exc:
                 st.error(str(exc))
     if row["status"] in ("queued", "running", "stopping"):
-        if b.button("Stop", key=f"stop_{rid}"):
+        if b.button("Stop", key=f"stop_{rid}", help="Stops within one batch; the best checkpoint is kept. A training "
+                                                    "that does not answer within 60 s is terminated, then killed."):
             jm.stop(rid)
             st.rerun()
     else:

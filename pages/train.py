@@ -281,7 +281,9 @@ def live_view() -> None:
     st.subheader(f"Run {run_id} {_ui.STATUS_ICON.get(snap.status, '')} {snap.status}")
     st.progress(snap.progress, text=_ui.job_progress_text(snap))
     if snap.active:
-        if st.button("Stop", key=f"stop_{run_id}", help="Stops within one batch; the best checkpoint is kept."):
+        if st.button("Stop", key=f"stop_{run_id}",
+                     help="Stops within one batch; the best checkpoint is kept. A training that does not answer "
+                          "within 60 s is terminated, and killed 15 s after that."):
             jm.stop(run_id)
             st.rerun(scope="fragment")
     if snap.error:

@@ -8,7 +8,11 @@ Importing this module does not import torch, and the studio never needs to for t
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,6 +23,9 @@ from core.runs import life as runs
 from core.workspace.store import ACTIVE, Workspace, pid_alive
 
 LOG_LINES = 200
+STOP_GRACE_S = 60.0  # a stop is answered within one batch or one evaluation pass; a process silent this long after
+KILL_AFTER_S = 15.0  # the request is terminated (SIGTERM to its session), and killed (SIGKILL) this long after that
+OTHERS_POLL_S = 1.0  # how often a queued job looks whether another process's training has ended
 
 
 @dataclass
@@ -73,17 +80,23 @@ def log_tail(run, lines: int = LOG_LINES) -> list[str]:
 class Job:
     """One queued run and the process that trains it."""
 
-    def __init__(self, ws: Workspace, run_id: str, epochs: int, resume: bool = False):
+    def __init__(self, ws: Workspace, run_id: str, epochs: int, resume: bool = False,
+                 grace_s: float = STOP_GRACE_S, kill_after_s: float = KILL_AFTER_S):
         self.ws = ws
         self.run = ws.run(run_id)
         self.resume = resume
         self.epochs = epochs
+        self.grace_s, self.kill_after_s = grace_s, kill_after_s
         self.stop_event = threading.Event()
         self.done_event = threading.Event()
         self.process = None
+        self.stop_asked: float | None = None  # time.monotonic() of the first stop request
+        self.escalated = ""                    # "", "terminated" or "killed": what a stop that went unanswered took
         self._start_history = worker.job_history(self.run, resume)
 
     def request_stop(self) -> None:
+        if self.stop_asked is None:
+            self.stop_asked = time.monotonic()
         self.stop_event.set()
         worker.request_stop(self.run)
 
@@ -119,7 +132,9 @@ class Job:
                 return
             if self.stop_event.is_set():
                 worker.request_stop(self.run)
-            self.process.wait()
+            self._wait_for_process()
+            if self.escalated:
+                self._record_forced_stop()
             worker.finish_process(self.ws, self.run, self.process)
         except Exception as exc:  # noqa: BLE001 - the worker thread serves the next job whatever happened here
             try:
@@ -133,11 +148,56 @@ class Job:
                 self.done_event.set()
 
 
+    def _wait_for_process(self) -> None:
+        """Wait for the training process; once a stop has gone unanswered for grace_s, terminate it, and kill it
+        kill_after_s later: a hung training must not hold the queue behind it for ever."""
+        terminated_at = None
+        while True:
+            try:
+                self.process.wait(timeout=0.5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stop_asked is None:
+                continue
+            now = time.monotonic()
+            if terminated_at is None and now - self.stop_asked > self.grace_s:
+                self.run.log(f"stop: no answer {self.grace_s:g} s after the request: terminating the training process "
+                             f"(pid {self.process.pid}, SIGTERM)")
+                _signal_session(self.process.pid, signal.SIGTERM)
+                terminated_at, self.escalated = now, "terminated"
+            elif terminated_at is not None and now - terminated_at > self.kill_after_s and self.escalated != "killed":
+                self.run.log(f"stop: still running {self.kill_after_s:g} s after SIGTERM: killing it (SIGKILL)")
+                _signal_session(self.process.pid, signal.SIGKILL)
+                self.escalated = "killed"
+
+    def _record_forced_stop(self) -> None:
+        how = "terminated" if self.escalated == "terminated" else "terminated, then killed"
+        try:
+            runs.transition(self.ws, self.run.id, "stopped",
+                            error=f"it did not stop within {self.grace_s:g} s of the request, so its process was "
+                                  f"{how}; the best checkpoint is kept")
+        except runs.RunStateError:
+            pass  # it ended on its own meanwhile
+
+
+def _signal_session(pid: int, sig: int) -> None:
+    """A signal to the training process and everything it started (its ranks, its loader workers)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError, OSError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+
 class JobManager:
     """Shared by every page and session of one process (the studio keeps one in st.cache_resource)."""
 
-    def __init__(self, ws: Workspace):
+    def __init__(self, ws: Workspace, stop_grace_s: float = STOP_GRACE_S, kill_after_s: float = KILL_AFTER_S):
         self.ws = ws
+        self.stop_grace_s, self.kill_after_s = stop_grace_s, kill_after_s
         self.interrupted = runs.mark_interrupted(ws)
         self._jobs: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
@@ -190,7 +250,7 @@ class JobManager:
             pending = self._requests.get(request_id) if request_id else None
             if request_id:
                 self._requests[request_id] = run.id
-            self._enqueue(Job(self.ws, run.id, worker.job_epochs(cfg)))
+            self._enqueue(self._job(run.id, worker.job_epochs(cfg)))
         if isinstance(pending, threading.Event):
             pending.set()
         return run.id
@@ -203,10 +263,13 @@ class JobManager:
             if job is not None and not job.done_event.is_set():
                 raise runs.RunStateError(f"run {run_id} is already {job.snapshot().status}")
         run = runs.prepare_resume(self.ws, run_id, epochs)
-        job = Job(self.ws, run_id, run.config().epochs, resume=True)
+        job = self._job(run_id, run.config().epochs, resume=True)
         with self._lock:
             self._enqueue(job)
         return run_id
+
+    def _job(self, run_id: str, epochs: int, resume: bool = False) -> Job:
+        return Job(self.ws, run_id, epochs, resume, self.stop_grace_s, self.kill_after_s)
 
     def _enqueue(self, job: Job) -> None:
         self._jobs[job.run.id] = job
@@ -221,12 +284,15 @@ class JobManager:
             job = self._jobs.get(run_id)
         if job is None or job.done_event.is_set():
             row = self.ws.run_row(run_id)
-            if job is None and row and row["status"] in ("running", "stopping") and pid_alive(row["pid"]):
+            if job is None and row and row["status"] in ("running", "stopping") and pid_alive(row["pid"],
+                                                                                            row["pid_started"]):
                 worker.request_stop(self.ws.run(run_id))
                 try:
                     runs.transition(self.ws, run_id, "stopping")
                 except runs.RunStateError:
                     pass
+                threading.Thread(target=self._escalate_foreign, args=(run_id, row["pid"], row["pid_started"]),
+                                 name=f"stop-{run_id}", daemon=True).start()
                 return True
             return False
         job.request_stop()
@@ -235,6 +301,34 @@ class JobManager:
         except runs.RunStateError:
             pass  # queued (it will never start), or already ending
         return True
+
+    def _escalate_foreign(self, run_id: str, pid: int, started: float | None) -> None:
+        """The same escalation for a run another process trains (the CLI, an earlier studio): terminated after the
+        grace, killed after that, then recorded as stopped."""
+        run = self.ws.run(run_id)
+        for sig, wait_s, name in ((signal.SIGTERM, self.stop_grace_s, "terminating"),
+                                  (signal.SIGKILL, self.kill_after_s, "killing")):
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not pid_alive(pid, started):
+                    break
+                time.sleep(0.2)
+            if not pid_alive(pid, started):
+                break
+            run.log(f"stop: no answer from process {pid} within {wait_s:g} s: {name} it")
+            _signal_session(pid, sig)
+        for _ in range(50):
+            if not pid_alive(pid, started):
+                break
+            time.sleep(0.1)
+        row = self.ws.run_row(run_id) or {}
+        if row.get("status") in ACTIVE and not pid_alive(pid, started):
+            try:
+                runs.transition(self.ws, run_id, "stopped",
+                                error=f"its process (pid {pid}) did not stop within {self.stop_grace_s:g} s of the "
+                                      "request and was ended; the best checkpoint is kept")
+            except runs.RunStateError:
+                pass
 
     def snapshot(self, run_id: str) -> JobSnapshot | None:
         with self._lock:
@@ -265,8 +359,29 @@ class JobManager:
         if not running:  # a run another process trains on this workspace (the CLI, an earlier studio)
             mine = {j.run.id for j in jobs}
             running = [self.snapshot(r["id"]) for r in self.ws.list_runs()
-                       if r["status"] in ("running", "stopping") and r["id"] not in mine and pid_alive(r["pid"])][:1]
+                       if r["status"] in ("running", "stopping") and r["id"] not in mine
+                       and pid_alive(r["pid"], r["pid_started"])][:1]
         return (running or queued or [None])[0]
+
+    def training_elsewhere(self) -> dict | None:
+        """The run row another process is training on this workspace right now (the CLI, a second studio), if any."""
+        with self._lock:
+            mine = {j.run.id for j in self._jobs.values() if not j.done_event.is_set()}
+        for row in self.ws.list_runs():
+            if (row["status"] in ("running", "stopping") and row["id"] not in mine
+                    and pid_alive(row["pid"], row["pid_started"])):
+                return row
+        return None
+
+    def _wait_for_others(self, job: Job) -> None:
+        """One training at a time on a workspace, whoever started it: the next job waits (still queued) while
+        another process trains, unless it is stopped meanwhile."""
+        said = False
+        while not job.stop_event.is_set() and (other := self.training_elsewhere()) is not None:
+            if not said:
+                job.run.log(f"queued: waits for run {other['id']}, which another process (pid {other['pid']}) trains")
+                said = True
+            time.sleep(OTHERS_POLL_S)
 
     def queued(self) -> list[str]:
         with self._lock:
@@ -283,7 +398,11 @@ class JobManager:
             with self._lock:
                 while not self._queue:
                     self._wake.wait()
-                job = self._queue.popleft()
+                job = self._queue[0]
+            self._wait_for_others(job)
+            with self._lock:
+                if self._queue and self._queue[0] is job:
+                    self._queue.popleft()
             try:
                 job.execute()
             except Exception:  # noqa: BLE001 - e.g. the failure could not be recorded (a full disk, the database

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.config import TRAINING, ConfigError, TrainConfig
 from core.errors import UserError
-from core.workspace.store import ACTIVE, Run, Workspace, pid_alive
+from core.workspace.store import ACTIVE, Run, Workspace, is_this_process, pid_alive, process_started
 
 TRANSITIONS = {
     "queued": ("running", "stopped", "failed", "interrupted"),  # stopped: asked to stop before it started;
@@ -191,9 +191,10 @@ def transition(ws: Workspace, run_id: str, new: str, error: str | None = None) -
             raise RunStateError(f"run {run_id} is {old}; it cannot become {new}")
         fields: dict = {"status": new}
         if new == "running":
-            fields.update(started=time.time(), finished=None, pid=os.getpid(), error=None)
+            fields.update(started=time.time(), finished=None, pid=os.getpid(), pid_started=process_started(),
+                          error=None)
         elif new == "queued":  # the pid of the process that will run it: a queue whose process died is interrupted
-            fields.update(finished=None, error=None, pid=os.getpid())
+            fields.update(finished=None, error=None, pid=os.getpid(), pid_started=process_started())
         elif new != "stopping":
             fields.update(finished=time.time(), error=error)
         if ws.update_run(run_id, expect_status=old, **fields):
@@ -213,7 +214,8 @@ def mark_interrupted(ws: Workspace) -> list[str]:
     """Runs left active by a process that is gone (killed, crashed) become `interrupted`. Returns their ids."""
     changed = []
     for row in ws.list_runs():
-        if row["status"] in ACTIVE and row["pid"] != os.getpid() and not pid_alive(row["pid"]):
+        if (row["status"] in ACTIVE and not is_this_process(row["pid"], row["pid_started"])
+                and not pid_alive(row["pid"], row["pid_started"])):
             transition(ws, row["id"], "interrupted")
             changed.append(row["id"])
     return changed

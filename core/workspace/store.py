@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS runs (
     test_acc REAL,
     pid INTEGER,
     error TEXT,
-    label_version INTEGER
+    label_version INTEGER,
+    pid_started REAL                 -- when that process started: a pid alone can be reused (a container's PID 1)
 );
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY,
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS datasets (
 """
 
 RUN_COLUMNS = ("id", "dataset", "arch", "weights", "status", "created", "started", "finished", "epochs",
-               "epochs_done", "best_val_acc", "test_acc", "pid", "error", "label_version")
+               "epochs_done", "best_val_acc", "test_acc", "pid", "error", "label_version",
+               "pid_started")
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
                  "avg_val_loss", "avg_val_acc",  # the averaged weights' (ema, swa), else empty
@@ -70,16 +72,33 @@ def default_workspace() -> Path:
     return Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser()
 
 
-def pid_alive(pid: int | None) -> bool:
+def process_started(pid: int | None = None) -> float | None:
+    """When a process (this one by default) started, in seconds since the epoch; None when there is none."""
+    import psutil
+    try:
+        return psutil.Process(pid or os.getpid()).create_time()
+    except psutil.Error:
+        return None
+
+
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether the process that recorded itself as (pid, started) still runs. A pid alone is not enough: a
+    container's studio is PID 1 on every start, and any pid is reused in time; with its start time, a new process
+    under an old pid is told apart. (started None: rows written before it was recorded, the pid alone.)"""
+    import psutil
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:  # someone else's process: it exists
         return True
-    return True
+    return started is None or abs(created - started) < 1.0
+
+
+def is_this_process(pid: int | None, started: float | None) -> bool:
+    return pid == os.getpid() and (started is None or abs((process_started() or 0) - started) < 1.0)
 
 
 @dataclass
@@ -185,6 +204,8 @@ class Workspace:
             try:
                 with self._db() as db:
                     db.executescript(SCHEMA)
+                    if "pid_started" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
+                        db.execute("ALTER TABLE runs ADD COLUMN pid_started REAL")  # a workspace from before it
                 break
             except sqlite3.OperationalError:
                 if attempt == 9:
@@ -230,8 +251,9 @@ class Workspace:
         run.write_config(cfg)
         with self._db() as db:
             db.execute(
-                "INSERT INTO runs (id, dataset, arch, weights, status, created, epochs, pid) VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, dataset_name, cfg.arch, str(cfg.weights), "queued", time.time(), cfg.epochs, os.getpid()))
+                "INSERT INTO runs (id, dataset, arch, weights, status, created, epochs, pid, pid_started) "
+                "VALUES (?,?,?,?,?,?,?,?,?)", (run_id, dataset_name, cfg.arch, str(cfg.weights), "queued",
+                                               time.time(), cfg.epochs, os.getpid(), process_started()))
         return run
 
     def run(self, run_id: str) -> Run:
@@ -268,7 +290,7 @@ class Workspace:
     def delete_run(self, run_id: str) -> None:
         run = self.run(run_id)
         row = self.run_row(run_id)
-        if row and row["status"] in ACTIVE and pid_alive(row["pid"]):
+        if row and row["status"] in ACTIVE and pid_alive(row["pid"], row["pid_started"]):
             raise RuntimeError(f"run {run_id} is {row['status']}: stop it before deleting it")
         shutil.rmtree(run.dir)
         with self._db() as db:
