@@ -293,27 +293,29 @@ def test_a_network_address_without_a_key_refuses_to_start(tmp_path, capsys, monk
     assert "has no API key" in err and "--no-auth" in err and len(err.strip().splitlines()) == 1
 
 
-def _schemathesis(url: str, *extra: str) -> str:
+def _schemathesis(url: str, workdir, *extra: str) -> str:
     """`st run URL/openapi.json --checks all` as a user runs it (seeded: the same cases on every machine), with the
-    image strategy of schemathesis_hooks.py and the 413 of schemathesis.toml; returns its report."""
+    image strategy of schemathesis_hooks.py and the 413 of schemathesis.toml; returns its report. It runs in
+    `workdir`: hypothesis and schemathesis keep their databases in the working directory."""
     here = ROOT / "tests" / "deploy"
     st = subprocess.run([str(os.path.join(os.path.dirname(sys.executable), "st")), "--config-file",
-                         "schemathesis.toml", "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "40",
-                         "--seed", "1", "--no-color", *extra], cwd=here, capture_output=True, text=True, timeout=300,
+                         str(here / "schemathesis.toml"), "run", f"{url}/openapi.json", "--checks", "all",
+                         "--max-examples", "40", "--seed", "1", "--no-color", *extra], cwd=workdir,
+                        capture_output=True, text=True, timeout=300,
                         env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(here)})
     report = st.stdout + st.stderr
     assert st.returncode == 0, report[-6000:]
     return report
 
 
-def test_schemathesis_finds_the_schema_true(server):
+def test_schemathesis_finds_the_schema_true(server, tmp_path):
     import re
-    report = _schemathesis(server)
+    report = _schemathesis(server, tmp_path)
     cases = int(re.search(r"(\d+) generated", report).group(1))
     print(f"\nschemathesis: {cases} cases, no issues")
     assert cases > 50 and "No issues found" in report
 
 
-def test_schemathesis_with_the_api_key(guarded):
-    report = _schemathesis(guarded, "-H", "Authorization: Bearer s3cret")
+def test_schemathesis_with_the_api_key(guarded, tmp_path):
+    report = _schemathesis(guarded, tmp_path, "-H", "Authorization: Bearer s3cret")
     assert "No issues found" in report
