@@ -300,7 +300,7 @@ def _schemathesis(url: str, workdir, *extra: str) -> str:
     here = ROOT / "tests" / "deploy"
     st = subprocess.run([str(os.path.join(os.path.dirname(sys.executable), "st")), "--config-file",
                          str(here / "schemathesis.toml"), "run", f"{url}/openapi.json", "--checks", "all",
-                         "--max-examples", "40", "--seed", "1", "--no-color", *extra], cwd=workdir,
+                         "--max-examples", "25", "--seed", "1", "--no-color", *extra], cwd=workdir,
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(here)})
     report = st.stdout + st.stderr
