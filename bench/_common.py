@@ -82,6 +82,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(ws_root, run_id: str):
+    """(process, url): `python -m core serve RUN_ID` on a free loopback port with its default limits, once it answers
+    /health. SystemExit if it exits first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import requests
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "core", "--workspace", str(ws_root), "serve", run_id,
+                             "--port", str(port)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            requests.get(f"{url}/health", timeout=2)
+            return proc, url
+        except requests.RequestException:
+            if proc.poll() is not None:
+                raise SystemExit("the server exited") from None
+            time.sleep(0.3)
+
+
 def emit(document: dict, out: str | None) -> int:
     """Print a benchmark's JSON document, and write it to `out` when given; the script's exit status."""
     import json

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,8 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _common import environment, free_port, untrained_elpv_run  # noqa: E402
+from _common import environment, start_server, untrained_elpv_run  # noqa: E402
+from core.models.device import cpu_name  # noqa: E402
 
 
 def giant_png() -> bytes:
@@ -76,18 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws, run, test_paths = untrained_elpv_run(tmp, args.size)
         images = [Path(p).read_bytes() for p in test_paths[:64]]
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "core", "--workspace", str(ws.root), "serve", run.id,
-                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                requests.get(f"{url}/health", timeout=2)
-                break
-            except requests.RequestException:
-                if proc.poll() is not None:
-                    raise SystemExit("the server exited") from None
-                time.sleep(0.3)
+        proc, url = start_server(ws.root, run.id)
         requests.post(f"{url}/predict", files={"files": ("w.png", images[0])}, timeout=60)  # warm-up
         baseline_mb = _status_mb(proc.pid, "VmRSS")
         stop = time.perf_counter() + args.seconds
@@ -154,10 +143,9 @@ def main() -> None:
         peak_mb = _status_mb(proc.pid, "VmHWM") if alive else None
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     ms = np.array(normal_ms)
     print(json.dumps({
-        "benchmark": "serve_abuse", "cpu": cpu, "cores": os.cpu_count(), "seconds": args.seconds,
+        "benchmark": "serve_abuse", "cpu": cpu_name(), "cores": os.cpu_count(), "seconds": args.seconds,
         "clients": {"normal": args.normal, "giants": args.giants, "floods": args.floods},
         "giant_png_bytes": len(giant), "giants_per_request": per_request, "server_alive": alive,
         "server_rss_mb_after_warmup": baseline_mb, "server_peak_rss_mb": peak_mb, "outcomes": counts,

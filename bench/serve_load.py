@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from _common import environment, free_port, untrained_elpv_run  # noqa: E402
+from _common import environment, start_server, untrained_elpv_run  # noqa: E402
+from core.models.device import cpu_name  # noqa: E402
 
 
 def load(url: str, images: list[bytes], clients: int, per_client: int) -> dict:
@@ -66,27 +66,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws, run, test_paths = untrained_elpv_run(tmp, args.size)
         images = [Path(p).read_bytes() for p in test_paths[:64]]
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "core", "--workspace", str(ws.root), "serve", run.id,
-                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        proc, url = start_server(ws.root, run.id)
         try:
-            while True:
-                try:
-                    requests.get(f"{url}/health", timeout=2)
-                    break
-                except requests.RequestException:
-                    if proc.poll() is not None:
-                        raise SystemExit("the server exited") from None
-                    time.sleep(0.3)
             load(url, images, 1, 5)  # warm-up: the first requests pick oneDNN's kernels
             rows = [load(url, images, c, args.requests) for c in args.clients]
             card = requests.get(f"{url}/model", timeout=10).json()
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(json.dumps({"benchmark": "serve_load", "cpu": cpu, "cores": os.cpu_count(), "image_size": args.size,
+    print(json.dumps({"benchmark": "serve_load", "cpu": cpu_name(), "cores": os.cpu_count(), "image_size": args.size,
                       "classes": card["classes"], "one_image_per_request": True, "load": rows, **environment()},
                      indent=2))
 

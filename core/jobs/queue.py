@@ -147,7 +147,6 @@ class Job:
             finally:  # waiters are released whatever happened
                 self.done_event.set()
 
-
     def _wait_for_process(self) -> None:
         """Wait for the training process; once a stop has gone unanswered for grace_s, terminate it, and kill it
         kill_after_s later: a hung training must not hold the queue behind it for ever."""
@@ -164,11 +163,11 @@ class Job:
             if terminated_at is None and now - self.stop_asked > self.grace_s:
                 self.run.log(f"stop: no answer {self.grace_s:g} s after the request: terminating the training process "
                              f"(pid {self.process.pid}, SIGTERM)")
-                _signal_session(self.process.pid, signal.SIGTERM)
+                worker.kill_session(self.process.pid, signal.SIGTERM)
                 terminated_at, self.escalated = now, "terminated"
             elif terminated_at is not None and now - terminated_at > self.kill_after_s and self.escalated != "killed":
                 self.run.log(f"stop: still running {self.kill_after_s:g} s after SIGTERM: killing it (SIGKILL)")
-                _signal_session(self.process.pid, signal.SIGKILL)
+                worker.kill_session(self.process.pid, signal.SIGKILL)
                 self.escalated = "killed"
 
     def _record_forced_stop(self) -> None:
@@ -179,17 +178,6 @@ class Job:
                                   f"{how}; the best checkpoint is kept")
         except runs.RunStateError:
             pass  # it ended on its own meanwhile
-
-
-def _signal_session(pid: int, sig: int) -> None:
-    """A signal to the training process and everything it started (its ranks, its loader workers)."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError, OSError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
 
 
 class JobManager:
@@ -316,7 +304,13 @@ class JobManager:
             if not pid_alive(pid, started):
                 break
             run.log(f"stop: no answer from process {pid} within {wait_s:g} s: {name} it")
-            _signal_session(pid, sig)
+            try:  # not ours: its whole group when it leads one (a CLI's torchrun and its ranks), else itself
+                if os.getpgid(pid) == pid:
+                    worker.kill_session(pid, sig)
+                else:
+                    os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         for _ in range(50):
             if not pid_alive(pid, started):
                 break
@@ -356,11 +350,8 @@ class JobManager:
         snaps = [j.snapshot() for j in jobs]
         running = [s for s in snaps if s.status in ("running", "stopping")]
         queued = [s for s in snaps if s.status == "queued"]
-        if not running:  # a run another process trains on this workspace (the CLI, an earlier studio)
-            mine = {j.run.id for j in jobs}
-            running = [self.snapshot(r["id"]) for r in self.ws.list_runs()
-                       if r["status"] in ("running", "stopping") and r["id"] not in mine
-                       and pid_alive(r["pid"], r["pid_started"])][:1]
+        if not running and (other := self.training_elsewhere()) is not None:
+            running = [self.snapshot(other["id"])]  # the CLI's, an earlier studio's
         return (running or queued or [None])[0]
 
     def training_elsewhere(self) -> dict | None:

@@ -317,8 +317,10 @@ def last_error_line(run: Run) -> str:
     return errors[-1].strip() if errors else ""
 
 
-def kill_session(pid: int) -> None:
+def kill_session(pid: int, sig: int = signal.SIGKILL) -> None:
+    """A signal to a training process and everything in its session (its ranks, its loader workers): the process
+    leads the session start_process gave it."""
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError, OSError):
         pass
