@@ -7,7 +7,7 @@ from core.config import RUN_KIND_NAMES
 from core.deploy.audit_pack import build_audit_pack
 from core.deploy.export import FORMATS, ExportError, export_run
 from core.errors import UserError
-from pages import _ui
+from pages import _release, _ui
 
 st.title("Runs")
 ws = _ui.ws()
@@ -35,12 +35,15 @@ frame = pd.DataFrame([{
     "run": r["id"], "kind": _kind(r["id"]), "status": f"{_ui.STATUS_ICON.get(r['status'], '')} {r['status']}",
     "dataset": r["dataset"],
     "architecture": r["arch"], "weights": r["weights"], "epochs": f"{r['epochs_done']}/{r['epochs']}",
-    "best val acc": r["best_val_acc"], "test acc": r["test_acc"], "duration": _duration(r),
+    "best val acc": r["best_val_acc"], "test acc": r["test_acc"],
+    # the same golden images for every run of a dataset; the version says which labels it was scored with
+    "golden acc": r["golden_acc"], "golden v": r["golden_version"], "duration": _duration(r),
     "error": r["error"] or "",
 } for r in rows])
 event = st.dataframe(frame, hide_index=True, on_select="rerun", selection_mode="multi-row", key="runs_table",
                      column_config={"best val acc": st.column_config.NumberColumn(format="percent"),
-                                    "test acc": st.column_config.NumberColumn(format="percent")})
+                                    "test acc": st.column_config.NumberColumn(format="percent"),
+                                    "golden acc": st.column_config.NumberColumn(format="percent")})
 selected_rows = event.selection.rows if event and event.selection else []
 ids = [r["id"] for r in rows]
 selected = st.multiselect("Runs to compare or act on", ids, default=[ids[i] for i in selected_rows] or ids[:1],
@@ -110,6 +113,8 @@ if len(selected) == 1:
                 st.download_button(f"Download {Path(exported).name}", Path(exported).read_bytes(),
                                    file_name=Path(exported).name, key=f"download_{rid}")
                 st.caption(f"Saved at `{exported}` with its card `{Path(exported).name}.card.json`.")
+    if row["status"] == "done" and ws.run(rid).eval_path.exists():
+        _release.release_panel(ws, rid)
     if ws.run(rid).eval_path.exists():
         with st.expander("Export audit pack"):
             st.caption("One self-contained HTML report (plots and heatmaps inside) and a zip with it and every file it "
@@ -131,3 +136,5 @@ if len(selected) == 1:
     log = ws.run(rid).log_path
     with st.expander("Log"):
         st.code(log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)", language=None)
+
+_release.releases_section(ws)

@@ -134,6 +134,7 @@ LONGEST_FIRST = ["studio/test_pages.py",         # 76 s
                  "benches/test_benches.py",      # 61
                  "infer/test_tta.py",            # 52
                  "deploy/test_export.py",        # 49
+                 "deploy/test_release.py",       # 45
                  "explain/test_cam_audit.py",    # 47
                  "studies/test_curation.py",     # 41
                  "test_faults.py",               # 35

@@ -7,5 +7,6 @@
     train.py     train, resume, job: a run trained in this process (one device, a launcher, or a rank)
     review.py    evaluate, decide, learning-curve, cam-audit, audit-pack, duplicates
     deploy.py    predict, export, serve
+    release.py   golden, release, releases: the golden set and the models that ship
     runs.py      runs, presets
 """

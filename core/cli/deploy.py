@@ -34,12 +34,36 @@ def prediction_line(r: dict) -> str:
 
 def cmd_export(args, ws: Workspace) -> Output:
     from core.deploy.export import export_run
-    out = export_run(ws, args.run, args.format, args.out, tta=args.tta)
+    out = export_run(ws, args.run, args.format, args.out, tta=args.tta, int8=args.int8, force=args.force)
     if not args.json:
         card = out["card"]
-        print(f"{out['path']}: {args.format}, classes {', '.join(card['classes'])}, input uint8 "
-              f"{card['input']['height']}x{card['input']['width']}x3 RGB, TTA {card['tta']}", file=sys.stderr)
+        print(f"{out['path']}: {args.format}{' int8' if args.int8 else ''}, classes {', '.join(card['classes'])}, "
+              f"input uint8 {card['input']['height']}x{card['input']['width']}x3 RGB, TTA {card['tta']}", file=sys.stderr)
+        for line in agreement_lines(card):
+            print(line, file=sys.stderr)
     return Output({"path": out["path"], "card_path": out["card_path"], "card": out["card"]}, lambda: [out["path"]])
+
+
+def agreement_lines(card: dict) -> list[str]:
+    """What the card says about the file deciding as the studio does (and int8 against fp32)."""
+    lines = []
+    for part, f in (card.get("agreement") or {}).items():
+        if part == "rule" or not f.get("n"):
+            continue
+        verdicts = f" and {f['verdict_agree']}/{f['n']} rule decisions" if "verdict_agree" in f else ""
+        lines.append(f"  {part}: the file and the studio agree on {f['argmax_agree']}/{f['n']} argmax decisions"
+                     f"{verdicts}; largest probability difference {f['max_prob_diff']:.2e}")
+    if card.get("agreement"):
+        lines.append(f"  rule in the card: {card['agreement']['rule']}")
+    q = card.get("int8")
+    if q:
+        for part in ("test", "golden"):
+            if q["fp32"]["accuracy"].get(part) is not None:
+                lines.append(f"  {part} accuracy fp32 {q['fp32']['accuracy'][part]:.4f}, int8 "
+                             f"{q['int8']['accuracy'][part]:.4f}")
+        lines.append(f"  size fp32 {q['fp32']['size_mb']} MB, int8 {q['int8']['size_mb']} MB"
+                     + ("  (forced past the accuracy check)" if q["forced"] else ""))
+    return lines
 
 
 def cmd_serve(args, ws: Workspace) -> int:
@@ -65,6 +89,9 @@ def add_commands(add) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="put the run's test-time augmentation (its flips or 8 views) in the graph, or leave it out "
                         "(default: as the run was evaluated)")
+    p.add_argument("--int8", action="store_true", help="ONNX quantized to int8 (static, calibrated on training images); "
+                                                       "refused if it loses more than a point of test or golden accuracy")
+    p.add_argument("--force", action="store_true", help="with --int8: write it even if it loses more than that")
     p.add_argument("--json", action="store_true")
     p = add("serve", cmd_serve, "serve a run's model (or an exported .onnx file) as an HTTP JSON API")
     p.add_argument("model", metavar="RUN_ID|FILE.onnx")

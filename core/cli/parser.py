@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import deploy, review, runs, train
+from core.cli import deploy, release, review, runs, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn, workspace_mode=workspace, json=False)
         return p
 
-    for group in (train, review, deploy, runs):
+    for group in (train, review, deploy, release, runs):
         group.add_commands(add)
     return parser

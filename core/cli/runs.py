@@ -22,9 +22,14 @@ def run_table(ws: Workspace, rows: list[dict]) -> list[str]:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else "-"
 
-    return [f"{'run':<22} {'status':<12} {'dataset':<16} {'arch':<16} {'epochs':>7} {'best val':>9} {'test':>7}"] + [
+    def golden(r):  # the version beside the score: scores of two versions are not on the same labels
+        return f"{r['golden_acc']:.4f} v{r['golden_version']}" if r.get("golden_acc") is not None else "-"
+
+    return [f"{'run':<22} {'status':<12} {'dataset':<16} {'arch':<16} {'epochs':>7} {'best val':>9} {'test':>7} "
+            f"{'golden':>11}"] + [
         f"{r['id']:<22} {r['status']:<12} {r['dataset'][:16]:<16} {r['arch']:<16} "
-        f"{r['epochs_done']:>3}/{r['epochs']:<3} {fmt(r['best_val_acc']):>9} {fmt(r['test_acc']):>7}" for r in rows]
+        f"{r['epochs_done']:>3}/{r['epochs']:<3} {fmt(r['best_val_acc']):>9} {fmt(r['test_acc']):>7} {golden(r):>11}"
+        for r in rows]
 
 
 def cmd_presets(args, ws: None) -> int:

@@ -7,5 +7,6 @@
     cache.py       decoded, resized images, in memory or memory-mapped; channel statistics
     duplicates.py  near-duplicates by perceptual hash
     labels.py      corrected labels and exclusions (SQLite), with history and undo
+    golden.py      the golden set: frozen labels by content hash, kept out of every later split
     transforms.py  uint8 -> model input, normalization, batched augmentation, mixup / CutMix
 """

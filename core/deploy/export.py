@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from core.config import TrainConfig
 from core.data.split import samples_from_split
+from core.decide.rule import Rule
 from core.decide.stored import load_rule
 from core.deploy.portable import CARD_KEY
 from core.errors import UserError
@@ -104,19 +106,23 @@ def model_card(run: Run, meta: dict, fmt: str, tta: bool, views: str = "flips") 
 
 
 def export_run(ws: Workspace, run_id: str, fmt: str = "onnx", out: str | Path | None = None,
-               tta: bool | None = None) -> dict:
+               tta: bool | None = None, int8: bool = False, force: bool = False) -> dict:
     """Write the run's best checkpoint as `fmt` to `out` (default: the run's exports/ folder) with its card beside.
+    An ONNX file is checked against the studio's own path (core/deploy/agreement.py: the card's "agreement"); with
+    `int8` it is quantized, and refused when it loses more than a point of test or golden accuracy unless `force`.
     Returns {"path", "card_path", "card"}. ExportError (nothing left behind) for a run without a checkpoint, an
-    unknown format or an unwritable destination."""
+    unknown format, an int8 file that lost too much, or an unwritable destination."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise ExportError("int8 quantization is for ONNX files: --format onnx --int8")
     run = ws.run(run_id)
     if not run.best_path.exists():
         raise ExportError(f"run {run_id} has no best checkpoint yet (no epoch finished): nothing to export")
     model, meta = model_from_checkpoint(run.best_path)
     run_uses_tta, views = run_tta(meta)
     tta = run_uses_tta if tta is None else tta
-    out = Path(out).expanduser() if out else run.dir / "exports" / f"{run_id}{FORMATS[fmt]}"
+    out = Path(out).expanduser() if out else run.dir / "exports" / f"{run_id}{'.int8' if int8 else ''}{FORMATS[fmt]}"
     card = model_card(run, meta, fmt, tta, views)
     portable = PortableClassifier(model.float(), meta["normalization"]["mean"], meta["normalization"]["std"], tta,
                                   run.temperature(), views)
@@ -124,22 +130,71 @@ def export_run(ws: Workspace, run_id: str, fmt: str = "onnx", out: str | Path | 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         card_path = out.with_name(out.name + ".card.json")
-        write_atomic(out, lambda tmp: _WRITERS[fmt](portable, example, tmp, card))
+        if fmt == "onnx":
+            write_atomic(out, lambda tmp: _write_checked_onnx(ws, run, portable, example, tmp, card, int8, force))
+        else:
+            write_atomic(out, lambda tmp: _write_torchscript(portable, example, tmp, card))
         write_atomic(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2)))
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
     return {"path": str(out), "card_path": str(card_path), "card": card}
 
 
-def _write_onnx(portable: nn.Module, example: torch.Tensor, path: str, card: dict) -> None:
-    import onnx
+def _write_checked_onnx(ws: Workspace, run: Run, portable: nn.Module, example: torch.Tensor, path: str, card: dict,
+                        int8: bool, force: bool) -> None:
+    """The ONNX file, checked against the studio on the validation and test parts and the golden set: the card gets
+    the agreement figures and the rule chosen for the file; int8 also the fp32 / int8 accuracies (or a refusal)."""
+    from core.deploy import agreement as ag
+    hw = (card["input"]["height"], card["input"]["width"])
+    parts = ag.parts_for_checking(ws, run, hw)
+    studio = ag.studio_probs(ws, run, parts)
+    target = path + ".fp32.onnx" if int8 else path
+    try:
+        _write_onnx(portable, example, target)
+        checked = ag.check_file(ws, run, target, parts, studio)
+        if int8:
+            ag.quantize(target, path, ag.calibration_images(ws, run, hw))
+            fp32, checked = checked, ag.check_file(ws, run, path, parts, studio)
+            card["int8"] = _int8_figures(fp32, checked, parts, target, path, force)
+    finally:
+        if int8 and os.path.exists(target):
+            os.unlink(target)
+    card.update(precision="int8" if int8 else "fp32", agreement=checked["agreement"], rule=checked["rule"])
+    _embed_card(path, card)
+
+
+def _int8_figures(fp32: dict, int8: dict, parts: dict, fp32_path: str, int8_path: str, force: bool) -> dict:
+    from core.deploy import agreement as ag
+    figures = {"fp32": {"accuracy": fp32["accuracy"], "size_mb": ag.file_size_mb(fp32_path)},
+               "int8": {"accuracy": int8["accuracy"], "size_mb": ag.file_size_mb(int8_path)},
+               "agreement_with_fp32": {name: ag.agreement(fp32["probs"][name], int8["probs"][name],
+                                                          Rule.from_dict(fp32["rule"]) if fp32["rule"] else None)
+                                       for name in parts},
+               "max_accuracy_drop": ag.MAX_INT8_DROP}
+    lost = [f"{name} accuracy {fp32['accuracy'][name]:.4f} -> {int8['accuracy'][name]:.4f}"
+            for name in ("test", "golden") if fp32["accuracy"][name] is not None
+            and fp32["accuracy"][name] - int8["accuracy"][name] > ag.MAX_INT8_DROP + 1e-12]
+    if lost and not force:
+        raise ExportError(f"int8 loses more than {ag.MAX_INT8_DROP * 100:g} point of accuracy ({'; '.join(lost)}): "
+                          "nothing written; export fp32, or --force to write the int8 file anyway")
+    figures["forced"] = bool(lost)
+    return figures
+
+
+def _write_onnx(portable: nn.Module, example: torch.Tensor, path: str) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's progress chatter
         torch.onnx.export(portable, (example,), path, input_names=["images"], output_names=["probabilities"],
                           dynamic_shapes={"images": {0: batch}}, dynamo=True, opset_version=ONNX_OPSET,
                           external_data=False, verbose=False)
+
+
+def _embed_card(path: str, card: dict) -> None:
+    import onnx
     proto = onnx.load(path)
+    for old in [e for e in proto.metadata_props if e.key == CARD_KEY]:
+        proto.metadata_props.remove(old)
     entry = proto.metadata_props.add()
     entry.key, entry.value = CARD_KEY, json.dumps(card)
     onnx.save(proto, path)
@@ -150,9 +205,6 @@ def _write_torchscript(portable: nn.Module, example: torch.Tensor, path: str, ca
         warnings.simplefilter("ignore", FutureWarning)  # PyTorch now steers to torch.export; ONNX is the portable file
         scripted = torch.jit.script(portable)
         torch.jit.save(scripted, path, _extra_files={"model_card.json": json.dumps(card)})
-
-
-_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript}
 
 
 def read_onnx_card(path: str | Path) -> dict:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
+import torch
 
 from core.decide.calibration import calibrate
 from core.decide.stored import Scores, calibrate_run, load_rule, refit_saved_rule
@@ -91,7 +93,95 @@ def evaluate_run(ws: Workspace, run: Run, data=None, device=None) -> dict:
     _write_predictions(run, [data.paths[i] for i in idx], y, probs, data.classes, rule)
     write_json_atomic(run.eval_path, metrics)
     record(ws, run.id, test_acc=metrics["accuracy"])
+    score_golden(ws, run, clf)
     return metrics
+
+
+GOLDEN_FIELDS = ["sha256", "path", "true", "predicted", "correct", "decision"]  # then p_<class> per class
+
+
+def score_golden(ws: Workspace, run: Run, clf: Classifier | None = None) -> dict | None:
+    """Score the run on its dataset's golden set (core/data/golden.py) as it is now, through the one inference path
+    with the run's temperature and saved rule: golden.json (metrics, the rule's report, the set's version, how many
+    golden images the run trained or validated on, which would flatter it) and golden.csv (per image, by SHA-256,
+    for the release gate's paired comparison). Records the golden accuracy in the index. None without a golden set."""
+    from core.data.golden import GoldenStore, file_digests
+    split = run.split()
+    dataset, classes = split.get("source", ""), split["classes"]
+    store = GoldenStore(ws)
+    if not store.images(dataset):
+        return None
+    version = store.version(dataset)
+    clf = clf or Classifier.from_checkpoint(run.best_path, select_device(run.config().device))
+    gi = golden_images(ws, run, clf.hw)
+    found, missing, unknown, golden_ok, y = gi["found"], gi["missing"], gi["unknown"], gi["ok"], gi["y"]
+    batches = (torch.from_numpy(np.ascontiguousarray(gi["images"][s:s + 64])) for s in range(0, len(y), 64))
+    probs = calibrate(clf.probs_of_batches(batches), run.temperature())
+    rule = load_rule(run)
+    report_ = None
+    if rule is not None and len(y):
+        from core.decide.rule import report
+        report_ = report(rule, probs, y)
+    seen = [r[0] for part in ("train", "val") for r in split.get(part, [])]
+    trained_on = len({g.sha256 for g in found} & set(file_digests(ws, seen).values())) if seen else 0
+    out = {"run_id": run.id, "version": version, **compute_metrics(y, probs, classes),
+           "missing": [g.path for g in missing], "unreadable": gi["failed"],
+           "unknown_class": [[g.path, g.label] for g in unknown], "trained_on": trained_on,
+           "rule": report_, "temperature": run.temperature()}
+    verdicts = rule.verdicts(probs) if rule is not None and len(y) else [""] * len(y)
+    pred = probs.argmax(1) if len(y) else np.zeros(0, dtype=np.int64)
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            w = csv.writer(fh)
+            w.writerow(GOLDEN_FIELDS + [f"p_{c}" for c in classes])
+            for i, im in enumerate(golden_ok):
+                w.writerow([im.sha256, im.path, im.label, classes[pred[i]], int(pred[i] == y[i]), verdicts[i]]
+                           + [f"{p:.6f}" for p in probs[i]])
+    write_atomic(run.golden_predictions_path, write)
+    write_json_atomic(run.golden_path, out)
+    record(ws, run.id, golden_acc=out["accuracy"] if len(y) else None, golden_version=version)
+    return out
+
+
+def golden_images(ws: Workspace, run: Run, hw: tuple[int, int]) -> dict:
+    """The run's dataset's golden images as the model gets them: "images" (N x H x W x 3 uint8) and "y" for the
+    "ok" ones (in the run's classes, decodable), and the rest: "missing" (bytes found nowhere), "unknown" (a class
+    the run was not trained on), "failed" ([path, reason] that could not be decoded). Empty without a golden set."""
+    from core.data.cache import IMAGE_CACHE
+    from core.data.golden import GoldenStore
+    from core.data.sources import DatasetError, load_dataset
+    split = run.split()
+    dataset, classes = split.get("source", ""), split["classes"]
+    store = GoldenStore(ws)
+    found, missing = [], []
+    if store.images(dataset):
+        try:  # the golden images are found by their bytes among the dataset's files and where each was last seen
+            candidates = [s.path for s in load_dataset(dataset).samples]
+        except (DatasetError, OSError):
+            candidates = []
+        found, missing = store.resolve(dataset, candidates)
+    unknown = [g for g in found if g.label not in classes]
+    known = [g for g in found if g.label in classes]
+    decoded = IMAGE_CACHE.get([g.path for g in known], hw, ws.cache_dir) if known else None
+    failed = decoded.failed if decoded else {}
+    keep = np.array([i for i in range(len(known)) if i not in failed], dtype=np.int64)
+    return {"found": found, "missing": missing, "unknown": unknown,
+            "failed": [[known[i].path, r] for i, r in failed.items()],
+            "ok": [known[i] for i in keep], "y": np.array([classes.index(known[i].label) for i in keep], dtype=np.int64),
+            "images": decoded.array[keep] if decoded else np.zeros((0, *hw, 3), dtype=np.uint8)}
+
+
+def read_golden(run: Run) -> tuple[dict | None, list[dict]]:
+    """A run's golden-set score and per-image rows (None, [] when it was never scored on one)."""
+    if not run.golden_path.exists():
+        return None, []
+    summary = json.loads(run.golden_path.read_text())
+    rows = []
+    if run.golden_predictions_path.exists():
+        with open(run.golden_predictions_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            rows = list(csv.DictReader(fh))
+    return summary, rows
 
 
 def _write_predictions(run: Run, paths, y, probs, classes, rule=None) -> None:

@@ -31,7 +31,7 @@ TRANSITIONS = {
     "failed": ("queued",),
     "interrupted": ("queued",),
 }
-SCORES = ("epochs_done", "best_val_acc", "test_acc", "label_version")
+SCORES = ("epochs_done", "best_val_acc", "test_acc", "label_version", "golden_acc", "golden_version")
 
 
 class TrainingError(UserError):
@@ -119,8 +119,10 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
             check_weights_file(cfg.arch, Path(w).expanduser())
         except WeightsError as exc:
             raise ConfigError("weights", str(exc)) from None
-    store = LabelStore(ws)
+    from core.data.golden import GoldenStore
+    store, golden = LabelStore(ws), GoldenStore(ws)
     ds = store.apply(load_dataset(cfg.data))  # the effective labels: folder labels overridden by the store
+    ds, held_out = golden.split_off(ds)  # the golden set never enters training, validation or model selection
     if label_version is None:
         label_version = store.version(ds.source)
     together = None
@@ -138,6 +140,7 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
         raise ConfigError("batch_size", f"batch size {cfg.batch_size} is larger than the training split "
                                         f"({len(split['train'])} images): lower it")
     split_json = split_to_json(ds, split, together)
+    split_json["golden_version"] = golden.version(ds.source)
     if w.lower() == "self-supervised" and ds.unlabeled:  # pretraining looks at them too (core/train/pretrain.py)
         split_json["unlabeled"] = list(ds.unlabeled)
     run = ws.create_run(cfg, ds.name, run_id)
@@ -147,6 +150,9 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, run_id: str | None = None,
     counts = {p: len(v) for p, v in split.items()}
     run.log(f"dataset {ds.name}: {len(ds.samples)} images, {len(ds.classes)} classes, split {counts}, "
             f"{len(ds.skipped)} files skipped")
+    if held_out:
+        run.log(f"{held_out} image(s) of the golden set held out of the split (golden version "
+                f"{split_json['golden_version']})")
     if together is not None:
         kind = "near-duplicate groups" if cfg.split_groups == "duplicates" else "origins"
         run.log(f"split keeping {len(together)} {kind} ({sum(map(len, together))} images) together")

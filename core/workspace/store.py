@@ -3,7 +3,7 @@
     workspace/
       studio.db            runs and datasets (SQLite, WAL)
       runs/<run id>/       config.json, split.json, metrics.csv, log.txt, best.pt/.json,
-                           last.pt/.json, eval.json, predictions.csv
+                           last.pt/.json, eval.json, predictions.csv, golden.json/.csv
       cache/               memory-mapped decoded images for sets larger than the memory cache
       datasets/            imported zips, extracted
 
@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS runs (
     pid INTEGER,
     error TEXT,
     label_version INTEGER,
-    pid_started REAL                 -- when that process started: a pid alone can be reused (a container's PID 1)
+    pid_started REAL,                -- when that process started: a pid alone can be reused (a container's PID 1)
+    golden_acc REAL,                 -- accuracy on the dataset's golden set (core/data/golden.py) at its
+    golden_version INTEGER           -- golden_version: runs compare on the same images
 );
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY,
@@ -57,7 +59,8 @@ CREATE TABLE IF NOT EXISTS datasets (
 
 RUN_COLUMNS = ("id", "dataset", "arch", "weights", "status", "created", "started", "finished", "epochs",
                "epochs_done", "best_val_acc", "test_acc", "pid", "error", "label_version",
-               "pid_started")
+               "pid_started", "golden_acc", "golden_version")
+ADDED_COLUMNS = {"pid_started": "REAL", "golden_acc": "REAL", "golden_version": "INTEGER"}  # on older workspaces
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
                  "avg_val_loss", "avg_val_acc",  # the averaged weights' (ema, swa), else empty
@@ -132,6 +135,10 @@ class Run:
     def calibration_path(self) -> Path: return self.dir / "calibration.json"  # the fitted temperature (decide.py)
     @property
     def rule_path(self) -> Path: return self.dir / "rule.json"              # the chosen decision rule (decide.py)
+    @property
+    def golden_path(self) -> Path: return self.dir / "golden.json"          # scores on the golden set (evaluate.py)
+    @property
+    def golden_predictions_path(self) -> Path: return self.dir / "golden.csv"  # per golden image, by SHA-256
 
     def config(self):
         from core.config import TrainConfig
@@ -204,8 +211,10 @@ class Workspace:
             try:
                 with self._db() as db:
                     db.executescript(SCHEMA)
-                    if "pid_started" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
-                        db.execute("ALTER TABLE runs ADD COLUMN pid_started REAL")  # a workspace from before it
+                    have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+                    for column, kind in ADDED_COLUMNS.items():  # a workspace from before them
+                        if column not in have:
+                            db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
                 break
             except sqlite3.OperationalError:
                 if attempt == 9:
