@@ -70,8 +70,10 @@ def cmd_serve(args, ws: Workspace) -> int:
     from core.deploy.serve import serve
     from core.deploy.uploads import Limits
     limits = Limits(file_mb=args.max_mb, request_mb=args.max_request_mb, files=args.max_files)
+    if bool(args.model) == bool(args.release):
+        raise ConfigError("serve", "give a run id or .onnx file, or --release NAME|latest (one of them)")
     serve(args.model, ws, args.host, args.port, limits, args.api_key, args.no_auth, args.allowed_host,
-          args.max_concurrent, args.queue_wait)
+          args.max_concurrent, args.queue_wait, args.release, args.follow_interval)
     return 0
 
 
@@ -94,7 +96,11 @@ def add_commands(add) -> None:
     p.add_argument("--force", action="store_true", help="with --int8: write it even if it loses more than that")
     p.add_argument("--json", action="store_true")
     p = add("serve", cmd_serve, "serve a run's model (or an exported .onnx file) as an HTTP JSON API")
-    p.add_argument("model", metavar="RUN_ID|FILE.onnx")
+    p.add_argument("model", metavar="RUN_ID|FILE.onnx", nargs="?")
+    p.add_argument("--release", metavar="NAME|latest", help="serve a release (core release); `latest` follows the "
+                                                           "newest, switching without dropping a request")
+    p.add_argument("--follow-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="with --release latest: how often to look for a newer release")
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) unless you mean otherwise")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-mb", type=float, default=20, help="largest image file accepted, in MB")

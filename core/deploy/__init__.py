@@ -3,6 +3,7 @@
     predict.py     a loaded model for new images, with heatmaps and evidence
     portable.py    prediction from an exported ONNX file, without torch
     export.py      ONNX / TorchScript files with a model card
+    agreement.py   an export checked against the studio's own decisions; int8 quantization
     release.py     immutable, numbered releases of a run, let through by the gate, with their ledger
     serve.py       an HTTP JSON API for a model (FastAPI on uvicorn), one request at most its limits and its turn
     uploads.py     the images of a request, read as the body streams, refused the moment a limit is passed

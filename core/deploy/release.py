@@ -28,7 +28,6 @@ from core.decide.gate import DEFAULT_ALPHA, DEFAULT_RECALL_TOLERANCE, Side, comp
 from core.decide.rule import Rule
 from core.decide.stored import load_rule
 from core.errors import UserError
-from core.infer.evaluate import read_golden, score_golden
 from core.workspace.files import write_json_atomic
 from core.workspace.store import Run, Workspace
 
@@ -127,6 +126,7 @@ def find_release(ws: Workspace, name: str) -> dict:
 
 def _golden_now(ws: Workspace, run: Run) -> tuple[dict, list[dict]]:
     """The run's golden-set score at the set's current version (scored again when its labels changed since)."""
+    from core.infer.evaluate import read_golden, score_golden  # torch: not for a server that only reads releases
     dataset = run.split().get("source", "")
     summary, rows = read_golden(run)
     if summary is None or summary.get("version") != GoldenStore(ws).version(dataset):

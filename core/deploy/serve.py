@@ -6,8 +6,11 @@
     GET  /model     the model card (classes, input, normalization, TTA, test metrics)
     GET  /docs      OpenAPI documentation (FastAPI's); /openapi.json describes every status the server answers
 
-The model is a run's best checkpoint (the studio's Predictor: Grad-CAM available) or an exported ONNX file
-(core/deploy/portable.py: no torch). One request cannot knock the server over:
+The model is a run's best checkpoint (the studio's Predictor: Grad-CAM available), an exported ONNX file
+(core/deploy/portable.py: no torch), or a release's ONNX file (core/deploy/release.py). Serving the `latest` release,
+the server looks for a newer one every few seconds and switches to it when it is loaded: a request keeps the model it
+started with, so none in flight is dropped or answered by half of each; /model names the release.
+One request cannot knock the server over:
 - its body is read as it streams, refused (413) the moment it passes a limit: the whole body, one file, the number
   of files or of other fields (core/deploy/uploads.py);
 - a large image is decoded in bounded memory (core/data/images.py), a bad one is a 422 naming the file and why;
@@ -46,6 +49,40 @@ class ServedModel:
     gradcam: bool          # a run's checkpoint can explain; an ONNX file cannot
 
 
+class Holder:
+    """The model being served now. A request takes `current` once and keeps it to the end; a switch replaces the
+    reference (one assignment), so the old model answers what it started."""
+
+    def __init__(self, model: ServedModel):
+        self.current = model
+
+
+def load_release(ws: Workspace, name: str) -> ServedModel:
+    from core.deploy.portable import OnnxPredictor
+    from core.deploy.release import find_release, release_model_path
+    release = find_release(ws, name)
+    predictor = OnnxPredictor(release_model_path(release))
+    card = {**predictor.card, "release": {"name": release["name"], "version": release["version"],
+                                          "dataset": release["dataset"], "run_id": release["run_id"]}}
+    return ServedModel(predictor, card, gradcam=False)
+
+
+def follow_latest(ws: Workspace, holder: Holder, interval_s: float = 2.0, stop=None) -> None:
+    """Switch `holder` to each newer release as it appears (a thread's loop; `stop`: a threading.Event)."""
+    import threading
+
+    from core.deploy.release import find_release
+    stop = stop or threading.Event()
+    while not stop.wait(interval_s):
+        try:
+            newest = find_release(ws, "latest")["name"]
+            if newest != holder.current.card["release"]["name"]:
+                holder.current = load_release(ws, newest)  # loaded first, then swapped: no request waits on it
+                print(f"now serving release {newest}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001  a half-made release, a locked database: the old model serves on
+            print(f"release check: {exc}", file=sys.stderr)
+
+
 def load_model(source: str, ws: Workspace | None = None) -> ServedModel:
     """A run id (in the workspace) or a path to an exported .onnx file."""
     if source.lower().endswith(".onnx"):
@@ -66,11 +103,13 @@ def _error(description: str) -> dict:
         "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
 
 
-def create_app(model: ServedModel, limits: Limits = DEFAULT_LIMITS, api_key: str | None = None,
+def create_app(model: ServedModel | Holder, limits: Limits = DEFAULT_LIMITS, api_key: str | None = None,
                hosts: list[str] | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
                queue_wait_s: float = DEFAULT_QUEUE_WAIT_S) -> FastAPI:
+    holder = model if isinstance(model, Holder) else Holder(model)
+    first = holder.current
     app = FastAPI(title="Image classifier studio: prediction API", version="1",
-                  description=f"Model {model.card.get('run_id', '')}: classes {', '.join(model.card['classes'])}")
+                  description=f"Model {first.card.get('run_id', '')}: classes {', '.join(first.card['classes'])}")
     app.add_middleware(AccessGuard, api_key=api_key, hosts=hosts if hosts is not None else allowed_hosts("", None))
     turns = asyncio.Semaphore(max_concurrent)
     errors = {400: _error("Malformed request, no image, an unknown Host, or Grad-CAM asked of an ONNX model"),
@@ -94,7 +133,7 @@ def create_app(model: ServedModel, limits: Limits = DEFAULT_LIMITS, api_key: str
 
     @app.get("/model", responses={k: v for k, v in errors.items() if k in (400, 401)})
     async def card() -> dict:
-        return model.card
+        return holder.current.card
 
     body = {"type": "object", "required": [FIELD], "properties": {FIELD: {
         "type": "array", "minItems": 1, "maxItems": limits.files, "items": {"type": "string", "format": "binary"},
@@ -105,6 +144,7 @@ def create_app(model: ServedModel, limits: Limits = DEFAULT_LIMITS, api_key: str
         "multipart/form-data": {"schema": body, "encoding": {FIELD: {"contentType": "image/png"}}}}}})
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=100),
                       gradcam: bool = Query(False)) -> dict:
+        model = holder.current  # this request's model to the end, whatever a release switch does meanwhile
         if gradcam and not model.gradcam:
             raise HTTPException(400, "Grad-CAM needs the run's checkpoint: this server runs an exported ONNX file")
         try:
@@ -153,7 +193,8 @@ def _predict(model: ServedModel, named: list[tuple[str, bytes]], top_k: int, gra
         result.pop("path", None)
         if gradcam:
             result["gradcam_png"] = _gradcam_png(model.predictor, data, result["top"][0]["label"])
-    return {"model": model.card.get("run_id"), "results": results}
+    return {"model": model.card.get("run_id"), **({"release": model.card["release"]["name"]}
+                                                 if "release" in model.card else {}), "results": results}
 
 
 def _gradcam_png(predictor, data: bytes, label: str) -> str:
@@ -167,13 +208,21 @@ def _gradcam_png(predictor, data: bytes, label: str) -> str:
 def serve(source: str, ws: Workspace | None = None, host: str = "127.0.0.1", port: int = 8000,
           limits: Limits = DEFAULT_LIMITS, api_key: str | None = None, no_auth: bool = False,
           extra_hosts: list[str] | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-          queue_wait_s: float = DEFAULT_QUEUE_WAIT_S) -> None:
+          queue_wait_s: float = DEFAULT_QUEUE_WAIT_S, release: str | None = None, follow_s: float = 2.0) -> None:
+    """Serve `source` (a run id or an .onnx file), or with `release` a release by name or the `latest` one (followed:
+    a newer release is switched to as it appears)."""
+    import threading
+
     import uvicorn
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     warning = check_bind(host, api_key, no_auth)  # before the model loads: a refusal costs nothing
     if warning:
         print(warning, file=sys.stderr)
-    print(f"serving {source} on http://{host}:{port} (docs at /docs); Ctrl+C stops", file=sys.stderr)
-    app = create_app(load_model(source, ws), limits, api_key, allowed_hosts(host, extra_hosts), max_concurrent,
-                     queue_wait_s)
+    ws = ws or Workspace()
+    holder = Holder(load_release(ws, release) if release else load_model(source, ws))
+    what = f"release {holder.current.card['release']['name']}" if release else source
+    print(f"serving {what} on http://{host}:{port} (docs at /docs); Ctrl+C stops", file=sys.stderr)
+    if release == "latest":
+        threading.Thread(target=follow_latest, args=(ws, holder, follow_s), daemon=True).start()
+    app = create_app(holder, limits, api_key, allowed_hosts(host, extra_hosts), max_concurrent, queue_wait_s)
     uvicorn.run(app, host=host, port=port, log_level="warning")

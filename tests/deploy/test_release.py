@@ -5,6 +5,7 @@ import os
 import random
 import stat
 
+import numpy as np
 import pytest
 
 from conftest import in_process, tiny_config, write_class_folders
@@ -169,3 +170,51 @@ def test_the_runs_page_gates_a_release_and_lists_the_releases(lineage, tmp_path,
     assert len(at.get("image")) >= 1  # the regression gallery's strips
     table = next(d.value for d in at.dataframe if "version" in d.value.columns)  # the Releases table, newest first
     assert table["run"].tolist()[0] == lineage["again"].id
+
+
+def test_serving_latest_switches_to_a_new_release_without_a_failed_request(lineage, tmp_path):
+    """`core serve --release latest` under steady load while a release is made: every request answered 200, by the
+    old release and then the new one, and /model names the new one."""
+    import shutil
+    import threading
+    import time
+
+    import requests
+    from test_serve import _png, _start, _stop
+    root = tmp_path / "ws"
+    shutil.copytree(lineage["ws"].root, root)
+    ws = Workspace(root)
+    if not list_releases(ws):
+        make_release(ws, lineage["sound"].id, gallery=False)
+    before = list_releases(ws)[0]["name"]
+    proc, url = _start(["--workspace", str(root), "serve", "--release", "latest", "--follow-interval", "0.3"], tmp_path)
+    image = _png(np.full((32, 32, 3), 90, dtype=np.uint8))
+    answers, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = requests.post(f"{url}/predict", files=[("files", ("a.png", image, "image/png"))], timeout=30)
+            answers.append((r.status_code, r.json().get("release") if r.status_code == 200 else r.text))
+
+    try:
+        assert requests.get(f"{url}/model", timeout=5).json()["release"]["name"] == before
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        made = make_release(ws, lineage["again"].id, name="switched", force=True, reason="the switch test",
+                            gallery=False)
+        deadline = time.time() + 60
+        while time.time() < deadline and requests.get(f"{url}/model", timeout=5).json()["release"]["name"] != "switched":
+            time.sleep(0.2)
+        time.sleep(1.0)  # load on the new one too
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        _stop(proc)
+    assert made["name"] == "switched"
+    assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
+    names = [name for _, name in answers]
+    assert names[0] == before and names[-1] == "switched" and set(names) == {before, "switched"}
