@@ -1,3 +1,4 @@
+import os
 import uuid
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from core.data.images import ImageLoadError, load_array
 from core.data.labels import LabelStore, relabel
 from core.decide.stored import load_rule
 from core.deploy.predict import get_predictor
+from core.deploy.watch import review_queue
 from core.explain.features import outliers
 from core.studies.curation import (
     DEFAULT_FOLDS,
@@ -248,3 +250,17 @@ with st.expander("Export the curated dataset"):
             st.success(f"Wrote {out['images']} images to {out['path']}.")
         except (OSError, FileExistsError) as exc:
             st.error(str(exc))
+
+line_queue = review_queue(ws)
+with st.expander(f"Sent to review by the line ({len(line_queue)})", expanded=False):
+    st.caption("Images a hot folder (`python -m core watch`) predicted and the decision rule sent to a person, newest "
+               "first; each is linked under the workspace's review/ folder. To train on them, label them by copying "
+               "them into a class folder (or the dataset's unlabeled/ folder, to label them here).")
+    cols = st.columns(4)
+    for i, item in enumerate(line_queue[:48]):
+        probs = ", ".join(f"{c} {p:.2f}" for c, p in sorted(item["probs"].items(), key=lambda kv: -kv[1]))
+        caption = f"{Path(item['path']).name}: {probs} ({item['model']})"
+        if os.path.exists(item["path"]):
+            cols[i % 4].image(item["path"], caption=caption)
+        else:
+            cols[i % 4].caption(caption + " - the file is gone")

@@ -6,7 +6,7 @@
     progress.py  the progress bar a foreground run reports to
     train.py     train, resume, job: a run trained in this process (one device, a launcher, or a rank)
     review.py    evaluate, decide, learning-curve, cam-audit, audit-pack, duplicates
-    deploy.py    predict, export, serve
+    deploy.py    predict, export, serve, watch
     release.py   golden, release, releases: the golden set and the models that ship
     runs.py      runs, presets
 """

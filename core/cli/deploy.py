@@ -77,6 +77,21 @@ def cmd_serve(args, ws: Workspace) -> int:
     return 0
 
 
+def cmd_watch(args, ws: Workspace) -> int:
+    from core.deploy.watch import HotFolder
+    if ws.run_row(args.model) is not None:
+        from core.deploy.predict import get_predictor
+        predictor, name = get_predictor(ws, args.model), f"run {args.model}"
+    else:
+        from core.deploy.serve import load_release
+        served = load_release(ws, args.model)
+        predictor, name = served.predictor, served.card["release"]["name"]
+    hot = HotFolder(ws, args.folder, predictor, name, args.out, args.settle)
+    print(f"watching {hot.folder} with {name}: rows to {hot.out_csv}; Ctrl+C stops", file=sys.stderr)
+    hot.run(args.interval, once=args.once)
+    return 0
+
+
 def add_commands(add) -> None:
     p = add("predict", cmd_predict, "predict images with a run's best checkpoint (RUN_ID IMAGE...) or an exported "
                                      "ONNX file (--model FILE IMAGE...)", workspace=lambda args: not args.model)
@@ -95,6 +110,16 @@ def add_commands(add) -> None:
                                                        "refused if it loses more than a point of test or golden accuracy")
     p.add_argument("--force", action="store_true", help="with --int8: write it even if it loses more than that")
     p.add_argument("--json", action="store_true")
+    p = add("watch", cmd_watch, "predict each new image a camera writes into a folder, once, into a CSV and the "
+                                "workspace; the rule's review images go to the Label page's queue")
+    p.add_argument("model", metavar="RELEASE|latest|RUN_ID")
+    p.add_argument("folder", metavar="IN_DIR")
+    p.add_argument("--out", required=True, metavar="RESULTS.csv", help="appended to, one row per image")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="how often to look (file events, "
+                                                                                   "where there are some, wake it sooner)")
+    p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                   help="a file is complete when its size and time stayed the same this long (or it was renamed in)")
+    p.add_argument("--once", action="store_true", help="predict what is there (once settled), then stop")
     p = add("serve", cmd_serve, "serve a run's model (or an exported .onnx file) as an HTTP JSON API")
     p.add_argument("model", metavar="RUN_ID|FILE.onnx", nargs="?")
     p.add_argument("--release", metavar="NAME|latest", help="serve a release (core release); `latest` follows the "

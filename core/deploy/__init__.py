@@ -4,6 +4,7 @@
     portable.py    prediction from an exported ONNX file, without torch
     export.py      ONNX / TorchScript files with a model card
     agreement.py   an export checked against the studio's own decisions; int8 quantization
+    watch.py       the hot folder: each new image a camera writes predicted once, into a CSV and the workspace
     release.py     immutable, numbered releases of a run, let through by the gate, with their ledger
     serve.py       an HTTP JSON API for a model (FastAPI on uvicorn), one request at most its limits and its turn
     uploads.py     the images of a request, read as the body streams, refused the moment a limit is passed
