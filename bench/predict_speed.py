@@ -6,6 +6,7 @@ to evaluate the ELPV test split, all through the engine's own API (core.predict 
 The checkpoint is a resnet18 for the 2 ELPV classes written by the engine's own save_checkpoint (weights
 untrained: speed does not depend on their values). Prints one JSON document with the keys predict_p50_ms,
 predict_p95_ms, onnxruntime_predict_p50_ms (the same images through the exported ONNX file, fp32),
+int8_predict_p50_ms and onnx_file_mb (the int8 file beside the fp32 one),
 gradcam_p50_ms, gradcam_p95_ms, load_s, device, and more.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     from core.data.cache import IMAGE_CACHE
     from core.deploy.predict import Predictor
     from core.infer.evaluate import evaluate_run
-    from core.models.device import cpu_threads, describe_device, select_device
+    from core.models.device import cpu_name, cpu_threads, describe_device, select_device
     torch.set_num_threads(cpu_threads())
     device = select_device("auto")
 
@@ -77,15 +78,20 @@ def main() -> None:
 
         from core.data.images import load_array
         from core.deploy.export import export_run
-        session = ort.InferenceSession(export_run(ws, run.id, "onnx", tta=False)["path"],
-                                       providers=["CPUExecutionProvider"])
         hw = (args.size, args.size)
-        session.run(None, {"images": load_array(images[0], hw)[None]})
-        onnx_single = []
-        for path in images:
-            t = time.perf_counter()
-            session.run(None, {"images": load_array(path, hw)[None]})
-            onnx_single.append(time.perf_counter() - t)
+        fp32_path = export_run(ws, run.id, "onnx", tta=False)["path"]
+        # int8 (static, calibrated on training images); forced: untrained weights have no accuracy to keep
+        int8_path = export_run(ws, run.id, "onnx", tta=False, int8=True, force=True)["path"]
+        onnx_single, int8_single = [], []
+        for path_, out in ((fp32_path, onnx_single), (int8_path, int8_single)):
+            session = ort.InferenceSession(path_, providers=["CPUExecutionProvider"])
+            session.run(None, {"images": load_array(images[0], hw)[None]})
+            for path in images:
+                t = time.perf_counter()
+                session.run(None, {"images": load_array(path, hw)[None]})
+                out.append(time.perf_counter() - t)
+        import os
+        sizes = {"fp32_mb": round(os.path.getsize(fp32_path) / 1e6, 1), "int8_mb": round(os.path.getsize(int8_path) / 1e6, 1)}
 
         IMAGE_CACHE._mem.clear()
         t = time.perf_counter()
@@ -104,6 +110,9 @@ def main() -> None:
         "predict_p95_ms": percentile_ms(single, 95),
         "onnxruntime_predict_p50_ms": percentile_ms(onnx_single, 50),
         "onnxruntime_predict_p95_ms": percentile_ms(onnx_single, 95),
+        "int8_predict_p50_ms": percentile_ms(int8_single, 50),
+        "int8_predict_p95_ms": percentile_ms(int8_single, 95),
+        "onnx_file_mb": sizes,
         "onnxruntime": ort.__version__,
         "batch_images_per_s": round(batch_ips, 1),
         "batch_size": args.batch,
@@ -113,6 +122,7 @@ def main() -> None:
         "eval_cold_s": round(eval_cold_s, 2),
         "eval_warm_s": round(eval_warm_s, 2),
         "single_image_includes": "file read, decode, resize, normalize, forward, softmax",
+        "cpu": cpu_name(),
         **environment(),
     }
     print(json.dumps(doc, indent=2))
