@@ -8,12 +8,40 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from core.data.golden import GoldenError, GoldenStore, carve_from_test
 from core.deploy.release import GateRefused, ReleaseError, ledger, list_releases, make_release
+from core.infer.evaluate import score_golden
 from pages import _ui
+
+
+def golden_panel(ws, rid: str) -> bool:
+    """When the run's dataset has no golden set: offer to carve one from this run's test part. Returns whether the
+    dataset has one (now)."""
+    source = ws.run(rid).split().get("source", "")
+    store = GoldenStore(ws)
+    if store.images(source):
+        info = store.describe(source)
+        st.caption(f"Golden set: {info['n']} images (" + ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+                   + f"), version {info['version']}; every run of this dataset is scored on it.")
+        return True
+    st.info("This dataset has no golden set yet: images with frozen labels that every later run is scored on and "
+            "none trains on. Releases are gated on it.")
+    share = st.slider("Share of each class's test images", 0.1, 1.0, 0.5, 0.1, key=f"golden_share_{rid}")
+    if st.button("Make the golden set from this run's test part", key=f"golden_make_{rid}"):
+        try:
+            store.create(source, carve_from_test(ws.run(rid).split(), share),
+                         f"{share:g} of run {rid}'s test part, stratified (Runs page)", _ui.actor())
+            score_golden(ws, ws.run(rid))
+            st.rerun()
+        except GoldenError as exc:
+            st.error(str(exc))
+    return False
 
 
 def release_panel(ws, rid: str) -> None:
     with st.expander("Release this run"):
+        if not golden_panel(ws, rid):
+            return
         st.caption("A release is an immutable, numbered copy of the run's model (ONNX with its card), its decision rule "
                    "and its golden-set report. It is made only if the gate finds it no worse than the current "
                    "release on the dataset's golden set: McNemar's exact test on the paired decisions, each class's "

@@ -83,7 +83,10 @@ def check_file(ws: Workspace, run: Run, path: str | Path, parts: dict, studio: d
     differs = rule is not None and any(f.get("verdict_agree", f["n"]) < f["n"] for f in figures.values())
     chosen, why = rule, ("the studio's rule: the file and the studio decide every checked image alike"
                          if rule is not None else "no decision rule saved")
-    if differs:
+    if differs and not rule.inputs:
+        why = ("the studio's rule, though the file decides some images differently: it was saved before the studio "
+               "kept a rule's inputs, so it cannot be chosen again (decide the run again to have it chosen)")
+    elif differs:
         val_x, val_y = parts["val"]
         try:
             chosen = fit_rule(file_probs["val"], val_y, run.split()["classes"], **rule.inputs)

@@ -218,3 +218,29 @@ def test_serving_latest_switches_to_a_new_release_without_a_failed_request(linea
     assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
     names = [name for _, name in answers]
     assert names[0] == before and names[-1] == "switched" and set(names) == {before, "switched"}
+
+
+def test_the_runs_page_makes_the_golden_set_from_a_runs_test_part(decided_run, tmp_path, monkeypatch):
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+    ws0, run0 = decided_run[0], decided_run[1]
+    root = tmp_path / "ws"
+    shutil.copytree(ws0.root, root)
+    monkeypatch.setenv("STUDIO_WORKSPACE", str(root))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/runs.py")
+    at.run()
+    at.multiselect(key="runs_selected").set_value([run0.id]).run()
+    assert any("no golden set yet" in i.value for i in at.info)
+    at.slider(key=f"golden_share_{run0.id}").set_value(1.0)
+    at.button(key=f"golden_make_{run0.id}").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    ws = Workspace(root)
+    source = ws.run(run0.id).split()["source"]
+    assert len(GoldenStore(ws).images(source)) == len(run0.split()["test"])
+    assert ws.run_row(run0.id)["golden_acc"] is not None  # scored at once: the table shows it
+    assert any(c.value.startswith(f"Golden set: {len(run0.split()['test'])} images") for c in at.caption)
