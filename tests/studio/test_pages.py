@@ -177,6 +177,8 @@ def test_evaluate_page_calibrates_decides_and_saves_a_rule(finished_ws, trained)
 
 
 def test_datasets_page_registers_a_folder(empty_ws, tmp_path):
+    at = open_page("pages/datasets.py")  # an empty workspace opens "Add a dataset" expanded
+    assert [e.proto.expanded for e in at.expander if e.label == "Add a dataset"] == [True]
     data = write_class_folders(tmp_path / "parts", per_class=6, size=16)
     (data / "dot" / "broken.png").write_bytes(b"junk")
     at = open_page("pages/datasets.py")
