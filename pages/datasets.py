@@ -6,6 +6,7 @@ import streamlit as st
 
 from core.config import TrainConfig
 from core.data.duplicates import describe_groups
+from core.data.golden import GoldenStore
 from core.data.images import ImageLoadError, load_array
 from core.data.sources import DatasetError, check_data_roots, check_samples_in_data_roots, imbalance, load_dataset
 from core.data.split import default_split
@@ -98,8 +99,11 @@ st.plotly_chart(fig, key="class_counts")
 split = None
 try:
     split, given = default_split(ds)
+    golden = GoldenStore(ws).describe(ds.source)
     st.caption(f"Split ({given}): train {len(split['train'])}, validation {len(split['val'])}, "
-               f"test {len(split['test'])}")
+               f"test {len(split['test'])}" + (f"; a new run leaves out the golden set's {golden['n']} images "
+                                                f"(version {golden['version']}), which every run is scored on"
+                                                if golden["n"] else ""))
 except DatasetError as exc:
     st.warning(str(exc))
 

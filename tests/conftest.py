@@ -134,7 +134,7 @@ LONGEST_FIRST = ["studio/test_pages.py",         # 76 s
                  "benches/test_benches.py",      # 61
                  "infer/test_tta.py",            # 52
                  "deploy/test_export.py",        # 49
-                 "deploy/test_release.py",       # 45
+                 "deploy/test_release.py",       # 55
                  "explain/test_cam_audit.py",    # 47
                  "studies/test_curation.py",     # 41
                  "test_faults.py",               # 35
@@ -142,6 +142,8 @@ LONGEST_FIRST = ["studio/test_pages.py",         # 76 s
                  "train/test_loop.py",           # 27
                  "cli/test_cli.py",              # 27
                  "runs/test_life.py",            # 25
+                 "deploy/test_int8.py",          # 25
+                 "deploy/test_watch.py",         # 22
                  "studies/test_learning_curve.py"]  # 23; the rest: under 20 s each, in pytest's order
 
 

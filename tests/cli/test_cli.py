@@ -141,3 +141,37 @@ def test_train_estimate_trains_nothing(tmp_path, capsys):
                                     "--batch-size", 4, "--estimate", ws=ws)
     assert status == 0 and classic.startswith("about ") and "auto recipe" not in classic
     assert json.loads(in_process(capsys, "runs", "--json", ws=ws)[1]) == []
+
+
+def test_golden_made_shown_and_relabelled_from_the_command_line(decided_run, tmp_path, capsys):
+    """`core golden`: carved from a run's test part, shown as JSON, a label changed with a reason; mistakes are one
+    line and exit 2; `core runs` shows the golden score beside the test score once the run is scored."""
+    import shutil
+    ws0, run, _, data = decided_run
+    root = tmp_path / "ws"
+    shutil.copytree(ws0.root, root)
+    status, out, err = in_process(capsys, "golden", "--data", data, ws=root)
+    assert status == 0 and "has no golden set" in out
+    status, out, err = in_process(capsys, "golden", "--data", data, "--from-test", run.id, "--share", "0.5", ws=root)
+    assert status == 0 and "golden set of" in out and "version 1" in out, err
+    status, out, err = in_process(capsys, "golden", "--data", data, "--json", ws=root)
+    info = json.loads(out)
+    assert info["version"] == 1 and info["n"] == sum(info["counts"].values()) > 0
+    first = info["images"][0]
+    other = next(c for c in ("blank", "dot") if c != first["label"])
+    status, out, err = in_process(capsys, "golden", "--data", data, "--relabel", f"{first['sha256'][:10]}={other}",
+                                  ws=root)
+    assert status == 2 and "only with a reason" in err and err.count("\n") == 1
+    status, out, err = in_process(capsys, "golden", "--data", data, "--relabel", f"{first['path']}={other}",
+                                  "--reason", "checked under the microscope", "--json", ws=root)
+    assert status == 0 and json.loads(out)["version"] == 2
+    status, out, err = in_process(capsys, "golden", "--data", data, "--from-test", run.id, ws=root)
+    assert status == 2 and "chosen once" in err
+    status, out, err = in_process(capsys, "golden", "--data", data, "--relabel", "00000000=blank", "--reason", "x",
+                                  ws=root)
+    assert status == 2 and "names no image" in err
+    status, out, err = in_process(capsys, "golden", "--data", data, "--relabel", f"{first['path']}=cat", ws=root)
+    assert status == 2 and "IMAGE=LABEL with LABEL one of blank, dot" in err
+    status, out, err = in_process(capsys, "evaluate", run.id, ws=root)
+    status, out, err = in_process(capsys, "runs", ws=root)
+    assert status == 0 and "golden" in out.splitlines()[0] and " v2" in out

@@ -13,7 +13,7 @@ from core.data.golden import GoldenStore, carve_from_test
 from core.data.labels import LabelStore
 from core.data.sources import load_dataset
 from core.deploy.release import ReleaseError, ledger, list_releases, make_release, verify_release
-from core.infer.evaluate import evaluate_run
+from core.infer.evaluate import evaluate_run, score_golden
 from core.runs import life
 from core.train.loop import fit
 from core.workspace.store import Workspace
@@ -30,15 +30,16 @@ def _train(ws, data):
 
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
-    """A dataset with a golden set carved from a first run's test part, and three later runs: a sound one (the
-    first release), one trained while two thirds of the `dot` images were labelled `blank`, and a sound one again."""
+    """A dataset with a golden set carved from a sound run's test part (that run never trained on them: it is the
+    first release), and two later runs: one trained while two thirds of the `dot` images were labelled `blank`, and
+    a sound one again."""
     root = tmp_path_factory.mktemp("release")
     data = write_class_folders(root / "dots", per_class=60, size=32, seed=3)
     ws = Workspace(root / "ws")
-    first = _train(ws, data)
-    ds = load_dataset(str(data))
-    GoldenStore(ws).create(ds.source, carve_from_test(first.split(), 1.0), "test of the first run", actor="ana")
     sound = _train(ws, data)
+    ds = load_dataset(str(data))
+    GoldenStore(ws).create(ds.source, carve_from_test(sound.split(), 1.0), "test of the first run", actor="ana")
+    score_golden(ws, sound)
     dots = sorted(s.path for s in ds.samples if ds.classes[s.label] == "dot")
     random.Random(0).shuffle(dots)
     labels = LabelStore(ws)
@@ -46,7 +47,7 @@ def lineage(tmp_path_factory):
     scrambled = _train(ws, data)
     labels.undo(ds.source, actor="scrambler")
     again = _train(ws, data)
-    return {"ws": ws, "data": data, "source": ds.source, "first": first, "sound": sound, "scrambled": scrambled,
+    return {"ws": ws, "data": data, "source": ds.source, "sound": sound, "scrambled": scrambled,
             "again": again}
 
 
@@ -88,6 +89,36 @@ def test_the_gate_refuses_the_scrambled_run_and_passes_a_sound_one(lineage, caps
     doc = json.loads(out)
     assert status == 0 and doc["released"] and doc["version"] == 2 and not doc["manifest"]["gate"]["refuse"]
     assert [e["outcome"] for e in ledger(ws)][:3] == ["released", "refused", "first"]
+
+
+def test_the_runs_page_gates_a_release_and_lists_the_releases(lineage, tmp_path, monkeypatch):
+    """Last in this module (it adds to the ledger): the Release button on a refused run shows the reasons and the
+    regression gallery; the Releases section lists what was made."""
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+    root = tmp_path / "ws"
+    shutil.copytree(lineage["ws"].root, root)
+    monkeypatch.setenv("STUDIO_WORKSPACE", str(root))
+    made = list_releases(Workspace(root))
+    if not made or made[0]["run_id"] == lineage["scrambled"].id:  # a sound current release to be gated against
+        make_release(Workspace(root), lineage["again"].id, gallery=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/runs.py")
+    at.run()
+    rid = lineage["scrambled"].id
+    at.multiselect(key="runs_selected").set_value([rid]).run()
+    at.button(key=f"release_{rid}").click().run()
+    assert not at.exception, at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert errors, ([e.value for e in at.success], [e.value for e in at.info])
+    assert "the gate refuses run" in errors and "recall of dot drops" in errors
+    assert len(at.get("image")) >= 1  # the regression gallery's strips
+    table = next(d.value for d in at.dataframe if "version" in d.value.columns)  # the Releases table, newest first
+    assert table["run"].tolist()[0] == lineage["again"].id
 
 
 def test_a_forced_release_is_recorded_with_its_reason(lineage, capsys):
@@ -140,36 +171,6 @@ def test_a_release_needs_a_golden_set_and_a_finished_evaluated_run(tmp_path):
     GoldenStore(ws).create(run.split()["source"], [(r[0], r[1]) for r in run.split()["train"][:4]], "from training")
     with pytest.raises(ReleaseError, match="trained or validated on 4 golden image"):
         make_release(ws, run.id)
-
-
-def test_the_runs_page_gates_a_release_and_lists_the_releases(lineage, tmp_path, monkeypatch):
-    """Last in this module (it adds to the ledger): the Release button on a refused run shows the reasons and the
-    regression gallery; the Releases section lists what was made."""
-    import shutil
-
-    from streamlit.testing.v1 import AppTest
-
-    from conftest import ROOT
-    root = tmp_path / "ws"
-    shutil.copytree(lineage["ws"].root, root)
-    monkeypatch.setenv("STUDIO_WORKSPACE", str(root))
-    made = list_releases(Workspace(root))
-    if not made or made[0]["run_id"] == lineage["scrambled"].id:  # a sound current release to be gated against
-        make_release(Workspace(root), lineage["again"].id, gallery=False)
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/runs.py")
-    at.run()
-    rid = lineage["scrambled"].id
-    at.multiselect(key="runs_selected").set_value([rid]).run()
-    at.button(key=f"release_{rid}").click().run()
-    assert not at.exception, at.exception
-    errors = " ".join(e.value for e in at.error)
-    assert errors, ([e.value for e in at.success], [e.value for e in at.info])
-    assert "the gate refuses run" in errors and "recall of dot drops" in errors
-    assert len(at.get("image")) >= 1  # the regression gallery's strips
-    table = next(d.value for d in at.dataframe if "version" in d.value.columns)  # the Releases table, newest first
-    assert table["run"].tolist()[0] == lineage["again"].id
 
 
 def test_serving_latest_switches_to_a_new_release_without_a_failed_request(lineage, tmp_path):
