@@ -241,6 +241,8 @@ def make_release(ws: Workspace, run_id: str, name: str | None = None, actor: str
         raise ReleaseError("--force needs --reason TEXT: the ledger records why the gate was overridden")
     run = ws.run(run_id)
     dataset = run.split().get("source", "")
+    if name is not None:
+        _check_name(ws, name)  # before the gate's minutes, not after
     try:
         report = gate_report(ws, run_id, recall_tolerance, alpha)
     except ReleaseError as exc:
@@ -249,21 +251,16 @@ def make_release(ws: Workspace, run_id: str, name: str | None = None, actor: str
         report = {"dataset": dataset, "candidate": run_id, "refuse": True, "reasons": [str(exc)], "gallery": {}}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = ws.root / "releases" / _safe(ws.run_row(run_id)["dataset"])
-    if report.get("gallery"):
+    if report.get("gallery") and gallery:
         report["gallery_dir"] = str(root / f"gate-{stamp}-{run_id}")
-        if gallery:
-            draw_gallery(ws, report, Path(report["gallery_dir"]))
+        draw_gallery(ws, report, Path(report["gallery_dir"]))
     if report["refuse"] and not force:
         _record(ws, dataset, run_id, actor, "refused", report)
         raise GateRefused(f"the gate refuses run {run_id}: " + "; ".join(report["reasons"]), report)
     outcome = "forced" if report["refuse"] else ("first" if report.get("current") is None else "released")
     version = 1 + max((r["version"] for r in list_releases(ws, dataset)), default=0)
     name = name or f"{_safe(ws.run_row(run_id)['dataset'])}-v{version}"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise ReleaseError(f"release name {name!r}: letters, digits, '_', '.', '-' (64 at most), starting with a "
-                           "letter or digit")
-    if any(r["name"] == name for r in list_releases(ws)):
-        raise ReleaseError(f"a release named {name!r} exists already: releases are immutable, choose another name")
+    _check_name(ws, name)
     out = root / str(version)
     tmp = root / f".{version}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -288,6 +285,14 @@ def make_release(ws: Workspace, run_id: str, name: str | None = None, actor: str
         con.close()
     _record(ws, dataset, run_id, actor, outcome, report, release=name, reason=reason)
     return find_release(ws, name)
+
+
+def _check_name(ws: Workspace, name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise ReleaseError(f"release name {name!r}: letters, digits, '_', '.', '-' (64 at most), starting with a "
+                           "letter or digit")
+    if any(r["name"] == name for r in list_releases(ws)):
+        raise ReleaseError(f"a release named {name!r} exists already: releases are immutable, choose another name")
 
 
 def _write_release(ws: Workspace, run: Run, folder: Path, name: str, version: int, actor, report: dict,

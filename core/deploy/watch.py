@@ -91,6 +91,7 @@ class HotFolder:
         self.out_csv, self.settle_s, self.clock = Path(out_csv).expanduser(), settle_s, clock
         self.log = log or (lambda line: print(line, file=sys.stderr))
         self.classes = list(predictor.classes)
+        self._check_header()
         self._seen_stat: dict[str, tuple[int, int, float]] = {}  # waiting to settle: name -> (size, mtime_ns, since)
         self.renamed: set[str] = set()  # paths a file event saw renamed into place
         self._catch_up_csv()
@@ -122,6 +123,17 @@ class HotFolder:
             if (row["name"], str(row["size"]), str(row["mtime_ns"])) not in in_csv:
                 self._append_csv(row)
             self._mark_in_csv(row)
+
+    def _check_header(self) -> None:
+        """A CSV written before with other columns (another model's classes) is not appended to: its rows would
+        land under the wrong probabilities."""
+        if not self.out_csv.exists() or self.out_csv.stat().st_size == 0:
+            return
+        with open(self.out_csv, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            have = next(csv.reader(fh), [])
+        if have != self._header():
+            raise ValueError(f"{self.out_csv} holds rows for other columns ({', '.join(have[8:]) or 'none'}; this "
+                             f"model has {', '.join('p_' + c for c in self.classes)}): give another --out")
 
     def _header(self) -> list[str]:
         return ["time", "file", "size", "mtime_ns", "model", "class", "decision", "error"] + [f"p_{c}" for c in

@@ -131,6 +131,8 @@ def test_a_forced_release_is_recorded_with_its_reason(lineage, capsys):
     assert ledger(ws)[0]["outcome"] == "forced" and ledger(ws)[0]["reason"] == "line down, accepted by QA"
     with pytest.raises(ReleaseError, match="exists already"):
         make_release(ws, lineage["again"].id, name="hotfix")
+    with pytest.raises(ReleaseError, match="release name '../up'"):  # never a path
+        make_release(ws, lineage["again"].id, name="../up")
     status, out, err = in_process(capsys, "releases", ws=ws.root)
     assert status == 0 and out.splitlines()[1].startswith("hotfix") and "(forced: line down" in out
 

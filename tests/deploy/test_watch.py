@@ -131,6 +131,13 @@ def test_a_kill_between_the_record_and_the_csv_is_caught_up_once(hot, monkeypatc
     assert [r["file"] for r in _rows(out)] == ["a.png"] and fake.seen == []
 
 
+def test_a_csv_of_another_models_columns_is_refused(hot):
+    ws, inbox, out = hot
+    out.write_text("time,file,size,mtime_ns,model,class,decision,error,p_cat,p_dog\n")
+    with pytest.raises(ValueError, match="holds rows for other columns .*give another --out"):
+        HotFolder(ws, inbox, FakePredictor(), "m", out)
+
+
 def test_review_images_are_linked_into_the_queue(hot):
     ws, inbox, out = hot
     HotFolder(ws, inbox, FakePredictor(), "m", out, settle_s=0)
