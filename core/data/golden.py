@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import sqlite3
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
 from core.data.sources import Dataset
 from core.errors import UserError
+from core.workspace.store import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS golden (
@@ -61,14 +61,8 @@ class GoldenImage:
     path: str  # where it is now (resolve) or was last seen
 
 
-def _connect(db_path) -> sqlite3.Connection:
-    con = sqlite3.connect(db_path, timeout=30)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    return con
-
-
-def _hash_file(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read a MB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -87,9 +81,8 @@ def file_digests(ws, paths: list[str]) -> dict[str, str]:
         except OSError:
             continue
         stats[p] = (st.st_size, st.st_mtime_ns)
-    con = _connect(ws.db_path)
+    con = connect(ws.db_path, SCHEMA)
     try:
-        con.executescript(SCHEMA)
         known = {}
         items = list(stats)
         for start in range(0, len(items), 500):  # SQLite's limit on the variables of one statement
@@ -103,7 +96,7 @@ def file_digests(ws, paths: list[str]) -> dict[str, str]:
                 out[p] = r["sha256"]
                 continue
             try:
-                out[p] = _hash_file(p)
+                out[p] = sha256_file(p)
             except OSError:
                 continue
             fresh.append((p, size, mtime, out[p]))
@@ -121,14 +114,10 @@ class GoldenStore:
 
     def __init__(self, ws):
         self.ws = ws
-        con = _connect(ws.db_path)
-        try:
-            con.executescript(SCHEMA)
-        finally:
-            con.close()
+        connect(ws.db_path, SCHEMA).close()
 
     def images(self, dataset: str) -> list[GoldenImage]:
-        con = _connect(self.ws.db_path)
+        con = connect(self.ws.db_path)
         try:
             rows = con.execute("SELECT sha256, label, path FROM golden WHERE dataset = ? ORDER BY label, path",
                                (dataset,)).fetchall()
@@ -137,7 +126,7 @@ class GoldenStore:
         return [GoldenImage(r["sha256"], r["label"], r["path"]) for r in rows]
 
     def version(self, dataset: str) -> int:
-        con = _connect(self.ws.db_path)
+        con = connect(self.ws.db_path)
         try:
             row = con.execute("SELECT COUNT(*) AS n, SUM(old_label IS NOT NULL) AS changes FROM golden_history "
                               "WHERE dataset = ?", (dataset,)).fetchone()
@@ -146,7 +135,7 @@ class GoldenStore:
         return 1 + int(row["changes"] or 0) if row["n"] else 0
 
     def history(self, dataset: str, limit: int = 200) -> list[dict]:
-        con = _connect(self.ws.db_path)
+        con = connect(self.ws.db_path)
         try:
             rows = con.execute("SELECT * FROM golden_history WHERE dataset = ? ORDER BY id DESC LIMIT ?",
                                (dataset, limit)).fetchall()
@@ -184,7 +173,7 @@ class GoldenStore:
                                   f"({label}, {by_sha[sha][1]}): a golden image has one label")
             by_sha.setdefault(sha, (path, label))
         now = time.time()
-        con = _connect(self.ws.db_path)
+        con = connect(self.ws.db_path)
         try:
             with con:
                 con.execute("BEGIN IMMEDIATE")
@@ -218,7 +207,7 @@ class GoldenStore:
         old = match[0]
         if old.label == label:
             return self.version(dataset)
-        con = _connect(self.ws.db_path)
+        con = connect(self.ws.db_path)
         try:
             with con:
                 con.execute("UPDATE golden SET label = ? WHERE dataset = ? AND sha256 = ?", (label, dataset, old.sha256))
@@ -246,7 +235,7 @@ class GoldenStore:
         last_seen = {g.sha256: g.path for g in imgs}
         moved = [(g.path, dataset, g.sha256) for g in found if g.path != last_seen[g.sha256]]
         if moved:
-            con = _connect(self.ws.db_path)
+            con = connect(self.ws.db_path)
             try:
                 with con:
                     con.executemany("UPDATE golden SET path = ? WHERE dataset = ? AND sha256 = ?", moved)

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.golden import GoldenStore, file_digests
+from core.data.golden import GoldenStore, sha256_file
 from core.decide.gate import DEFAULT_ALPHA, DEFAULT_RECALL_TOLERANCE, Side, compare
 from core.decide.rule import Rule
 from core.decide.stored import load_rule
 from core.errors import UserError
 from core.workspace.files import write_json_atomic
-from core.workspace.store import Run, Workspace
+from core.workspace.store import Run, Workspace, connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -71,11 +71,7 @@ class GateRefused(ReleaseError):
 
 
 def _connect(ws: Workspace) -> sqlite3.Connection:
-    con = sqlite3.connect(ws.db_path, timeout=30)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.executescript(SCHEMA)
-    return con
+    return connect(ws.db_path, SCHEMA)
 
 
 def list_releases(ws: Workspace, dataset: str | None = None) -> list[dict]:
@@ -306,14 +302,13 @@ def _write_release(ws: Workspace, run: Run, folder: Path, name: str, version: in
             shutil.copyfile(src, folder / dst)
     row = ws.run_row(run.id)
     files = sorted(p.name for p in folder.iterdir())
-    digests = file_digests(ws, [str(folder / f) for f in files])
     manifest = {"name": name, "version": version, "dataset": report.get("dataset"), "dataset_name": row["dataset"],
                 "run_id": run.id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "actor": actor,
                 "data_sha256": exported["card"]["dataset_sha256"], "label_version": row.get("label_version"),
                 "golden_version": report.get("golden_version"), "golden": report.get("candidate_golden"),
                 "test_accuracy": row.get("test_acc"), "rule": load_rule(run).to_dict() if load_rule(run) else None,
                 "gate": {k: v for k, v in report.items() if k != "gallery"}, "forced_reason": forced_reason,
-                "files": {f: digests.get(str(folder / f)) for f in files}}
+                "files": {f: sha256_file(folder / f) for f in files}}
     write_json_atomic(folder / "manifest.json", manifest)
 
 
@@ -329,11 +324,10 @@ def _unfreeze_and_remove(folder: Path) -> None:
 
 def verify_release(release: dict) -> list[str]:
     """The files of a release whose bytes are not the ones its manifest recorded (empty: intact)."""
-    import hashlib
     folder, bad = Path(release["dir"]), []
     for name, digest in ((release.get("manifest") or {}).get("files") or {}).items():
         try:
-            if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
+            if sha256_file(folder / name) != digest:
                 bad.append(name)
         except OSError:
             bad.append(name)

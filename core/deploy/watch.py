@@ -20,14 +20,13 @@ import csv
 import hashlib
 import json
 import os
-import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
 
 from core.data.images import IMAGE_EXTENSIONS
-from core.workspace.store import Workspace
+from core.workspace.store import Workspace, connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS watch_files (
@@ -48,18 +47,10 @@ CREATE TABLE IF NOT EXISTS watch_files (
 WORK_IN_PROGRESS = (".tmp", ".part", ".partial", ".crdownload")
 
 
-def _connect(ws: Workspace) -> sqlite3.Connection:
-    con = sqlite3.connect(ws.db_path, timeout=30)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.executescript(SCHEMA)
-    return con
-
-
 def review_queue(ws: Workspace, limit: int = 500) -> list[dict]:
     """The hot folders' images the rule sent to a person, newest first: {"path", "link", "at", "model", "label",
     "probs"} (link: its symlink under workspace/review/, None if the image is gone)."""
-    con = _connect(ws)
+    con = connect(ws.db_path, SCHEMA)  # a workspace that never watched a folder: an empty queue
     try:
         rows = [dict(r) for r in con.execute("SELECT * FROM watch_files WHERE verdict = 'review' ORDER BY at DESC "
                                              "LIMIT ?", (limit,))]
@@ -91,6 +82,7 @@ class HotFolder:
         self.out_csv, self.settle_s, self.clock = Path(out_csv).expanduser(), settle_s, clock
         self.log = log or (lambda line: print(line, file=sys.stderr))
         self.classes = list(predictor.classes)
+        connect(ws.db_path, SCHEMA).close()  # once here, not on each image's writes
         self._check_header()
         self._seen_stat: dict[str, tuple[int, int, float]] = {}  # waiting to settle: name -> (size, mtime_ns, since)
         self.renamed: set[str] = set()  # paths a file event saw renamed into place
@@ -98,7 +90,7 @@ class HotFolder:
 
     # --- the record ------------------------------------------------------------------------------------
     def _done(self) -> set[tuple[str, int, int]]:
-        con = _connect(self.ws)
+        con = connect(self.ws.db_path)
         try:
             return {(r["name"], r["size"], r["mtime_ns"]) for r in con.execute(
                 "SELECT name, size, mtime_ns FROM watch_files WHERE folder = ?", (str(self.folder),))}
@@ -107,7 +99,7 @@ class HotFolder:
 
     def _catch_up_csv(self) -> None:
         """Rows recorded in the workspace but not in the CSV (killed between the two): appended now, once."""
-        con = _connect(self.ws)
+        con = connect(self.ws.db_path)
         try:
             pending = [dict(r) for r in con.execute("SELECT * FROM watch_files WHERE folder = ? AND in_csv = 0 "
                                                     "ORDER BY at", (str(self.folder),))]
@@ -154,7 +146,7 @@ class HotFolder:
             os.fsync(fh.fileno())
 
     def _mark_in_csv(self, row: dict) -> None:
-        con = _connect(self.ws)
+        con = connect(self.ws.db_path)
         try:
             with con:
                 con.execute("UPDATE watch_files SET in_csv = 1 WHERE folder = ? AND name = ? AND size = ? AND "
@@ -214,7 +206,7 @@ class HotFolder:
             row["label"] = result["top"][0]["label"]
             row["probs"] = json.dumps(result["probs"])
             row["verdict"] = result["decision"]["verdict"] if "decision" in result else None
-        con = _connect(self.ws)
+        con = connect(self.ws.db_path)
         try:
             with con:
                 con.execute("INSERT OR IGNORE INTO watch_files (folder, name, size, mtime_ns, at, model, label, verdict, "

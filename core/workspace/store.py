@@ -71,6 +71,18 @@ class NameTaken(UserError):
     """A dataset name already registered for another source."""
 
 
+def connect(db_path: str | Path, schema: str | None = None) -> sqlite3.Connection:
+    """A connection to the workspace's SQLite file as the modules that own tables in it open one: a busy timeout
+    (several sessions and processes share the file), rows by column name, WAL; `schema` (CREATE ... IF NOT EXISTS)
+    is run first when given. The caller closes it."""
+    con = sqlite3.connect(db_path, timeout=30)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    if schema:
+        con.executescript(schema)
+    return con
+
+
 def default_workspace() -> Path:
     return Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser()
 
