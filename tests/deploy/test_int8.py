@@ -32,21 +32,27 @@ def small_run(tmp_path_factory, decided_run):
 
 
 def test_where_decisions_differ_the_rule_is_chosen_on_the_files_probabilities(monkeypatch, small_run):
-    """A file whose probabilities sit a little above the studio's: the card's rule is fitted again on them, from the
-    user's same costs, and says so."""
-    from core.decide.stored import clear_rule, decide_run, load_rule
+    """A file whose probabilities are the studio's mirrored: the card's rule is fitted again on the file's validation
+    probabilities, from the user's same costs, and says so; a file that agrees keeps the studio's rule. The saved
+    rule's threshold is set (0.5), not fitted, so the disagreement does not depend on how the tiny model trained."""
+    from core.decide.rule import fit_rule
+    from core.decide.stored import clear_rule, save_rule
     ws, run = small_run
-    decide_run(run, positive="dot", cost_miss=5.0)
-    rule = load_rule(run)
+    classes = run.split()["classes"]
     parts = ag.parts_for_checking(ws, run, tuple(run.config().input_hw))
     studio = ag.studio_probs(ws, run, parts)
-    shifted = {k: np.clip(v + np.array([-1, 1]) * 0.3, 0, 1) for k, v in studio.items()}  # everything leans to dot
-    monkeypatch.setattr(ag, "onnx_probs", lambda path, x: shifted[next(k for k, (px, _) in parts.items() if px is x)])
+    rule = fit_rule(studio["val"], parts["val"][1], classes, positive="dot", cost_miss=5.0)  # a saved rule's inputs
+    rule.threshold = 0.5
+    save_rule(run, rule)
+    assert all((np.abs(v[:, 1] - 0.5) > 1e-9).all() for v in studio.values())  # so a mirror crosses 0.5 everywhere
+    mirrored = {k: v[:, ::-1].copy() for k, v in studio.items()}
+    monkeypatch.setattr(ag, "onnx_probs", lambda path, x: mirrored[next(k for k, (px, _) in parts.items() if px is x)])
     checked = ag.check_file(ws, run, "unused.onnx", parts, studio)
-    assert any(f["verdict_agree"] < f["n"] for k, f in checked["agreement"].items() if k != "rule" and f["n"])
+    assert all(f["verdict_agree"] == 0 for k, f in checked["agreement"].items() if k != "rule" and f["n"])
     assert checked["agreement"]["rule"].startswith("chosen again on this file's validation probabilities")
     refit = Rule.from_dict(checked["rule"])
-    assert refit.inputs == rule.inputs and refit.threshold != rule.threshold
+    assert refit.inputs == rule.inputs
+    assert refit == fit_rule(mirrored["val"], parts["val"][1], classes, **rule.inputs)  # on the file's own probs
     monkeypatch.setattr(ag, "onnx_probs", lambda path, x: studio[next(k for k, (px, _) in parts.items() if px is x)])
     same = ag.check_file(ws, run, "unused.onnx", parts, studio)
     assert same["agreement"]["rule"].startswith("the studio's rule") and Rule.from_dict(same["rule"]) == rule
